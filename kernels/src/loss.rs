@@ -1,0 +1,211 @@
+//! Launchers for the fused loss kernels (`softmax_xent`, `sigmoid_bce`, `mse` shaders) and their CPU references.
+//!
+//! Each writes the gradient of the per-sample loss into dz and a (loss, correct) pair per row.
+
+use crate::context::groups_1d;
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+
+/// Which loss the model's output feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossKind {
+    /// Softmax + cross-entropy over `classes` logits; targets are class indices.
+    SoftmaxXent,
+    /// Sigmoid + binary cross-entropy on one logit; targets 0/1.
+    SigmoidBce,
+    /// Squared error on one output; targets are real values.
+    Mse,
+}
+
+impl LossKind {
+    fn stem(self) -> &'static str {
+        match self {
+            Self::SoftmaxXent => "softmax_xent",
+            Self::SigmoidBce => "sigmoid_bce",
+            Self::Mse => "mse",
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    classes: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+pub struct Loss {
+    pub kind: LossKind,
+    kernel: Kernel,
+}
+
+impl Loss {
+    pub fn new(ctx: &GpuContext, kind: LossKind) -> Self {
+        let kernel = Kernel::new(
+            ctx,
+            kind.stem(),
+            &[],
+            &[
+                Slot::Read,
+                Slot::Read,
+                Slot::ReadWrite,
+                Slot::ReadWrite,
+                Slot::Uniform,
+            ],
+            false,
+        );
+        Self { kind, kernel }
+    }
+
+    /// z[rows, classes] and targets t[rows] in, dz[rows, classes] and stats[rows, 2] out.
+    pub fn prepare(
+        &self,
+        ctx: &GpuContext,
+        rows: u64,
+        classes: u64,
+        z: &wgpu::Buffer,
+        t: &wgpu::Buffer,
+        dz: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
+    ) -> Result<Dispatch, KernelError> {
+        let k = self.kernel.name;
+        if classes == 0 || (self.kind != LossKind::SoftmaxXent && classes != 1) {
+            return Err(KernelError::Shape {
+                kernel: k,
+                msg: format!("{classes} outputs"),
+            });
+        }
+        need(k, "z", z, rows * classes)?;
+        need(k, "t", t, rows)?;
+        need(k, "dz", dz, rows * classes)?;
+        need(k, "stats", stats, rows * 2)?;
+        let params = Params {
+            rows: u32_of(k, "rows", rows)?,
+            classes: u32_of(k, "classes", classes)?,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        u32_of(k, "rows × classes", rows * classes)?;
+        let uniform = ctx.uniform("loss params", &params);
+        Ok(self.kernel.dispatch(
+            ctx,
+            &[z, t, dz, stats, &uniform],
+            groups_1d(params.rows, 64),
+        ))
+    }
+}
+
+/// CPU reference in f64: (dz, per-row loss, per-row correct).
+pub fn loss_ref(
+    kind: LossKind,
+    z: &[f32],
+    t: &[f32],
+    classes: usize,
+) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    let rows = t.len();
+    let mut dz = vec![0f32; rows * classes];
+    let mut loss = Vec::with_capacity(rows);
+    let mut correct = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let zr: Vec<f64> = z[r * classes..(r + 1) * classes]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let y = f64::from(t[r]);
+        match kind {
+            LossKind::SoftmaxXent => {
+                let label = y as usize;
+                let (mut arg, mut m) = (0, zr[0]);
+                for (j, &v) in zr.iter().enumerate() {
+                    if v > m {
+                        m = v;
+                        arg = j;
+                    }
+                }
+                let s: f64 = zr.iter().map(|v| (v - m).exp()).sum();
+                for j in 0..classes {
+                    let onehot = if j == label { 1.0 } else { 0.0 };
+                    dz[r * classes + j] = ((zr[j] - m).exp() / s - onehot) as f32;
+                }
+                loss.push(m + s.ln() - zr[label]);
+                correct.push(if arg == label { 1.0 } else { 0.0 });
+            }
+            LossKind::SigmoidBce => {
+                let v = zr[0];
+                dz[r] = (1.0 / (1.0 + (-v).exp()) - y) as f32;
+                loss.push(v.max(0.0) - v * y + (-v.abs()).exp().ln_1p());
+                correct.push(if (v > 0.0) == (y > 0.5) { 1.0 } else { 0.0 });
+            }
+            LossKind::Mse => {
+                let d = zr[0] - y;
+                dz[r] = (2.0 * d) as f32;
+                loss.push(d * d);
+                correct.push(0.0);
+            }
+        }
+    }
+    (dz, loss, correct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, ctx, random};
+
+    fn check(kind: LossKind, rows: usize, classes: usize) {
+        let ctx = ctx();
+        let z: Vec<f32> = random(rows * classes, 5).iter().map(|v| v * 6.0).collect();
+        let t: Vec<f32> = (0..rows)
+            .map(|r| match kind {
+                LossKind::SoftmaxXent => ((r * 7) % classes) as f32,
+                LossKind::SigmoidBce => (r % 2) as f32,
+                LossKind::Mse => r as f32 * 0.01 - 0.3,
+            })
+            .collect();
+        let zb = ctx.upload("z", &z).unwrap();
+        let tb = ctx.upload("t", &t).unwrap();
+        let dzb = ctx.storage("dz", (rows * classes * 4) as u64).unwrap();
+        let sb = ctx.storage("stats", (rows * 8) as u64).unwrap();
+        let d = Loss::new(&ctx, kind)
+            .prepare(&ctx, rows as u64, classes as u64, &zb, &tb, &dzb, &sb)
+            .unwrap();
+        crate::run(&ctx, &[&d]);
+        let (wdz, wl, wc) = loss_ref(kind, &z, &t, classes);
+        assert_close(&ctx.read::<f32>(&dzb, 0, rows * classes).unwrap(), &wdz, 1e-5, "dz");
+        let st: Vec<f32> = ctx.read(&sb, 0, rows * 2).unwrap();
+        let gl: Vec<f32> = st.iter().step_by(2).copied().collect();
+        let wl32: Vec<f32> = wl.iter().map(|&v| v as f32).collect();
+        assert_close(&gl, &wl32, 1e-5, "loss");
+        let gc: Vec<f64> = st.iter().skip(1).step_by(2).map(|&v| f64::from(v)).collect();
+        assert_eq!(gc, wc, "correct");
+    }
+
+    #[test]
+    fn softmax_cross_entropy_matches_the_reference() {
+        check(LossKind::SoftmaxXent, 131, 10);
+        check(LossKind::SoftmaxXent, 3, 1000);
+        check(LossKind::SoftmaxXent, 70, 3);
+    }
+
+    #[test]
+    fn sigmoid_bce_matches_the_reference() {
+        check(LossKind::SigmoidBce, 201, 1);
+    }
+
+    #[test]
+    fn squared_error_matches_the_reference() {
+        check(LossKind::Mse, 99, 1);
+    }
+
+    #[test]
+    fn binary_losses_refuse_more_than_one_output() {
+        let ctx = ctx();
+        let b = ctx.storage("b", 64).unwrap();
+        let err = Loss::new(&ctx, LossKind::SigmoidBce)
+            .prepare(&ctx, 2, 3, &b, &b, &b, &b)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("3 outputs"), "{err}");
+    }
+}

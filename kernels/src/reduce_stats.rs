@@ -1,0 +1,106 @@
+//! Launcher for `shaders/reduce_stats.wgsl`: per-row (loss, correct) pairs added into a running total.
+
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    _pad: [u32; 3],
+}
+
+/// The running total as the host reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub count: u64,
+}
+
+impl Totals {
+    /// Decode the four words of a total buffer.
+    pub fn from_words(w: &[u32]) -> Self {
+        Self {
+            loss_sum: f64::from(f32::from_bits(w[0])),
+            correct: u64::from(w[1]),
+            count: u64::from(w[2]),
+        }
+    }
+}
+
+pub struct ReduceStats {
+    kernel: Kernel,
+}
+
+impl ReduceStats {
+    pub fn new(ctx: &GpuContext) -> Self {
+        Self {
+            kernel: Kernel::new(
+                ctx,
+                "reduce_stats",
+                &[],
+                &[Slot::Read, Slot::ReadWrite, Slot::Uniform],
+                false,
+            ),
+        }
+    }
+
+    /// A zeroed total buffer (4 words).
+    pub fn total_buffer(ctx: &GpuContext) -> Result<wgpu::Buffer, KernelError> {
+        ctx.storage("totals", 16)
+    }
+
+    pub fn prepare(
+        &self,
+        ctx: &GpuContext,
+        rows: u64,
+        stats: &wgpu::Buffer,
+        total: &wgpu::Buffer,
+    ) -> Result<Dispatch, KernelError> {
+        const K: &str = "reduce_stats";
+        need(K, "stats", stats, rows * 2)?;
+        need(K, "total", total, 4)?;
+        let params = Params {
+            rows: u32_of(K, "rows", rows)?,
+            _pad: [0; 3],
+        };
+        let uniform = ctx.uniform("reduce params", &params);
+        Ok(self.kernel.dispatch(ctx, &[stats, total, &uniform], (1, 1)))
+    }
+}
+
+/// CPU reference: the sums in f64.
+pub fn reduce_stats_ref(stats: &[f32]) -> Totals {
+    Totals {
+        loss_sum: stats.iter().step_by(2).map(|&v| f64::from(v)).sum(),
+        correct: stats.iter().skip(1).step_by(2).map(|&v| v as u64).sum(),
+        count: (stats.len() / 2) as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{ctx, random};
+
+    #[test]
+    fn totals_accumulate_over_batches_and_match_the_reference() {
+        let ctx = ctx();
+        let rows = 1001;
+        let stats: Vec<f32> = random(rows * 2, 3)
+            .chunks(2)
+            .flat_map(|p| [p[0].abs() * 3.0, if p[1] > 0.0 { 1.0 } else { 0.0 }])
+            .collect();
+        let sb = ctx.upload("stats", &stats).unwrap();
+        let tb = ReduceStats::total_buffer(&ctx).unwrap();
+        let r = ReduceStats::new(&ctx);
+        let d = r.prepare(&ctx, rows as u64, &sb, &tb).unwrap();
+        crate::run(&ctx, &[&d, &d]);
+        let got = Totals::from_words(&ctx.read::<u32>(&tb, 0, 4).unwrap());
+        let want = reduce_stats_ref(&stats);
+        assert_eq!(got.count, 2 * want.count);
+        assert_eq!(got.correct, 2 * want.correct);
+        let rel = (got.loss_sum - 2.0 * want.loss_sum).abs() / (2.0 * want.loss_sum);
+        assert!(rel <= 1e-5, "loss sum rel error {rel:e}");
+    }
+}

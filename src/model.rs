@@ -1,0 +1,279 @@
+//! Model description: the spec (kind, widths, activation), the flat parameter layout, and seeded initialisation.
+//!
+//! Every model here is a stack of fully connected layers: logistic, softmax and linear regression are
+//! one layer, an MLP has hidden layers. All parameters live in one flat f32 buffer; the layout table
+//! names each tensor as PyTorch's `nn.Linear` does (`layers.0.weight` shaped [out, in], `layers.0.bias`).
+
+use dptrain_kernels::loss::LossKind;
+use dptrain_kernels::matmul::Epilogue;
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Logistic regression: one sigmoid output, binary cross-entropy, labels 0/1.
+    Logreg,
+    /// Softmax (multinomial logistic) regression: cross-entropy over K classes.
+    Softmax,
+    /// Linear regression: one output, mean squared error, reports RMSE.
+    Linreg,
+    /// Multi-layer perceptron with `--hidden` widths, softmax cross-entropy.
+    Mlp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Relu,
+    Tanh,
+    Sigmoid,
+}
+
+impl Activation {
+    /// The forward epilogue: bias then this activation.
+    pub fn forward(self) -> Epilogue {
+        match self {
+            Self::Relu => Epilogue::BiasRelu,
+            Self::Tanh => Epilogue::BiasTanh,
+            Self::Sigmoid => Epilogue::BiasSigmoid,
+        }
+    }
+    /// The backward epilogue: times the derivative, from the stored output.
+    pub fn backward(self) -> Epilogue {
+        match self {
+            Self::Relu => Epilogue::DRelu,
+            Self::Tanh => Epilogue::DTanh,
+            Self::Sigmoid => Epilogue::DSigmoid,
+        }
+    }
+}
+
+/// What a model is: enough to rebuild it from a saved file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    pub inputs: usize,
+    /// Hidden widths (empty for the one-layer models).
+    pub hidden: Vec<usize>,
+    pub outputs: usize,
+    pub activation: Activation,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("--hidden: layer widths must be at least 1 (got {0:?})")]
+    ZeroWidth(Vec<usize>),
+    #[error("--hidden is only for --model mlp")]
+    HiddenWithoutMlp,
+    #[error("the data has no features")]
+    NoFeatures,
+    #[error("{0}")]
+    Classes(String),
+}
+
+impl ModelSpec {
+    /// Build and check a spec for `features` inputs and `classes` classes (0 for regression).
+    pub fn new(
+        kind: ModelKind,
+        features: usize,
+        classes: usize,
+        hidden: Vec<usize>,
+        activation: Activation,
+    ) -> Result<Self, ModelError> {
+        if features == 0 {
+            return Err(ModelError::NoFeatures);
+        }
+        if hidden.contains(&0) {
+            return Err(ModelError::ZeroWidth(hidden));
+        }
+        if kind != ModelKind::Mlp && !hidden.is_empty() {
+            return Err(ModelError::HiddenWithoutMlp);
+        }
+        let outputs = match kind {
+            ModelKind::Logreg => {
+                if classes != 2 {
+                    return Err(ModelError::Classes(format!(
+                        "--model logreg needs labels 0 and 1; the data has {classes} class(es) (use --model softmax for more)"
+                    )));
+                }
+                1
+            }
+            ModelKind::Linreg => 1,
+            ModelKind::Softmax | ModelKind::Mlp => {
+                if classes < 2 {
+                    return Err(ModelError::Classes(format!(
+                        "classification needs at least 2 classes; the training labels hold {classes}"
+                    )));
+                }
+                classes
+            }
+        };
+        Ok(Self {
+            kind,
+            inputs: features,
+            hidden,
+            outputs,
+            activation,
+        })
+    }
+
+    pub fn loss(&self) -> LossKind {
+        match self.kind {
+            ModelKind::Logreg => LossKind::SigmoidBce,
+            ModelKind::Linreg => LossKind::Mse,
+            ModelKind::Softmax | ModelKind::Mlp => LossKind::SoftmaxXent,
+        }
+    }
+
+    pub fn is_regression(&self) -> bool {
+        self.kind == ModelKind::Linreg
+    }
+
+    /// Widths from input to output: [inputs, hidden..., outputs].
+    pub fn widths(&self) -> Vec<usize> {
+        let mut w = vec![self.inputs];
+        w.extend(&self.hidden);
+        w.push(self.outputs);
+        w
+    }
+
+    /// (fan_in, fan_out) per layer.
+    pub fn layers(&self) -> Vec<(usize, usize)> {
+        self.widths().windows(2).map(|w| (w[0], w[1])).collect()
+    }
+
+    /// Multiply-adds per sample in the forward pass (training costs about 3× this, i.e. 6 FLOPs each).
+    pub fn macs_per_sample(&self) -> usize {
+        self.layers().iter().map(|(i, o)| i * o).sum()
+    }
+
+    pub fn layout(&self) -> Layout {
+        let mut tensors = Vec::new();
+        let mut off = 0;
+        for (l, (fi, fo)) in self.layers().into_iter().enumerate() {
+            tensors.push(TensorSlot {
+                name: format!("layers.{l}.weight"),
+                shape: vec![fo, fi],
+                offset: off,
+            });
+            off += fi * fo;
+            tensors.push(TensorSlot {
+                name: format!("layers.{l}.bias"),
+                shape: vec![fo],
+                offset: off,
+            });
+            off += fo;
+        }
+        Layout { tensors, total: off }
+    }
+
+    /// Seeded initialisation: He (normal, std √(2/fan_in)) before ReLU, Xavier (uniform,
+    /// ±√(6/(fan_in+fan_out))) elsewhere and for the output layer; biases zero.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let layout = self.layout();
+        let mut theta = vec![0f32; layout.total];
+        let mut rng = Rng::derive(seed, 0x1A17);
+        let layers = self.layers();
+        for (l, &(fi, fo)) in layers.iter().enumerate() {
+            let w = &layout.tensors[2 * l];
+            let slice = &mut theta[w.offset..w.offset + fi * fo];
+            let hidden = l + 1 < layers.len();
+            if hidden && self.activation == Activation::Relu {
+                let std = (2.0 / fi as f64).sqrt();
+                slice.iter_mut().for_each(|v| *v = (rng.normal() * std) as f32);
+            } else {
+                let a = (6.0 / (fi + fo) as f64).sqrt();
+                slice
+                    .iter_mut()
+                    .for_each(|v| *v = rng.uniform_range(-a, a) as f32);
+            }
+        }
+        theta
+    }
+
+    /// Layer `l`'s (weight offset, bias offset) in the flat buffer.
+    pub fn offsets(&self, l: usize) -> (usize, usize) {
+        let layout = self.layout();
+        (layout.tensors[2 * l].offset, layout.tensors[2 * l + 1].offset)
+    }
+}
+
+/// One named tensor inside the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSlot {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+impl TensorSlot {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The layout table of the flat parameter (and gradient) buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub tensors: Vec<TensorSlot>,
+    pub total: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_contiguous_and_named_like_pytorch() {
+        let s = ModelSpec::new(ModelKind::Mlp, 5, 3, vec![4, 2], Activation::Relu).unwrap();
+        let l = s.layout();
+        let names: Vec<&str> = l.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "layers.0.weight",
+                "layers.0.bias",
+                "layers.1.weight",
+                "layers.1.bias",
+                "layers.2.weight",
+                "layers.2.bias"
+            ]
+        );
+        assert_eq!(l.tensors[0].shape, vec![4, 5]);
+        let mut off = 0;
+        for t in &l.tensors {
+            assert_eq!(t.offset, off);
+            off += t.len();
+        }
+        assert_eq!(off, l.total);
+        assert_eq!(l.total, 5 * 4 + 4 + 4 * 2 + 2 + 2 * 3 + 3);
+    }
+
+    #[test]
+    fn init_is_seeded_and_scaled_by_fan_in() {
+        let s = ModelSpec::new(ModelKind::Mlp, 400, 10, vec![300], Activation::Relu).unwrap();
+        let a = s.init(1);
+        assert_eq!(a, s.init(1));
+        assert_ne!(a, s.init(2));
+        let w0 = &a[..400 * 300];
+        let var = w0.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / w0.len() as f64;
+        assert!((var - 2.0 / 400.0).abs() < 0.1 * 2.0 / 400.0, "He variance {var}");
+        let (_, b0) = s.offsets(0);
+        assert!(a[b0..b0 + 300].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_reason() {
+        let e = ModelSpec::new(ModelKind::Mlp, 4, 3, vec![8, 0], Activation::Relu).unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+        let e = ModelSpec::new(ModelKind::Logreg, 4, 3, vec![], Activation::Relu).unwrap_err();
+        assert!(e.to_string().contains("labels 0 and 1"), "{e}");
+        let e = ModelSpec::new(ModelKind::Softmax, 4, 1, vec![], Activation::Relu).unwrap_err();
+        assert!(e.to_string().contains("at least 2 classes"), "{e}");
+    }
+}
