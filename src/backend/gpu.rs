@@ -1,0 +1,476 @@
+//! The WGSL backend: every part of the step on the GPU, one command encoder per step.
+//!
+//! Training data is uploaded once (u8 pixels stay u8); each batch is gathered on the GPU through the
+//! epoch's permutation. Buffers, pipelines and bind groups are made once per batch size ("plans");
+//! a step only writes a few uniforms and records dispatches. In a single-process run the host waits
+//! for the GPU only when it reads something back (logging, evaluation), and otherwise only to keep at
+//! most a few steps in flight so that queued work stays bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+
+use anyhow::Context;
+use dptrain_kernels::bias_grad::BiasGrad;
+use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
+use dptrain_kernels::loss::Loss;
+use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
+use dptrain_kernels::reduce_stats::{ReduceStats, Totals};
+use dptrain_kernels::sgd::{Sgd, SgdCall, SgdStep};
+use dptrain_kernels::{AdapterChoice, Dispatch, GpuContext, KernelError};
+
+use super::{Backend, BackendInit, Split};
+use crate::data::{Dataset, Features, Normalizer};
+use crate::model::ModelSpec;
+
+/// Steps allowed in flight before the host waits for the oldest.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What a recorded pass does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Pass {
+    /// Gather through the epoch's order, forward, loss, backward; totals into the training totals.
+    Train,
+    /// Forward and loss over training rows in file order, into the evaluation totals.
+    EvalTrain,
+    /// Forward and loss over test rows, into the evaluation totals.
+    EvalTest,
+}
+
+/// Everything recorded for one batch size of one pass.
+struct Plan {
+    gather: GatherCall,
+    forward: Vec<Dispatch>,
+    loss: Dispatch,
+    reduce: Dispatch,
+    backward: Vec<Dispatch>,
+}
+
+/// Device-side activations for up to `max_rows` rows.
+struct Activations {
+    /// acts[0] is the gathered batch, acts[l + 1] layer l's output (the last: logits).
+    acts: Vec<wgpu::Buffer>,
+    /// dacts[l + 1] is the loss gradient at layer l's output (dacts[0] is unused).
+    dacts: Vec<wgpu::Buffer>,
+    targets: wgpu::Buffer,
+    stats: wgpu::Buffer,
+}
+
+pub struct GpuBackend {
+    ctx: GpuContext,
+    spec: ModelSpec,
+    max_rows: usize,
+    theta: wgpu::Buffer,
+    grads: wgpu::Buffer,
+    vel: wgpu::Buffer,
+    n_params: usize,
+    train: DeviceData,
+    test: Option<DeviceData>,
+    order: wgpu::Buffer,
+    train_identity: wgpu::Buffer,
+    test_identity: Option<wgpu::Buffer>,
+    act: Activations,
+    train_totals: wgpu::Buffer,
+    eval_totals: wgpu::Buffer,
+    matmul: Matmul,
+    gather: Gather,
+    loss: Loss,
+    bias_grad: BiasGrad,
+    reduce: ReduceStats,
+    sgd: SgdCall,
+    plans: HashMap<(Pass, usize), Plan>,
+    pending: Option<wgpu::CommandEncoder>,
+    in_flight: VecDeque<wgpu::SubmissionIndex>,
+}
+
+/// Upload a dataset, compactly when its values are bytes; explain when it cannot fit.
+fn upload_data(ctx: &GpuContext, ds: &Dataset, norm: &Normalizer) -> anyhow::Result<DeviceData> {
+    let up = |ds: &Dataset| match &ds.x {
+        Features::U8(x) => DeviceData::from_u8(ctx, x, &ds.y, &norm.shift, &norm.scale),
+        Features::F32(x) => DeviceData::from_f32(ctx, x, &ds.y, &norm.shift, &norm.scale),
+    };
+    match up(ds) {
+        Err(KernelError::TooLarge { .. }) if matches!(ds.x, Features::F32(_)) => {
+            let mut compact = ds.clone();
+            if compact.compact_to_u8() {
+                tracing::info!("{}: stored as u8 on the GPU to fit its largest binding", ds.source);
+                return Ok(up(&compact)?);
+            }
+            Err(up(ds).map(|_| ()).err().map_or_else(
+                || anyhow::anyhow!("upload failed"),
+                |e| anyhow::anyhow!("{}: {e}; use --device cpu or a smaller dataset", ds.source),
+            ))
+        }
+        r => Ok(r.with_context(|| ds.source.clone())?),
+    }
+}
+
+impl GpuBackend {
+    pub fn new(init: &BackendInit<'_>, choice: &AdapterChoice) -> anyhow::Result<Self> {
+        let ctx = GpuContext::new(choice)?;
+        Self::with_context(ctx, init)
+    }
+
+    pub fn with_context(ctx: GpuContext, init: &BackendInit<'_>) -> anyhow::Result<Self> {
+        let spec = init.spec.clone();
+        let n_params = spec.layout().total;
+        let bytes = |n: usize| (n as u64) * 4;
+        let widths = spec.widths();
+        let rows = init.max_rows.max(1);
+        let mut acts = Vec::new();
+        let mut dacts = Vec::new();
+        for (l, &w) in widths.iter().enumerate() {
+            acts.push(ctx.storage(&format!("activation {l}"), bytes(rows * w))?);
+            dacts.push(if l == 0 {
+                ctx.storage("unused", 4)?
+            } else {
+                ctx.storage(&format!("activation gradient {l}"), bytes(rows * w))?
+            });
+        }
+        let act = Activations {
+            acts,
+            dacts,
+            targets: ctx.storage("batch targets", bytes(rows))?,
+            stats: ctx.storage("row stats", bytes(2 * rows))?,
+        };
+        let train = upload_data(&ctx, init.train, init.norm)?;
+        let test = init.test.map(|t| upload_data(&ctx, t, init.norm)).transpose()?;
+        let identity = |n: usize| (0..n as u32).collect::<Vec<u32>>();
+        let theta = ctx.storage("parameters", bytes(n_params))?;
+        let grads = ctx.storage("gradients", bytes(n_params))?;
+        let vel = ctx.storage("velocity", bytes(n_params))?;
+        let sgd = Sgd::new(&ctx).prepare(&ctx, n_params as u64, &theta, &grads, &vel)?;
+        let backend = Self {
+            order: ctx.storage("epoch order", bytes(init.train.n_samples))?,
+            train_identity: ctx.upload("train index", &identity(init.train.n_samples))?,
+            test_identity: init
+                .test
+                .map(|t| ctx.upload("test index", &identity(t.n_samples)))
+                .transpose()?,
+            train_totals: ReduceStats::total_buffer(&ctx)?,
+            eval_totals: ReduceStats::total_buffer(&ctx)?,
+            matmul: Matmul::new(&ctx)?,
+            gather: Gather::new(&ctx),
+            loss: Loss::new(&ctx, spec.loss()),
+            bias_grad: BiasGrad::new(&ctx),
+            reduce: ReduceStats::new(&ctx),
+            sgd,
+            plans: HashMap::new(),
+            pending: None,
+            in_flight: VecDeque::new(),
+            max_rows: rows,
+            theta,
+            grads,
+            vel,
+            n_params,
+            train,
+            test,
+            act,
+            spec,
+            ctx,
+        };
+        backend.ctx.check()?;
+        Ok(backend)
+    }
+
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    fn build_plan(&mut self, pass: Pass, rows: usize) -> anyhow::Result<Plan> {
+        let ctx = &self.ctx;
+        let spec = &self.spec;
+        let r = rows as u64;
+        let (data, index) = match pass {
+            // training batches go through the epoch's permutation, evaluation reads in file order
+            Pass::Train => (&self.train, &self.order),
+            Pass::EvalTrain => (&self.train, &self.train_identity),
+            Pass::EvalTest => (
+                self.test.as_ref().context("no test set")?,
+                self.test_identity.as_ref().context("no test set")?,
+            ),
+        };
+        let act = &self.act;
+        let gather = self
+            .gather
+            .prepare(ctx, data, index, r, &act.acts[0], &act.targets)?;
+        let layers = spec.layers();
+        let last = layers.len() - 1;
+        let mut forward = Vec::new();
+        for (l, &(fi, fo)) in layers.iter().enumerate() {
+            let (wo, bo) = spec.offsets(l);
+            forward.push(self.matmul.prepare(
+                ctx,
+                &MatmulArgs {
+                    m: r,
+                    n: fo as u64,
+                    k: fi as u64,
+                    trans_a: false,
+                    trans_b: true,
+                    epilogue: if l == last {
+                        Epilogue::Bias
+                    } else {
+                        spec.activation.forward()
+                    },
+                    a: At::start(&act.acts[l]),
+                    b: At {
+                        buf: &self.theta,
+                        off: wo as u64,
+                    },
+                    c: At::start(&act.acts[l + 1]),
+                    bias: Some(At {
+                        buf: &self.theta,
+                        off: bo as u64,
+                    }),
+                    aux: None,
+                },
+            )?);
+        }
+        let classes = spec.outputs as u64;
+        let loss = self.loss.prepare(
+            ctx,
+            r,
+            classes,
+            &act.acts[last + 1],
+            &act.targets,
+            &act.dacts[last + 1],
+            &act.stats,
+        )?;
+        let totals = if pass == Pass::Train {
+            &self.train_totals
+        } else {
+            &self.eval_totals
+        };
+        let reduce = self.reduce.prepare(ctx, r, &act.stats, totals)?;
+        let mut backward = Vec::new();
+        if pass == Pass::Train {
+            for (l, &(fi, fo)) in layers.iter().enumerate().rev() {
+                let (wo, bo) = spec.offsets(l);
+                // dW = dZᵀ·X: [out, in] from dZ [rows, out] and X [rows, in]
+                backward.push(self.matmul.prepare(
+                    ctx,
+                    &MatmulArgs {
+                        m: fo as u64,
+                        n: fi as u64,
+                        k: r,
+                        trans_a: true,
+                        trans_b: false,
+                        epilogue: Epilogue::None,
+                        a: At::start(&act.dacts[l + 1]),
+                        b: At::start(&act.acts[l]),
+                        c: At {
+                            buf: &self.grads,
+                            off: wo as u64,
+                        },
+                        bias: None,
+                        aux: None,
+                    },
+                )?);
+                backward.push(self.bias_grad.prepare(
+                    ctx,
+                    r,
+                    fo as u64,
+                    &act.dacts[l + 1],
+                    &self.grads,
+                    bo as u64,
+                )?);
+                if l > 0 {
+                    // dX = (dZ·W) ⊙ f'(X), X being the previous layer's activation output
+                    backward.push(self.matmul.prepare(
+                        ctx,
+                        &MatmulArgs {
+                            m: r,
+                            n: fi as u64,
+                            k: fo as u64,
+                            trans_a: false,
+                            trans_b: false,
+                            epilogue: spec.activation.backward(),
+                            a: At::start(&act.dacts[l + 1]),
+                            b: At {
+                                buf: &self.theta,
+                                off: wo as u64,
+                            },
+                            c: At::start(&act.dacts[l]),
+                            bias: None,
+                            aux: Some(At::start(&act.acts[l])),
+                        },
+                    )?);
+                }
+            }
+        }
+        Ok(Plan {
+            gather,
+            forward,
+            loss,
+            reduce,
+            backward,
+        })
+    }
+
+    /// Submit whatever is recorded, keeping at most MAX_IN_FLIGHT submissions queued.
+    fn submit(&mut self) -> anyhow::Result<()> {
+        if let Some(enc) = self.pending.take() {
+            let idx = self.ctx.queue.submit([enc.finish()]);
+            self.in_flight.push_back(idx);
+        }
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                self.ctx
+                    .device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(oldest),
+                        timeout: None,
+                    })
+                    .map_err(|e| anyhow::anyhow!("GPU: {e}"))?;
+            }
+        }
+        self.ctx.check()?;
+        Ok(())
+    }
+
+    fn flush_and_read<T: bytemuck::Pod>(
+        &mut self,
+        which: fn(&Self) -> &wgpu::Buffer,
+        count: usize,
+    ) -> anyhow::Result<Vec<T>> {
+        self.submit()?;
+        self.in_flight.clear();
+        Ok(self.ctx.read(which(self), 0, count)?)
+    }
+
+    fn record(&mut self, pass: Pass, offset: usize, rows: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            rows >= 1 && rows <= self.max_rows,
+            "batch of {rows} rows exceeds the {} the backend was sized for",
+            self.max_rows
+        );
+        if !self.plans.contains_key(&(pass, rows)) {
+            let plan = self.build_plan(pass, rows)?;
+            self.plans.insert((pass, rows), plan);
+        }
+        let plan = self
+            .plans
+            .get_mut(&(pass, rows))
+            .context("plan just inserted")?;
+        plan.gather.set_offset(&self.ctx, offset as u64)?;
+        let device = &self.ctx.device;
+        let enc = self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        });
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("step"),
+            timestamp_writes: None,
+        });
+        plan.gather.dispatch.record(&mut cpass);
+        for d in plan
+            .forward
+            .iter()
+            .chain([&plan.loss, &plan.reduce])
+            .chain(&plan.backward)
+        {
+            d.record(&mut cpass);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for GpuBackend {
+    fn describe(&self) -> String {
+        self.ctx.describe()
+    }
+
+    fn set_params(&mut self, theta: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(theta.len() == self.n_params, "parameter count mismatch");
+        self.submit()?;
+        self.ctx.write(&self.theta, 0, bytemuck::cast_slice(theta));
+        Ok(())
+    }
+
+    fn params(&mut self) -> anyhow::Result<Vec<f32>> {
+        self.flush_and_read(|s| &s.theta, self.n_params)
+    }
+
+    fn velocity(&mut self) -> anyhow::Result<Vec<f32>> {
+        self.flush_and_read(|s| &s.vel, self.n_params)
+    }
+
+    fn set_velocity(&mut self, v: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(v.len() == self.n_params, "velocity count mismatch");
+        self.submit()?;
+        self.ctx.write(&self.vel, 0, bytemuck::cast_slice(v));
+        Ok(())
+    }
+
+    fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            order.len() as u64 <= self.train.samples
+                && order.iter().all(|&i| u64::from(i) < self.train.samples),
+            "sample order indexes past the training set"
+        );
+        self.submit()?;
+        self.ctx.write(&self.order, 0, bytemuck::cast_slice(order));
+        Ok(())
+    }
+
+    fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (offset + rows) as u64 <= self.train.samples,
+            "batch past the epoch's order"
+        );
+        self.record(Pass::Train, offset, rows)
+    }
+
+    fn grads(&mut self) -> anyhow::Result<Vec<f32>> {
+        self.flush_and_read(|s| &s.grads, self.n_params)
+    }
+
+    fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(g.len() == self.n_params, "gradient count mismatch");
+        self.ctx.write(&self.grads, 0, bytemuck::cast_slice(g));
+        Ok(())
+    }
+
+    fn update(&mut self, step: &SgdStep) -> anyhow::Result<()> {
+        self.sgd.set(&self.ctx, step);
+        let device = &self.ctx.device;
+        let enc = self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        });
+        {
+            let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("update"),
+                timestamp_writes: None,
+            });
+            self.sgd.dispatch.record(&mut cpass);
+        }
+        self.submit()
+    }
+
+    fn take_train_totals(&mut self) -> anyhow::Result<Totals> {
+        let words: Vec<u32> = self.flush_and_read(|s| &s.train_totals, 4)?;
+        self.ctx.write(&self.train_totals, 0, &[0u8; 16]);
+        Ok(Totals::from_words(&words))
+    }
+
+    fn evaluate(&mut self, split: Split, range: Range<usize>) -> anyhow::Result<Totals> {
+        let (pass, n) = match split {
+            Split::Train => (Pass::EvalTrain, self.train.samples),
+            Split::Test => (
+                Pass::EvalTest,
+                self.test.as_ref().context("no test set")?.samples,
+            ),
+        };
+        anyhow::ensure!(range.end as u64 <= n, "evaluation range past the data");
+        self.submit()?;
+        self.ctx.write(&self.eval_totals, 0, &[0u8; 16]);
+        let mut start = range.start;
+        while start < range.end {
+            let rows = (range.end - start).min(self.max_rows);
+            self.record(pass, start, rows)?;
+            // each chunk rewrites the gather offset, so each is its own submission
+            self.submit()?;
+            start += rows;
+        }
+        let words: Vec<u32> = self.flush_and_read(|s| &s.eval_totals, 4)?;
+        Ok(Totals::from_words(&words))
+    }
+}

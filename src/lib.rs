@@ -1,0 +1,6 @@
+//! dptrain: data-parallel training with WGSL gradients on every GPU and an MPI allreduce between ranks.
+pub mod data;
+pub mod rng;
+pub mod backend;
+pub mod model;
+pub mod optim;
