@@ -4,3 +4,7 @@ pub mod rng;
 pub mod backend;
 pub mod model;
 pub mod optim;
+pub mod modelfile;
+pub mod comm;
+pub mod train;
+pub mod cli;

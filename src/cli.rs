@@ -1,0 +1,534 @@
+//! The command line: `dptrain train | eval | data synth | data inspect | devices`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::backend::{BackendInit, Split};
+use crate::comm::{Communicator, SingleProcess};
+use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
+use crate::model::{Activation, ModelKind};
+use crate::optim::ScheduleKind;
+use crate::train::{self, DeviceKind, TrainConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "dptrain", version, about = "Data-parallel training: WGSL gradients on every GPU, MPI allreduce between ranks")]
+pub struct Cli {
+    /// More diagnostics on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model.
+    Train(TrainArgs),
+    /// Evaluate a saved model on a dataset.
+    Eval(EvalArgs),
+    /// Make or inspect datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// List the GPU adapters wgpu can see, with their limits and features.
+    Devices,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Write a seeded synthetic dataset as CSV (label first, no header).
+    Synth(SynthArgs),
+    /// Samples, features, classes, class counts and value ranges of a dataset.
+    Inspect {
+        /// A CSV file, an MNIST directory, or a synth: spec.
+        path: String,
+        #[command(flatten)]
+        csv: CsvArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long, value_enum, default_value = "seed")]
+    pub kind: SynthKind,
+    #[arg(long, default_value_t = 1000)]
+    pub samples: usize,
+    /// Features (ignored by --kind seed, which has 2).
+    #[arg(long, default_value_t = 2)]
+    pub features: usize,
+    /// Classes for blobs and random (0 with random: regression targets).
+    #[arg(long, default_value_t = 3)]
+    pub classes: usize,
+    /// Noise standard deviation for --kind linear.
+    #[arg(long, default_value_t = 0.1)]
+    pub noise: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SynthKind {
+    /// The seed document's example: 2 features, labels 0/1 from a noisy linear boundary.
+    Seed,
+    /// Gaussian blobs, one per class.
+    Blobs,
+    /// x ~ N(0,1), uniform random labels (for benchmarks).
+    Random,
+    /// y = w·x + b + noise (regression).
+    Linear,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CsvArgs {
+    /// CSV label column: 0-based index or header name.
+    #[arg(long, default_value = "0")]
+    pub label_column: String,
+    /// Whether the CSV's first row is a header.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub header: HeaderArg,
+    /// CSV delimiter: comma, tab or semicolon (default: detected).
+    #[arg(long, value_enum)]
+    pub delimiter: Option<DelimiterArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HeaderArg {
+    Auto,
+    Yes,
+    No,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DelimiterArg {
+    Comma,
+    Tab,
+    Semicolon,
+}
+
+impl CsvArgs {
+    pub fn options(&self) -> CsvOptions {
+        CsvOptions {
+            label: self
+                .label_column
+                .parse::<LabelColumn>()
+                .unwrap_or(LabelColumn::Index(0)),
+            header: match self.header {
+                HeaderArg::Auto => HeaderMode::Auto,
+                HeaderArg::Yes => HeaderMode::Yes,
+                HeaderArg::No => HeaderMode::No,
+            },
+            delimiter: self.delimiter.map(|d| match d {
+                DelimiterArg::Comma => b',',
+                DelimiterArg::Tab => b'\t',
+                DelimiterArg::Semicolon => b';',
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NormArg {
+    /// Standardise CSV features (mean 0, std 1 on the training set); scale pixels to [0, 1].
+    Auto,
+    Standard,
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training data: a CSV file, an MNIST directory (train + t10k IDX files, gzip or raw), or
+    /// synth:KIND[:N[:F[:K]]] (seed, blobs, random, linear; seeded by --seed).
+    #[arg(long)]
+    pub data: String,
+    /// Test data (CSV file or MNIST directory, whose t10k files are used); default: the MNIST
+    /// directory's own test set, else a --test-fraction split.
+    #[arg(long)]
+    pub test_data: Option<String>,
+    /// Fraction of the training file held out as a seeded test set when no test data is given (0: none).
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    #[command(flatten)]
+    pub csv: CsvArgs,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub normalize: NormArg,
+    #[arg(long, value_enum, default_value = "softmax")]
+    pub model: ModelKind,
+    /// Hidden layer widths for --model mlp, e.g. 1024,1024.
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    #[arg(long, value_enum, default_value = "relu")]
+    pub activation: Activation,
+    /// Initial parameters from a safetensors file (names and shapes as --save writes them).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Passes over the training data (ignored when --steps is given).
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u64,
+    /// Total optimiser steps (overrides --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Samples per step (per rank under mpirun).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value = "constant")]
+    pub schedule: ScheduleKind,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Epochs between decays for --schedule step.
+    #[arg(long, default_value_t = 10)]
+    pub step_size: u64,
+    /// Decay factor for --schedule step.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Final learning rate for --schedule cosine.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceKind,
+    /// Adapter index from `dptrain devices`.
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    /// One JSON object per epoch.
+    #[arg(long)]
+    pub metrics_out: Option<PathBuf>,
+    /// Save the trained model (safetensors, PyTorch nn.Linear names).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A model file written by `train --save`.
+    #[arg(long)]
+    pub model_file: PathBuf,
+    /// Data to evaluate on: a CSV file (all of it) or an MNIST directory (its t10k test set).
+    #[arg(long)]
+    pub data: String,
+    #[command(flatten)]
+    pub csv: CsvArgs,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceKind,
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    #[arg(long, default_value_t = 1024)]
+    pub batch_size: usize,
+}
+
+/// Load `--data`: a synth: spec, an MNIST directory or a CSV file.
+pub fn load_data(spec: &str, csv: &CsvOptions, seed: u64) -> anyhow::Result<data::Loaded> {
+    if let Some(rest) = spec.strip_prefix("synth:") {
+        let mut parts = rest.split(':');
+        let kind = parts.next().unwrap_or("");
+        let nums: Vec<usize> = parts
+            .map(|p| {
+                p.parse::<usize>()
+                    .with_context(|| format!("--data {spec}: {p:?} is not a whole number"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let arg = |i: usize, default: usize| nums.get(i).copied().unwrap_or(default);
+        let n = arg(0, 1000);
+        if n == 0 {
+            bail!("--data {spec}: the sample count must be at least 1");
+        }
+        let ds = match kind {
+            "seed" => synth::seed_example(n, seed),
+            "blobs" => synth::blobs(n, arg(1, 2), arg(2, 3), seed),
+            "random" => synth::random(n, arg(1, 10), arg(2, 2), seed),
+            "linear" => synth::linear(n, arg(1, 5), 0.1, seed).0,
+            _ => bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)"),
+        };
+        return Ok(data::Loaded {
+            train: ds,
+            test: None,
+        });
+    }
+    Ok(data::load(Path::new(spec), csv)?)
+}
+
+fn train_config(a: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        model: a.model,
+        hidden: a.hidden.clone(),
+        activation: a.activation,
+        epochs: Some(a.epochs),
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        momentum: a.momentum,
+        nesterov: a.nesterov,
+        weight_decay: a.weight_decay,
+        schedule: a.schedule,
+        warmup: a.warmup,
+        step_size: a.step_size,
+        gamma: a.gamma,
+        min_lr: a.min_lr,
+        seed: a.seed,
+        normalize: match a.normalize {
+            NormArg::Auto | NormArg::Standard => NormKind::Standard,
+            NormArg::None => NormKind::None,
+        },
+        init: a.init.clone(),
+        device: a.device,
+        gpu: a.gpu,
+    }
+}
+
+/// Training and test sets as `train` resolves them.
+pub fn resolve_datasets(a: &TrainArgs) -> anyhow::Result<(Dataset, Option<Dataset>)> {
+    let csv = a.csv.options();
+    if !(a.test_fraction.is_finite() && (0.0..1.0).contains(&a.test_fraction)) {
+        bail!("--test-fraction must be in [0, 1) (got {})", a.test_fraction);
+    }
+    let loaded = load_data(&a.data, &csv, a.seed)?;
+    if let Some(t) = &a.test_data {
+        let lt = load_data(t, &csv, a.seed.wrapping_add(1))?;
+        // an MNIST directory as test data means its t10k files
+        let test = lt.test.unwrap_or(lt.train);
+        return Ok((loaded.train, Some(test)));
+    }
+    match loaded.test {
+        Some(test) => Ok((loaded.train, Some(test))),
+        None if a.test_fraction > 0.0 => {
+            let (train, test) = data::train_test_split(&loaded.train, a.test_fraction, a.seed)?;
+            Ok((train, Some(test)))
+        }
+        None => Ok((loaded.train, None)),
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta}")
+    {
+        pb.set_style(style);
+    }
+    pb
+}
+
+pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
+    let cfg = train_config(a);
+    cfg.validate()?;
+    let (train_ds, test_ds) = resolve_datasets(a)?;
+    let setup = train::setup(&cfg, train_ds, test_ds)?;
+    let spec = &setup.spec;
+    let mut metrics = match (&a.metrics_out, comm.is_root()) {
+        (Some(p), true) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        _ => None,
+    };
+    let init = BackendInit {
+        spec,
+        train: &setup.train,
+        test: setup.test.as_ref(),
+        norm: &setup.norm,
+        max_rows: cfg.batch_size,
+    };
+    let mut backend = train::make_backend(cfg.device, cfg.gpu, &init)?;
+    if comm.is_root() {
+        eprintln!(
+            "dptrain: {} samples × {} features{}, model {:?} {:?} ({} parameters), on {}",
+            setup.train.n_samples,
+            setup.train.n_features,
+            setup
+                .test
+                .as_ref()
+                .map(|t| format!(", test {}", t.n_samples))
+                .unwrap_or_default(),
+            spec.kind,
+            spec.widths(),
+            spec.layout().total,
+            backend.describe()
+        );
+    }
+    let steps_per_epoch = setup.train.n_samples.div_ceil(cfg.batch_size) as u64;
+    let total = cfg.steps.unwrap_or(a.epochs * steps_per_epoch);
+    let pb = if comm.is_root() {
+        progress_bar(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut write_err = None;
+    let outcome = train::train(
+        &cfg,
+        &setup,
+        backend.as_mut(),
+        comm,
+        |r| {
+            if comm.is_root() {
+                pb.suspend(|| println!("{}", r.line(cfg.steps.is_none().then_some(a.epochs))));
+                if let Some(m) = metrics.as_mut() {
+                    let line = serde_json::to_string(r).unwrap_or_default();
+                    if let Err(e) = writeln!(m, "{line}").and_then(|_| m.flush()) {
+                        write_err.get_or_insert(e);
+                    }
+                }
+            }
+        },
+        |s| pb.set_position(s),
+    )?;
+    pb.finish_and_clear();
+    if let (Some(e), Some(p)) = (write_err, &a.metrics_out) {
+        bail!("{}: cannot write metrics: {e}", p.display());
+    }
+    if let (Some(path), true) = (&a.save, comm.is_root()) {
+        crate::modelfile::save(path, spec, &setup.norm, &outcome.params)?;
+        eprintln!("dptrain: saved {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let saved = crate::modelfile::load(&a.model_file)?;
+    let spec = saved.spec.clone().with_context(|| {
+        format!(
+            "{}: no dptrain model spec in its metadata (was it written by `dptrain train --save`?)",
+            a.model_file.display()
+        )
+    })?;
+    let norm = saved
+        .norm
+        .clone()
+        .with_context(|| format!("{}: no normaliser in its metadata", a.model_file.display()))?;
+    let theta = saved.flat_params(&spec, &a.model_file)?;
+    let loaded = load_data(&a.data, &a.csv.options(), 0)?;
+    let ds = loaded.test.unwrap_or(loaded.train);
+    if ds.n_features != spec.inputs {
+        bail!(
+            "{}: {} features, but the model takes {}",
+            ds.source,
+            ds.n_features,
+            spec.inputs
+        );
+    }
+    if !spec.is_regression() {
+        let labels = ds.class_labels()?;
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l as usize >= spec.outputs.max(2))
+        {
+            bail!(
+                "{}: sample {}: label {l} is out of range for a model with {} classes",
+                ds.source,
+                i + 1,
+                spec.outputs.max(2)
+            );
+        }
+    }
+    let init = BackendInit {
+        spec: &spec,
+        train: &ds,
+        test: None,
+        norm: &norm,
+        max_rows: a.batch_size.min(ds.n_samples).max(1),
+    };
+    let mut backend = train::make_backend(a.device, a.gpu, &init)?;
+    backend.set_params(&theta)?;
+    let r = train::evaluate(
+        backend.as_mut(),
+        &SingleProcess,
+        Split::Train,
+        ds.n_samples,
+        spec.is_regression(),
+    )?;
+    let mut line = format!("samples {}  test_loss {:.4}", r.samples, r.loss);
+    if let Some(acc) = r.accuracy {
+        line += &format!("  test_acc {acc:.4}");
+    }
+    if let Some(rmse) = r.rmse {
+        line += &format!("  test_rmse {rmse:.4}");
+    }
+    println!("{line}");
+    Ok(())
+}
+
+pub fn run_data(cmd: &DataCommand) -> anyhow::Result<()> {
+    match cmd {
+        DataCommand::Synth(s) => {
+            if s.samples == 0 {
+                bail!("--samples must be at least 1");
+            }
+            if s.kind != SynthKind::Seed && s.features == 0 {
+                bail!("--features must be at least 1");
+            }
+            let ds = match s.kind {
+                SynthKind::Seed => synth::seed_example(s.samples, s.seed),
+                SynthKind::Blobs => {
+                    if s.classes < 1 {
+                        bail!("--classes must be at least 1 for blobs");
+                    }
+                    synth::blobs(s.samples, s.features, s.classes, s.seed)
+                }
+                SynthKind::Random => synth::random(s.samples, s.features, s.classes, s.seed),
+                SynthKind::Linear => {
+                    if !(s.noise.is_finite() && s.noise >= 0.0) {
+                        bail!("--noise must be ≥ 0");
+                    }
+                    synth::linear(s.samples, s.features, s.noise, s.seed).0
+                }
+            };
+            data::write_csv(&ds, &s.out)?;
+            eprintln!(
+                "dptrain: wrote {} samples × {} features to {}",
+                ds.n_samples,
+                ds.n_features,
+                s.out.display()
+            );
+            Ok(())
+        }
+        DataCommand::Inspect { path, csv } => {
+            let loaded = load_data(path, &csv.options(), 0)?;
+            println!("train:\n{}", data::inspect(&loaded.train));
+            if let Some(t) = &loaded.test {
+                println!("test:\n{}", data::inspect(t));
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn run_devices() -> anyhow::Result<()> {
+    let adapters = dptrain_kernels::list_adapters();
+    if adapters.is_empty() {
+        bail!("{}", dptrain_kernels::KernelError::NoAdapter);
+    }
+    for a in adapters {
+        let l = &a.limits;
+        println!(
+            "[{}] {} ({:?}, {:?}, driver {} {})",
+            a.index, a.info.name, a.info.device_type, a.info.backend, a.info.driver, a.info.driver_info
+        );
+        println!(
+            "    max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations per workgroup",
+            l.max_storage_buffer_binding_size / (1 << 20),
+            l.max_buffer_size / (1 << 20),
+            l.max_compute_workgroup_storage_size / 1024,
+            l.max_compute_invocations_per_workgroup
+        );
+        println!("    features: {}", a.feature_names().join(", "));
+    }
+    Ok(())
+}
