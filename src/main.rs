@@ -7,6 +7,12 @@ use dptrain::cli::{self, Cli, Command};
 use dptrain::comm::SingleProcess;
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on headless machines
+    // (clusters, CI) when it is unset; point it at the temp folder so stderr carries only our lines.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: first statement of main, before any thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

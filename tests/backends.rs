@@ -1,0 +1,102 @@
+//! The GPU backend against the CPU reference over whole training runs, and regression recovering its weights.
+
+use dptrain::backend::cpu::CpuBackend;
+use dptrain::backend::gpu::GpuBackend;
+use dptrain::backend::{Backend, BackendInit, Split};
+use dptrain::comm::SingleProcess;
+use dptrain::data::{self, CsvOptions, NormKind, synth};
+use dptrain::model::{Activation, ModelKind};
+use dptrain::train::{self, DeviceKind, TrainConfig};
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den = b.iter().map(|y| f64::from(*y).powi(2)).sum::<f64>().sqrt();
+    num / den.max(1e-30)
+}
+
+fn gpu_and_cpu_agree(model: ModelKind, hidden: Vec<usize>, act: Activation, ds: data::Dataset, bs: usize) {
+    let mut cfg = TrainConfig::new(model);
+    cfg.hidden = hidden;
+    cfg.activation = act;
+    cfg.steps = Some(100);
+    cfg.batch_size = bs;
+    cfg.lr = 0.05;
+    cfg.momentum = 0.9;
+    cfg.weight_decay = 1e-4;
+    cfg.seed = 5;
+    let setup = train::setup(&cfg, ds, None).unwrap();
+    let init = BackendInit {
+        spec: &setup.spec,
+        train: &setup.train,
+        test: None,
+        norm: &setup.norm,
+        max_rows: cfg.batch_size,
+    };
+    let mut gpu = GpuBackend::new(&init, &Default::default()).unwrap();
+    let mut cpu = CpuBackend::new(&init).unwrap();
+    let g = train::train(&cfg, &setup, &mut gpu, &SingleProcess, |_| {}, |_| {}).unwrap();
+    let c = train::train(&cfg, &setup, &mut cpu, &SingleProcess, |_| {}, |_| {}).unwrap();
+    assert_eq!(g.steps, 100);
+    let initial = setup.spec.init(cfg.seed);
+    assert!(rel(&c.params, &initial) > 1e-2, "training moved the parameters");
+    let e = rel(&g.params, &c.params);
+    assert!(e <= 1e-4, "{model:?}: GPU and CPU parameters differ by {e:e} after 100 steps");
+    let (ge, ce) = (
+        gpu.evaluate(Split::Train, 0..setup.train.n_samples).unwrap(),
+        cpu.evaluate(Split::Train, 0..setup.train.n_samples).unwrap(),
+    );
+    assert_eq!(ge.count, ce.count);
+    assert!((ge.loss_sum - ce.loss_sum).abs() <= 1e-4 * ce.loss_sum.abs().max(1.0), "{ge:?} {ce:?}");
+}
+
+fn digits() -> data::Dataset {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets/digits.csv");
+    data::load_csv(std::path::Path::new(p), &CsvOptions::default()).unwrap()
+}
+
+#[test]
+fn gpu_and_cpu_mlps_agree_to_1e4_after_100_steps() {
+    // 1797 samples, batch 50: the last batch of each epoch is short (47 rows)
+    gpu_and_cpu_agree(ModelKind::Mlp, vec![40, 24], Activation::Tanh, digits(), 50);
+    gpu_and_cpu_agree(ModelKind::Mlp, vec![33], Activation::Relu, digits(), 64);
+}
+
+#[test]
+fn gpu_and_cpu_linear_models_agree_to_1e4_after_100_steps() {
+    gpu_and_cpu_agree(ModelKind::Softmax, vec![], Activation::Relu, digits(), 37);
+    gpu_and_cpu_agree(ModelKind::Logreg, vec![], Activation::Relu, synth::seed_example(700, 1), 30);
+    gpu_and_cpu_agree(ModelKind::Linreg, vec![], Activation::Relu, synth::linear(500, 7, 0.1, 2).0, 25);
+}
+
+#[test]
+fn linear_regression_recovers_the_true_weights() {
+    for device in [DeviceKind::Gpu, DeviceKind::Cpu] {
+        let (ds, w, b) = synth::linear(4000, 6, 0.05, 11);
+        let mut cfg = TrainConfig::new(ModelKind::Linreg);
+        cfg.normalize = NormKind::None;
+        cfg.epochs = Some(20);
+        cfg.batch_size = 32;
+        cfg.lr = 0.05;
+        cfg.device = device;
+        let setup = train::setup(&cfg, ds, None).unwrap();
+        let init = BackendInit {
+            spec: &setup.spec,
+            train: &setup.train,
+            test: None,
+            norm: &setup.norm,
+            max_rows: cfg.batch_size,
+        };
+        let mut be = train::make_backend(device, None, &init).unwrap();
+        let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess, |_| {}, |_| {}).unwrap();
+        // layout: weight [1, 6] then bias [1]
+        for j in 0..6 {
+            assert!((out.params[j] - w[j]).abs() < 0.02, "{device:?} w[{j}] {} vs {}", out.params[j], w[j]);
+        }
+        assert!((out.params[6] - b).abs() < 0.02, "{device:?} b {} vs {b}", out.params[6]);
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the integration tests: run the binary, show everything when it fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn shared(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/datasets")
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+/// A fresh temporary folder for one test.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dptrain-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+pub struct Run {
+    pub cmd: String,
+    pub out: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    pub fn show(&self) -> String {
+        format!(
+            "command: {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+            self.cmd,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+    pub fn ok(self) -> Self {
+        assert!(self.out.status.success(), "expected success\n{}", self.show());
+        self
+    }
+    /// Exit non-zero with exactly one line on stderr containing `needle`, and no panic.
+    pub fn fails_with(self, needle: &str) -> Self {
+        let err = self.stderr();
+        assert!(!self.out.status.success(), "expected failure\n{}", self.show());
+        assert!(!err.contains("panicked"), "panicked\n{}", self.show());
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line\n{}", self.show());
+        assert!(err.contains(needle), "stderr lacks {needle:?}\n{}", self.show());
+        self
+    }
+}
+
+pub fn dptrain(args: &[&str]) -> Run {
+    let bin = env!("CARGO_BIN_EXE_dptrain");
+    let out = Command::new(bin)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run dptrain");
+    Run {
+        cmd: format!("dptrain {}", args.join(" ")),
+        out,
+    }
+}
+
+/// The JSON objects of a --metrics-out file.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("metrics file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Train with `args` plus --metrics-out and return the last epoch's object.
+pub fn train_last(name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = tmpdir(name);
+    let m = dir.join("metrics.jsonl");
+    let ms = m.display().to_string();
+    let mut all: Vec<&str> = vec!["train"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--metrics-out", &ms]);
+    dptrain(&all).ok();
+    let v = metrics(&m);
+    let last = v.last().cloned().expect("at least one epoch");
+    let _ = std::fs::remove_dir_all(&dir);
+    last
+}
