@@ -14,7 +14,11 @@ use crate::optim::ScheduleKind;
 use crate::train::{self, DeviceKind, TrainConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "dptrain", version, about = "Data-parallel training: WGSL gradients on every GPU, MPI allreduce between ranks")]
+#[command(
+    name = "dptrain",
+    version,
+    about = "Data-parallel training: WGSL gradients on every GPU, MPI allreduce between ranks"
+)]
 pub struct Cli {
     /// More diagnostics on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -160,6 +164,7 @@ pub struct TrainArgs {
     /// Hidden layer widths for --model mlp, e.g. 1024,1024.
     #[arg(long, value_delimiter = ',')]
     pub hidden: Vec<usize>,
+    /// Hidden-layer activation for --model mlp.
     #[arg(long, value_enum, default_value = "relu")]
     pub activation: Activation,
     /// Initial parameters from a safetensors file (names and shapes as --save writes them).
@@ -174,12 +179,16 @@ pub struct TrainArgs {
     /// Samples per step (per rank under mpirun).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Base learning rate.
     #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
+    /// SGD momentum in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f64,
+    /// Nesterov momentum (needs --momentum > 0).
     #[arg(long)]
     pub nesterov: bool,
+    /// L2 weight decay, added to the gradient as PyTorch's SGD does.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     #[arg(long, value_enum, default_value = "constant")]
@@ -196,6 +205,7 @@ pub struct TrainArgs {
     /// Final learning rate for --schedule cosine.
     #[arg(long, default_value_t = 0.0)]
     pub min_lr: f64,
+    /// Seed for initialisation, shuffling, test split and synthetic data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
@@ -250,7 +260,9 @@ pub fn load_data(spec: &str, csv: &CsvOptions, seed: u64) -> anyhow::Result<data
             "blobs" => synth::blobs(n, arg(1, 2), arg(2, 3), seed),
             "random" => synth::random(n, arg(1, 10), arg(2, 2), seed),
             "linear" => synth::linear(n, arg(1, 5), 0.1, seed).0,
-            _ => bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)"),
+            _ => bail!(
+                "--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)"
+            ),
         };
         return Ok(data::Loaded {
             train: ds,
@@ -292,7 +304,10 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
 pub fn resolve_datasets(a: &TrainArgs) -> anyhow::Result<(Dataset, Option<Dataset>)> {
     let csv = a.csv.options();
     if !(a.test_fraction.is_finite() && (0.0..1.0).contains(&a.test_fraction)) {
-        bail!("--test-fraction must be in [0, 1) (got {})", a.test_fraction);
+        bail!(
+            "--test-fraction must be in [0, 1) (got {})",
+            a.test_fraction
+        );
     }
     let loaded = load_data(&a.data, &csv, a.seed)?;
     if let Some(t) = &a.test_data {
@@ -345,7 +360,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     };
     let mut backend = train::make_backend(cfg.device, cfg.gpu, &init)?;
     if comm.is_root() {
-        eprintln!(
+        println!(
             "dptrain: {} samples × {} features{}, model {:?} {:?} ({} parameters), on {}",
             setup.train.n_samples,
             setup.train.n_features,
@@ -392,7 +407,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     }
     if let (Some(path), true) = (&a.save, comm.is_root()) {
         crate::modelfile::save(path, spec, &setup.norm, &outcome.params)?;
-        eprintln!("dptrain: saved {}", path.display());
+        println!("dptrain: saved {}", path.display());
     }
     Ok(())
 }
@@ -519,7 +534,12 @@ pub fn run_devices() -> anyhow::Result<()> {
         let l = &a.limits;
         println!(
             "[{}] {} ({:?}, {:?}, driver {} {})",
-            a.index, a.info.name, a.info.device_type, a.info.backend, a.info.driver, a.info.driver_info
+            a.index,
+            a.info.name,
+            a.info.device_type,
+            a.info.backend,
+            a.info.driver,
+            a.info.driver_info
         );
         println!(
             "    max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations per workgroup",

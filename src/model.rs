@@ -166,7 +166,10 @@ impl ModelSpec {
             });
             off += fo;
         }
-        Layout { tensors, total: off }
+        Layout {
+            tensors,
+            total: off,
+        }
     }
 
     /// Seeded initialisation: He (normal, std √(2/fan_in)) before ReLU, Xavier (uniform,
@@ -182,7 +185,9 @@ impl ModelSpec {
             let hidden = l + 1 < layers.len();
             if hidden && self.activation == Activation::Relu {
                 let std = (2.0 / fi as f64).sqrt();
-                slice.iter_mut().for_each(|v| *v = (rng.normal() * std) as f32);
+                slice
+                    .iter_mut()
+                    .for_each(|v| *v = (rng.normal() * std) as f32);
             } else {
                 let a = (6.0 / (fi + fo) as f64).sqrt();
                 slice
@@ -196,7 +201,10 @@ impl ModelSpec {
     /// Layer `l`'s (weight offset, bias offset) in the flat buffer.
     pub fn offsets(&self, l: usize) -> (usize, usize) {
         let layout = self.layout();
-        (layout.tensors[2 * l].offset, layout.tensors[2 * l + 1].offset)
+        (
+            layout.tensors[2 * l].offset,
+            layout.tensors[2 * l + 1].offset,
+        )
     }
 }
 
@@ -262,7 +270,10 @@ mod tests {
         assert_ne!(a, s.init(2));
         let w0 = &a[..400 * 300];
         let var = w0.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / w0.len() as f64;
-        assert!((var - 2.0 / 400.0).abs() < 0.1 * 2.0 / 400.0, "He variance {var}");
+        assert!(
+            (var - 2.0 / 400.0).abs() < 0.1 * 2.0 / 400.0,
+            "He variance {var}"
+        );
         let (_, b0) = s.offsets(0);
         assert!(a[b0..b0 + 300].iter().all(|&v| v == 0.0));
     }

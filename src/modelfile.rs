@@ -20,9 +20,15 @@ pub const FORMAT: &str = "dptrain-model-1";
 #[derive(Debug, thiserror::Error)]
 pub enum ModelFileError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: cannot write: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not a safetensors file: {msg}")]
     Format { path: String, msg: String },
     #[error("{path}: {msg}")]
@@ -38,16 +44,23 @@ pub struct SavedModel {
 }
 
 /// Write `theta` (laid out by `spec`) with metadata, atomically.
-pub fn save(path: &Path, spec: &ModelSpec, norm: &Normalizer, theta: &[f32]) -> Result<(), ModelFileError> {
+pub fn save(
+    path: &Path,
+    spec: &ModelSpec,
+    norm: &Normalizer,
+    theta: &[f32],
+) -> Result<(), ModelFileError> {
     let layout = spec.layout();
     let bytes: &[u8] = bytemuck::cast_slice(theta);
     let p = path.display().to_string();
     let mut views = Vec::new();
     for t in &layout.tensors {
         let data = &bytes[t.offset * 4..(t.offset + t.len()) * 4];
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), data).map_err(|e| ModelFileError::Content {
-            path: p.clone(),
-            msg: e.to_string(),
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), data).map_err(|e| {
+            ModelFileError::Content {
+                path: p.clone(),
+                msg: e.to_string(),
+            }
         })?;
         views.push((t.name.clone(), view));
     }
@@ -60,8 +73,14 @@ pub fn save(path: &Path, spec: &ModelSpec, norm: &Normalizer, theta: &[f32]) -> 
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("dptrain.format".to_string(), FORMAT.to_string()),
-        ("dptrain.spec".to_string(), json(serde_json::to_string(spec))?),
-        ("dptrain.normalizer".to_string(), json(serde_json::to_string(norm))?),
+        (
+            "dptrain.spec".to_string(),
+            json(serde_json::to_string(spec))?,
+        ),
+        (
+            "dptrain.normalizer".to_string(),
+            json(serde_json::to_string(norm))?,
+        ),
     ]);
     let out = safetensors::serialize(views, Some(meta)).map_err(|e| ModelFileError::Content {
         path: p.clone(),
@@ -73,9 +92,18 @@ pub fn save(path: &Path, spec: &ModelSpec, norm: &Normalizer, theta: &[f32]) -> 
 /// Write `bytes` to `path` through a temporary file in the same folder, fsync, then rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelFileError> {
     let p = path.display().to_string();
-    let err = |source| ModelFileError::Write { path: p.clone(), source };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let err = |source| ModelFileError::Write {
+        path: p.clone(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -96,7 +124,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelFileError> {
 /// Read a model file (any safetensors file with f32 tensors; metadata when present).
 pub fn load(path: &Path) -> Result<SavedModel, ModelFileError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ModelFileError::Read { path: p.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| ModelFileError::Read {
+        path: p.clone(),
+        source,
+    })?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelFileError::Format {
         path: p.clone(),
         msg: e.to_string(),
@@ -106,7 +137,10 @@ pub fn load(path: &Path) -> Result<SavedModel, ModelFileError> {
         msg: e.to_string(),
     })?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let content = |msg: String| ModelFileError::Content { path: p.clone(), msg };
+    let content = |msg: String| ModelFileError::Content {
+        path: p.clone(),
+        msg,
+    };
     let spec = meta
         .get("dptrain.spec")
         .map(|s| serde_json::from_str::<ModelSpec>(s))
@@ -120,7 +154,10 @@ pub fn load(path: &Path) -> Result<SavedModel, ModelFileError> {
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(content(format!("tensor {name} is {:?}, expected F32", view.dtype())));
+            return Err(content(format!(
+                "tensor {name} is {:?}, expected F32",
+                view.dtype()
+            )));
         }
         let values = view
             .data()
@@ -129,7 +166,11 @@ pub fn load(path: &Path) -> Result<SavedModel, ModelFileError> {
             .collect();
         tensors.insert(name, (view.shape().to_vec(), values));
     }
-    Ok(SavedModel { spec, norm, tensors })
+    Ok(SavedModel {
+        spec,
+        norm,
+        tensors,
+    })
 }
 
 impl SavedModel {
@@ -153,7 +194,10 @@ impl SavedModel {
                 )));
             }
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(content(format!("tensor {} holds a non-finite value at {i}", t.name)));
+                return Err(content(format!(
+                    "tensor {} holds a non-finite value at {i}",
+                    t.name
+                )));
             }
             theta[t.offset..t.offset + t.len()].copy_from_slice(values);
         }
@@ -192,7 +236,10 @@ mod tests {
         assert_eq!(m.flat_params(&spec, &path).unwrap(), theta);
         let other = ModelSpec::new(ModelKind::Mlp, 3, 4, vec![6], Activation::Tanh).unwrap();
         let e = m.flat_params(&other, &path).unwrap_err().to_string();
-        assert!(e.contains("has shape [5, 3], the model needs [6, 3]"), "{e}");
+        assert!(
+            e.contains("has shape [5, 3], the model needs [6, 3]"),
+            "{e}"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 pub enum ScheduleKind {
     /// The base rate throughout.
     Constant,
-    /// Multiply by `gamma` every `step_size` steps.
+    /// Multiply by --gamma every --step-size epochs.
     Step,
-    /// Cosine from the base rate down to `min_lr` over the run.
+    /// Cosine from the base rate down to --min-lr over the run.
     Cosine,
 }
 
@@ -47,12 +47,16 @@ impl Schedule {
         match self.kind {
             ScheduleKind::Constant => self.base_lr,
             ScheduleKind::Step => {
-                self.base_lr * self.gamma.powi((step / self.step_size.max(1)).min(i32::MAX as u64) as i32)
+                self.base_lr
+                    * self
+                        .gamma
+                        .powi((step / self.step_size.max(1)).min(i32::MAX as u64) as i32)
             }
             ScheduleKind::Cosine => {
                 let span = self.total_steps.saturating_sub(self.warmup).max(1);
                 let t = ((step - self.warmup) as f64 / span as f64).min(1.0);
-                self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                self.min_lr
+                    + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }
         }
     }

@@ -407,7 +407,13 @@ pub fn train(
             );
         }
         let test = match &setup.test {
-            Some(t) => Some(evaluate(backend, comm, Split::Test, t.n_samples, regression)?),
+            Some(t) => Some(evaluate(
+                backend,
+                comm,
+                Split::Test,
+                t.n_samples,
+                regression,
+            )?),
             None => None,
         };
         let report = EpochReport {

@@ -25,7 +25,20 @@ fn both(name: &str, args: &[&str], bar: f64) {
 fn iris_softmax_reaches_0_93() {
     both(
         "iris",
-        &["--data", &shared("iris.csv"), "--model", "softmax", "--epochs", "60", "--batch-size", "16", "--lr", "0.1", "--seed", "1"],
+        &[
+            "--data",
+            &shared("iris.csv"),
+            "--model",
+            "softmax",
+            "--epochs",
+            "60",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.1",
+            "--seed",
+            "1",
+        ],
         0.93,
     );
 }
@@ -34,7 +47,20 @@ fn iris_softmax_reaches_0_93() {
 fn breast_cancer_logreg_reaches_0_95() {
     both(
         "bc",
-        &["--data", &shared("breast_cancer.csv"), "--model", "logreg", "--epochs", "30", "--batch-size", "32", "--lr", "0.1", "--seed", "1"],
+        &[
+            "--data",
+            &shared("breast_cancer.csv"),
+            "--model",
+            "logreg",
+            "--epochs",
+            "30",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.1",
+            "--seed",
+            "1",
+        ],
         0.95,
     );
 }
@@ -43,7 +69,20 @@ fn breast_cancer_logreg_reaches_0_95() {
 fn digits_softmax_reaches_0_95() {
     both(
         "digits-softmax",
-        &["--data", &shared("digits.csv"), "--model", "softmax", "--epochs", "30", "--batch-size", "32", "--lr", "0.1", "--seed", "1"],
+        &[
+            "--data",
+            &shared("digits.csv"),
+            "--model",
+            "softmax",
+            "--epochs",
+            "30",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.1",
+            "--seed",
+            "1",
+        ],
         0.95,
     );
 }
@@ -52,7 +91,24 @@ fn digits_softmax_reaches_0_95() {
 fn digits_mlp_reaches_0_96() {
     both(
         "digits-mlp",
-        &["--data", &shared("digits.csv"), "--model", "mlp", "--hidden", "128", "--epochs", "20", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--seed", "1"],
+        &[
+            "--data",
+            &shared("digits.csv"),
+            "--model",
+            "mlp",
+            "--hidden",
+            "128",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--seed",
+            "1",
+        ],
         0.96,
     );
 }
@@ -61,7 +117,18 @@ fn digits_mlp_reaches_0_96() {
 fn the_seed_synthetic_problem_reaches_0_95() {
     both(
         "seed",
-        &["--data", "synth:seed:2000", "--model", "logreg", "--epochs", "10", "--lr", "0.5", "--seed", "3"],
+        &[
+            "--data",
+            "synth:seed:2000",
+            "--model",
+            "logreg",
+            "--epochs",
+            "10",
+            "--lr",
+            "0.5",
+            "--seed",
+            "3",
+        ],
         0.95,
     );
 }
@@ -71,7 +138,28 @@ fn tanh_and_sigmoid_mlps_train_too() {
     for act in ["tanh", "sigmoid"] {
         let last = train_last(
             &format!("act-{act}"),
-            &["--data", &shared("iris.csv"), "--model", "mlp", "--hidden", "16,8", "--activation", act, "--epochs", "80", "--batch-size", "16", "--lr", "0.1", "--momentum", "0.9", "--seed", "2", "--device", "gpu"],
+            &[
+                "--data",
+                &shared("iris.csv"),
+                "--model",
+                "mlp",
+                "--hidden",
+                "16,8",
+                "--activation",
+                act,
+                "--epochs",
+                "80",
+                "--batch-size",
+                "16",
+                "--lr",
+                "0.1",
+                "--momentum",
+                "0.9",
+                "--seed",
+                "2",
+                "--device",
+                "gpu",
+            ],
         );
         assert!(acc(&last) >= 0.9, "{act}: {last}");
     }
@@ -84,7 +172,26 @@ fn tanh_and_sigmoid_mlps_train_too() {
 fn mnist_mlp_reaches_0_975_in_5_epochs_on_the_gpu() {
     let last = train_last(
         "mnist-gpu",
-        &["--data", &shared("mnist"), "--model", "mlp", "--hidden", "256", "--epochs", "5", "--batch-size", "128", "--lr", "0.1", "--momentum", "0.9", "--seed", "1", "--device", "gpu"],
+        &[
+            "--data",
+            &shared("mnist"),
+            "--model",
+            "mlp",
+            "--hidden",
+            "256",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "128",
+            "--lr",
+            "0.1",
+            "--momentum",
+            "0.9",
+            "--seed",
+            "1",
+            "--device",
+            "gpu",
+        ],
     );
     assert!(acc(&last) >= 0.975, "{last}");
 }
@@ -94,7 +201,26 @@ fn mnist_mlp_reaches_0_975_in_5_epochs_on_the_gpu() {
 fn mnist_mlp_reaches_0_975_in_5_epochs_on_the_cpu_reference() {
     let last = train_last(
         "mnist-cpu",
-        &["--data", &shared("mnist"), "--model", "mlp", "--hidden", "256", "--epochs", "5", "--batch-size", "128", "--lr", "0.1", "--momentum", "0.9", "--seed", "1", "--device", "cpu"],
+        &[
+            "--data",
+            &shared("mnist"),
+            "--model",
+            "mlp",
+            "--hidden",
+            "256",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "128",
+            "--lr",
+            "0.1",
+            "--momentum",
+            "0.9",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+        ],
     );
     assert!(acc(&last) >= 0.975, "{last}");
 }

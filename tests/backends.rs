@@ -19,7 +19,13 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     num / den.max(1e-30)
 }
 
-fn gpu_and_cpu_agree(model: ModelKind, hidden: Vec<usize>, act: Activation, ds: data::Dataset, bs: usize) {
+fn gpu_and_cpu_agree(
+    model: ModelKind,
+    hidden: Vec<usize>,
+    act: Activation,
+    ds: data::Dataset,
+    bs: usize,
+) {
     let mut cfg = TrainConfig::new(model);
     cfg.hidden = hidden;
     cfg.activation = act;
@@ -43,15 +49,26 @@ fn gpu_and_cpu_agree(model: ModelKind, hidden: Vec<usize>, act: Activation, ds: 
     let c = train::train(&cfg, &setup, &mut cpu, &SingleProcess, |_| {}, |_| {}).unwrap();
     assert_eq!(g.steps, 100);
     let initial = setup.spec.init(cfg.seed);
-    assert!(rel(&c.params, &initial) > 1e-2, "training moved the parameters");
+    assert!(
+        rel(&c.params, &initial) > 1e-2,
+        "training moved the parameters"
+    );
     let e = rel(&g.params, &c.params);
-    assert!(e <= 1e-4, "{model:?}: GPU and CPU parameters differ by {e:e} after 100 steps");
+    assert!(
+        e <= 1e-4,
+        "{model:?}: GPU and CPU parameters differ by {e:e} after 100 steps"
+    );
     let (ge, ce) = (
-        gpu.evaluate(Split::Train, 0..setup.train.n_samples).unwrap(),
-        cpu.evaluate(Split::Train, 0..setup.train.n_samples).unwrap(),
+        gpu.evaluate(Split::Train, 0..setup.train.n_samples)
+            .unwrap(),
+        cpu.evaluate(Split::Train, 0..setup.train.n_samples)
+            .unwrap(),
     );
     assert_eq!(ge.count, ce.count);
-    assert!((ge.loss_sum - ce.loss_sum).abs() <= 1e-4 * ce.loss_sum.abs().max(1.0), "{ge:?} {ce:?}");
+    assert!(
+        (ge.loss_sum - ce.loss_sum).abs() <= 1e-4 * ce.loss_sum.abs().max(1.0),
+        "{ge:?} {ce:?}"
+    );
 }
 
 fn digits() -> data::Dataset {
@@ -69,8 +86,20 @@ fn gpu_and_cpu_mlps_agree_to_1e4_after_100_steps() {
 #[test]
 fn gpu_and_cpu_linear_models_agree_to_1e4_after_100_steps() {
     gpu_and_cpu_agree(ModelKind::Softmax, vec![], Activation::Relu, digits(), 37);
-    gpu_and_cpu_agree(ModelKind::Logreg, vec![], Activation::Relu, synth::seed_example(700, 1), 30);
-    gpu_and_cpu_agree(ModelKind::Linreg, vec![], Activation::Relu, synth::linear(500, 7, 0.1, 2).0, 25);
+    gpu_and_cpu_agree(
+        ModelKind::Logreg,
+        vec![],
+        Activation::Relu,
+        synth::seed_example(700, 1),
+        30,
+    );
+    gpu_and_cpu_agree(
+        ModelKind::Linreg,
+        vec![],
+        Activation::Relu,
+        synth::linear(500, 7, 0.1, 2).0,
+        25,
+    );
 }
 
 #[test]
@@ -94,9 +123,16 @@ fn linear_regression_recovers_the_true_weights() {
         let mut be = train::make_backend(device, None, &init).unwrap();
         let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess, |_| {}, |_| {}).unwrap();
         // layout: weight [1, 6] then bias [1]
-        for j in 0..6 {
-            assert!((out.params[j] - w[j]).abs() < 0.02, "{device:?} w[{j}] {} vs {}", out.params[j], w[j]);
+        for (j, (got, want)) in out.params.iter().zip(&w).enumerate() {
+            assert!(
+                (got - want).abs() < 0.02,
+                "{device:?} w[{j}] {got} vs {want}"
+            );
         }
-        assert!((out.params[6] - b).abs() < 0.02, "{device:?} b {} vs {b}", out.params[6]);
+        assert!(
+            (out.params[6] - b).abs() < 0.02,
+            "{device:?} b {} vs {b}",
+            out.params[6]
+        );
     }
 }

@@ -43,16 +43,33 @@ impl Run {
         )
     }
     pub fn ok(self) -> Self {
-        assert!(self.out.status.success(), "expected success\n{}", self.show());
+        assert!(
+            self.out.status.success(),
+            "expected success\n{}",
+            self.show()
+        );
         self
     }
     /// Exit non-zero with exactly one line on stderr containing `needle`, and no panic.
     pub fn fails_with(self, needle: &str) -> Self {
         let err = self.stderr();
-        assert!(!self.out.status.success(), "expected failure\n{}", self.show());
+        assert!(
+            !self.out.status.success(),
+            "expected failure\n{}",
+            self.show()
+        );
         assert!(!err.contains("panicked"), "panicked\n{}", self.show());
-        assert_eq!(err.trim_end().lines().count(), 1, "not one line\n{}", self.show());
-        assert!(err.contains(needle), "stderr lacks {needle:?}\n{}", self.show());
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "not one line\n{}",
+            self.show()
+        );
+        assert!(
+            err.contains(needle),
+            "stderr lacks {needle:?}\n{}",
+            self.show()
+        );
         self
     }
 }

@@ -86,6 +86,11 @@ mod tests {
         crate::run(&ctx, &[&d]);
         let g: Vec<f32> = ctx.read(&gb, 0, off + cols + 3).unwrap();
         assert!(g[..off].iter().chain(&g[off + cols..]).all(|&v| v == 5.0));
-        assert_close(&g[off..off + cols], &bias_grad_ref(&dz, rows, cols), 1e-5, "db");
+        assert_close(
+            &g[off..off + cols],
+            &bias_grad_ref(&dz, rows, cols),
+            1e-5,
+            "db",
+        );
     }
 }

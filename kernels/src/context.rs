@@ -32,7 +32,10 @@ impl AdapterReport {
             (wgpu::Features::SUBGROUP, "subgroup"),
             (wgpu::Features::SHADER_F16, "shader-f16"),
             (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
-            (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamp-inside-passes"),
+            (
+                wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+                "timestamp-inside-passes",
+            ),
             (
                 wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
                 "cooperative-matrix",
@@ -239,7 +242,9 @@ impl GpuContext {
 
     /// Largest single storage binding in bytes.
     pub fn max_binding(&self) -> u64 {
-        u64::from(self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// A storage buffer of `bytes` (rounded up to 4, at least 4), zero-initialised.
@@ -279,7 +284,7 @@ impl GpuContext {
         if bytes.is_empty() {
             return;
         }
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(buf, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -322,7 +327,9 @@ impl GpuContext {
         });
         let mut enc = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
         enc.copy_buffer_to_buffer(buf, start as u64 * elem, &staging, 0, padded);
         self.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();

@@ -23,10 +23,19 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("mse", include_str!("../../shaders/mse.wgsl")),
-    ("reduce_stats", include_str!("../../shaders/reduce_stats.wgsl")),
+    (
+        "reduce_stats",
+        include_str!("../../shaders/reduce_stats.wgsl"),
+    ),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
-    ("sigmoid_bce", include_str!("../../shaders/sigmoid_bce.wgsl")),
-    ("softmax_xent", include_str!("../../shaders/softmax_xent.wgsl")),
+    (
+        "sigmoid_bce",
+        include_str!("../../shaders/sigmoid_bce.wgsl"),
+    ),
+    (
+        "softmax_xent",
+        include_str!("../../shaders/softmax_xent.wgsl"),
+    ),
 ];
 
 /// The source of one shader by stem.
@@ -49,7 +58,11 @@ pub enum KernelError {
     #[error("cannot open the GPU device: {0}")]
     RequestDevice(String),
     #[error("{what} needs {bytes} bytes, more than this adapter's largest binding ({limit} bytes)")]
-    TooLarge { what: String, bytes: u64, limit: u64 },
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("{kernel}: {msg}")]
     Shape { kernel: &'static str, msg: String },
     #[error("GPU error: {0}")]

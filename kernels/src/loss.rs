@@ -35,6 +35,21 @@ struct Params {
     _pad1: u32,
 }
 
+/// Shapes and buffers of one loss evaluation.
+#[derive(Clone, Copy)]
+pub struct LossArgs<'a> {
+    pub rows: u64,
+    pub classes: u64,
+    /// Model outputs [rows, classes].
+    pub z: &'a wgpu::Buffer,
+    /// Targets [rows].
+    pub t: &'a wgpu::Buffer,
+    /// Gradient of the per-sample loss [rows, classes].
+    pub dz: &'a wgpu::Buffer,
+    /// (loss, correct) per row [rows, 2].
+    pub stats: &'a wgpu::Buffer,
+}
+
 pub struct Loss {
     pub kind: LossKind,
     kernel: Kernel,
@@ -59,16 +74,15 @@ impl Loss {
     }
 
     /// z[rows, classes] and targets t[rows] in, dz[rows, classes] and stats[rows, 2] out.
-    pub fn prepare(
-        &self,
-        ctx: &GpuContext,
-        rows: u64,
-        classes: u64,
-        z: &wgpu::Buffer,
-        t: &wgpu::Buffer,
-        dz: &wgpu::Buffer,
-        stats: &wgpu::Buffer,
-    ) -> Result<Dispatch, KernelError> {
+    pub fn prepare(&self, ctx: &GpuContext, args: &LossArgs<'_>) -> Result<Dispatch, KernelError> {
+        let LossArgs {
+            rows,
+            classes,
+            z,
+            t,
+            dz,
+            stats,
+        } = *args;
         let k = self.kernel.name;
         if classes == 0 || (self.kind != LossKind::SoftmaxXent && classes != 1) {
             return Err(KernelError::Shape {
@@ -168,16 +182,36 @@ mod tests {
         let dzb = ctx.storage("dz", (rows * classes * 4) as u64).unwrap();
         let sb = ctx.storage("stats", (rows * 8) as u64).unwrap();
         let d = Loss::new(&ctx, kind)
-            .prepare(&ctx, rows as u64, classes as u64, &zb, &tb, &dzb, &sb)
+            .prepare(
+                &ctx,
+                &LossArgs {
+                    rows: rows as u64,
+                    classes: classes as u64,
+                    z: &zb,
+                    t: &tb,
+                    dz: &dzb,
+                    stats: &sb,
+                },
+            )
             .unwrap();
         crate::run(&ctx, &[&d]);
         let (wdz, wl, wc) = loss_ref(kind, &z, &t, classes);
-        assert_close(&ctx.read::<f32>(&dzb, 0, rows * classes).unwrap(), &wdz, 1e-5, "dz");
+        assert_close(
+            &ctx.read::<f32>(&dzb, 0, rows * classes).unwrap(),
+            &wdz,
+            1e-5,
+            "dz",
+        );
         let st: Vec<f32> = ctx.read(&sb, 0, rows * 2).unwrap();
         let gl: Vec<f32> = st.iter().step_by(2).copied().collect();
         let wl32: Vec<f32> = wl.iter().map(|&v| v as f32).collect();
         assert_close(&gl, &wl32, 1e-5, "loss");
-        let gc: Vec<f64> = st.iter().skip(1).step_by(2).map(|&v| f64::from(v)).collect();
+        let gc: Vec<f64> = st
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|&v| f64::from(v))
+            .collect();
         assert_eq!(gc, wc, "correct");
     }
 
@@ -203,7 +237,17 @@ mod tests {
         let ctx = ctx();
         let b = ctx.storage("b", 64).unwrap();
         let err = Loss::new(&ctx, LossKind::SigmoidBce)
-            .prepare(&ctx, 2, 3, &b, &b, &b, &b)
+            .prepare(
+                &ctx,
+                &LossArgs {
+                    rows: 2,
+                    classes: 3,
+                    z: &b,
+                    t: &b,
+                    dz: &b,
+                    stats: &b,
+                },
+            )
             .err()
             .unwrap();
         assert!(err.to_string().contains("3 outputs"), "{err}");

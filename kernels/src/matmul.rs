@@ -189,7 +189,9 @@ impl Matmul {
         let uniform = ctx.uniform("matmul params", &params);
         Ok(kernel.dispatch(
             ctx,
-            &[args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform],
+            &[
+                args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform,
+            ],
             groups,
         ))
     }
@@ -232,9 +234,10 @@ pub fn matmul_ref(
             let y = aux.map_or(0.0, |x| f64::from(x[i * n + j]));
             c[i * n + j] = match epilogue {
                 Epilogue::None => s,
-                Epilogue::Bias | Epilogue::BiasRelu | Epilogue::BiasTanh | Epilogue::BiasSigmoid => {
-                    activate(epilogue, s + bv)
-                }
+                Epilogue::Bias
+                | Epilogue::BiasRelu
+                | Epilogue::BiasTanh
+                | Epilogue::BiasSigmoid => activate(epilogue, s + bv),
                 Epilogue::DRelu => {
                     if y > 0.0 {
                         s
@@ -308,7 +311,12 @@ mod tests {
         assert_eq!(all[0], 9.0, "wrote before C");
         assert_eq!(all[m * n + 1], 7.0, "wrote past C");
         let want = matmul_ref(&a, &b, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
-        assert_close(&all[1..=m * n], &want, 1e-5, &format!("{m}x{n}x{k} {ta} {tb} {ep:?}"));
+        assert_close(
+            &all[1..=m * n],
+            &want,
+            1e-5,
+            &format!("{m}x{n}x{k} {ta} {tb} {ep:?}"),
+        );
     }
 
     #[test]

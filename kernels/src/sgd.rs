@@ -79,9 +79,9 @@ impl Sgd {
         need(K, "velocity", vel, n)?;
         let n32 = u32_of(K, "parameters", n)?;
         let uniform = ctx.uniform("sgd params", &Params::zeroed_with(n32));
-        let dispatch = self
-            .kernel
-            .dispatch(ctx, &[theta, grad, vel, &uniform], groups_1d(n32, 256));
+        let dispatch =
+            self.kernel
+                .dispatch(ctx, &[theta, grad, vel, &uniform], groups_1d(n32, 256));
         Ok(SgdCall {
             dispatch,
             uniform,
@@ -132,7 +132,9 @@ mod tests {
             let tb = ctx.upload("theta", &theta).unwrap();
             let gb = ctx.upload("grad", &grad).unwrap();
             let vb = ctx.upload("vel", &vel).unwrap();
-            let call = Sgd::new(&ctx).prepare(&ctx, n as u64, &tb, &gb, &vb).unwrap();
+            let call = Sgd::new(&ctx)
+                .prepare(&ctx, n as u64, &tb, &gb, &vb)
+                .unwrap();
             for step in 0..3 {
                 let s = SgdStep {
                     lr: 0.1 / (step + 1) as f32,

@@ -31,5 +31,9 @@ fn every_shader_file_parses_and_validates() {
             "{name} is not registered in SHADERS"
         );
     }
-    assert_eq!(files.len(), dptrain_kernels::SHADERS.len(), "SHADERS lists a missing file");
+    assert_eq!(
+        files.len(),
+        dptrain_kernels::SHADERS.len(),
+        "SHADERS lists a missing file"
+    );
 }

@@ -38,22 +38,31 @@ fn dact<T: Float>(a: Activation, y: T) -> T {
 }
 
 /// Layer l's weight [out, in] and bias [out] views into the flat buffer.
-fn views<'a, T>(spec: &ModelSpec, theta: &'a [T], l: usize) -> (ArrayView2<'a, T>, ArrayView1<'a, T>) {
+fn views<'a, T>(
+    spec: &ModelSpec,
+    theta: &'a [T],
+    l: usize,
+) -> (ArrayView2<'a, T>, ArrayView1<'a, T>) {
     let (fi, fo) = spec.layers()[l];
     let (wo, bo) = spec.offsets(l);
-    let w = ArrayView2::from_shape((fo, fi), &theta[wo..wo + fi * fo]).expect("layout matches spec");
+    let w =
+        ArrayView2::from_shape((fo, fi), &theta[wo..wo + fi * fo]).expect("layout matches spec");
     let b = ArrayView1::from(&theta[bo..bo + fo]);
     (w, b)
 }
 
 /// Forward pass: every layer's output (the last one is the logits).
-pub fn forward<T: Float + LinalgScalar>(spec: &ModelSpec, theta: &[T], x: ArrayView2<T>) -> Vec<Array2<T>> {
+pub fn forward<T: Float + LinalgScalar>(
+    spec: &ModelSpec,
+    theta: &[T],
+    x: ArrayView2<T>,
+) -> Vec<Array2<T>> {
     let n_layers = spec.layers().len();
     let mut outs: Vec<Array2<T>> = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
         let (w, b) = views(spec, theta, l);
         let input = if l == 0 { x } else { outs[l - 1].view() };
-        let mut z = input.dot(&w.t()) + &b;
+        let mut z = input.dot(&w.t()) + b;
         if l + 1 < n_layers {
             z.mapv_inplace(|v| act(spec.activation, v));
         }
@@ -92,7 +101,11 @@ pub fn loss_rows<T: Float>(kind: LossKind, z: ArrayView2<T>, t: &[T]) -> (Array2
             LossKind::SigmoidBce => {
                 let v = zr[0];
                 let e = (-v.abs()).exp();
-                let sig = if v >= T::zero() { T::one() / (T::one() + e) } else { e / (T::one() + e) };
+                let sig = if v >= T::zero() {
+                    T::one() / (T::one() + e)
+                } else {
+                    e / (T::one() + e)
+                };
                 dz[[r, 0]] = sig - y;
                 let l = v.max(T::zero()) - v * y + e.ln_1p();
                 tot.loss_sum += l.to_f64().unwrap_or(f64::NAN);
@@ -126,8 +139,14 @@ pub fn loss_and_grad<T: Float + LinalgScalar>(
         let (wo, bo) = spec.offsets(l);
         let dw = dz.t().dot(&input);
         let db = dz.sum_axis(Axis(0));
-        grads[wo..wo + dw.len()].iter_mut().zip(dw.iter()).for_each(|(g, &v)| *g = v);
-        grads[bo..bo + db.len()].iter_mut().zip(db.iter()).for_each(|(g, &v)| *g = v);
+        grads[wo..wo + dw.len()]
+            .iter_mut()
+            .zip(dw.iter())
+            .for_each(|(g, &v)| *g = v);
+        grads[bo..bo + db.len()]
+            .iter_mut()
+            .zip(db.iter())
+            .for_each(|(g, &v)| *g = v);
         if l > 0 {
             let mut dprev = dz.dot(&w);
             dprev.zip_mut_with(&outs[l - 1], |d, &y| *d = *d * dact(spec.activation, y));
@@ -223,8 +242,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()> {
-        anyhow::ensure!(offset + rows <= self.order.len(), "batch past the epoch's order");
-        let idx: Vec<usize> = self.order[offset..offset + rows].iter().map(|&i| i as usize).collect();
+        anyhow::ensure!(
+            offset + rows <= self.order.len(),
+            "batch past the epoch's order"
+        );
+        let idx: Vec<usize> = self.order[offset..offset + rows]
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
         let x = self.train_x.select(Axis(0), &idx);
         let t: Vec<f32> = idx.iter().map(|&i| self.train_t[i]).collect();
         let (g, tot) = loss_and_grad(&self.spec, &self.theta, x.view(), &t);
@@ -254,8 +279,16 @@ impl Backend for CpuBackend {
         // chunks bound the memory of the activations
         for start in range.clone().step_by(4096) {
             let end = (start + 4096).min(range.end);
-            let outs = forward(&self.spec, &self.theta, x.slice(ndarray::s![start..end, ..]));
-            let (_, b) = loss_rows(self.spec.loss(), outs[outs.len() - 1].view(), &t[start..end]);
+            let outs = forward(
+                &self.spec,
+                &self.theta,
+                x.slice(ndarray::s![start..end, ..]),
+            );
+            let (_, b) = loss_rows(
+                self.spec.loss(),
+                outs[outs.len() - 1].view(),
+                &t[start..end],
+            );
             add(&mut tot, &b);
         }
         Ok(tot)
@@ -271,7 +304,9 @@ mod tests {
     /// Total loss in f64 for finite differences.
     fn total_loss(spec: &ModelSpec, theta: &[f64], x: ArrayView2<f64>, t: &[f64]) -> f64 {
         let outs = forward(spec, theta, x);
-        loss_rows(spec.loss(), outs[outs.len() - 1].view(), t).1.loss_sum
+        loss_rows(spec.loss(), outs[outs.len() - 1].view(), t)
+            .1
+            .loss_sum
     }
 
     fn check_against_finite_differences(spec: &ModelSpec, classes: usize) {
@@ -301,7 +336,11 @@ mod tests {
             let fd = (up - down) / (2.0 * h);
             worst = worst.max((fd - g[i]).abs() / (1.0 + fd.abs()));
         }
-        assert!(worst < 1e-6, "{:?}: worst relative gradient error {worst:e}", spec.kind);
+        assert!(
+            worst < 1e-6,
+            "{:?}: worst relative gradient error {worst:e}",
+            spec.kind
+        );
     }
 
     #[test]

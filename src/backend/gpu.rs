@@ -12,7 +12,7 @@ use std::ops::Range;
 use anyhow::Context;
 use dptrain_kernels::bias_grad::BiasGrad;
 use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
-use dptrain_kernels::loss::Loss;
+use dptrain_kernels::loss::{Loss, LossArgs};
 use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
 use dptrain_kernels::reduce_stats::{ReduceStats, Totals};
 use dptrain_kernels::sgd::{Sgd, SgdCall, SgdStep};
@@ -92,7 +92,10 @@ fn upload_data(ctx: &GpuContext, ds: &Dataset, norm: &Normalizer) -> anyhow::Res
         Err(KernelError::TooLarge { .. }) if matches!(ds.x, Features::F32(_)) => {
             let mut compact = ds.clone();
             if compact.compact_to_u8() {
-                tracing::info!("{}: stored as u8 on the GPU to fit its largest binding", ds.source);
+                tracing::info!(
+                    "{}: stored as u8 on the GPU to fit its largest binding",
+                    ds.source
+                );
                 return Ok(up(&compact)?);
             }
             Err(up(ds).map(|_| ()).err().map_or_else(
@@ -133,7 +136,10 @@ impl GpuBackend {
             stats: ctx.storage("row stats", bytes(2 * rows))?,
         };
         let train = upload_data(&ctx, init.train, init.norm)?;
-        let test = init.test.map(|t| upload_data(&ctx, t, init.norm)).transpose()?;
+        let test = init
+            .test
+            .map(|t| upload_data(&ctx, t, init.norm))
+            .transpose()?;
         let identity = |n: usize| (0..n as u32).collect::<Vec<u32>>();
         let theta = ctx.storage("parameters", bytes(n_params))?;
         let grads = ctx.storage("gradients", bytes(n_params))?;
@@ -228,12 +234,14 @@ impl GpuBackend {
         let classes = spec.outputs as u64;
         let loss = self.loss.prepare(
             ctx,
-            r,
-            classes,
-            &act.acts[last + 1],
-            &act.targets,
-            &act.dacts[last + 1],
-            &act.stats,
+            &LossArgs {
+                rows: r,
+                classes,
+                z: &act.acts[last + 1],
+                t: &act.targets,
+                dz: &act.dacts[last + 1],
+                stats: &act.stats,
+            },
         )?;
         let totals = if pass == Pass::Train {
             &self.train_totals
@@ -354,7 +362,9 @@ impl GpuBackend {
         plan.gather.set_offset(&self.ctx, offset as u64)?;
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            })
         });
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("step"),
@@ -433,7 +443,9 @@ impl Backend for GpuBackend {
         self.sgd.set(&self.ctx, step);
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            })
         });
         {
             let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -53,6 +53,5 @@ pub trait Backend {
     /// Training totals since the last call (a sync point), then reset them.
     fn take_train_totals(&mut self) -> anyhow::Result<Totals>;
     /// Loss sum and correct count of the current parameters over rows `range` of a dataset.
-    fn evaluate(&mut self, split: Split, range: std::ops::Range<usize>)
-    -> anyhow::Result<Totals>;
+    fn evaluate(&mut self, split: Split, range: std::ops::Range<usize>) -> anyhow::Result<Totals>;
 }

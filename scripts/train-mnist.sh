@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: train an MLP (784-256-10) on MNIST for 5 epochs on the best GPU wgpu finds
+# (lavapipe on a machine without one), save it, and evaluate the saved file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source scripts/env.sh
+data=$(scripts/get-mnist.sh)
+cargo build --release --quiet
+./target/release/dptrain train --data "$data" --model mlp --hidden 256 --epochs 5 \
+  --batch-size 128 --lr 0.1 --momentum 0.9 --seed 1 --save mnist-mlp.safetensors "$@"
+./target/release/dptrain eval --model-file mnist-mlp.safetensors --data "$data"
