@@ -11,7 +11,8 @@ use crate::comm::{Communicator, SingleProcess};
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
 use crate::model::{Activation, ModelKind};
 use crate::optim::ScheduleKind;
-use crate::train::{self, DeviceKind, TrainConfig};
+use crate::consistency;
+use crate::train::{self, DeviceKind, ShardMode, SyncMode, TrainConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,6 +39,33 @@ pub enum Command {
     Data(DataCommand),
     /// List the GPU adapters wgpu can see, with their limits and features.
     Devices,
+    /// Benchmarks: `bench comm` times the allreduce (run it under mpirun).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Allreduce of f32 buffers across the ranks, reported like nccl-tests (size, count, time,
+    /// algorithm and bus bandwidth, wrong elements).
+    Comm(CommBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CommBenchArgs {
+    /// Smallest buffer in bytes.
+    #[arg(long, default_value_t = 4)]
+    pub min_bytes: u64,
+    /// Largest buffer in bytes (default 256 MiB).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_bytes: u64,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Also write the rows as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +247,15 @@ pub struct TrainArgs {
     /// Save the trained model (safetensors, PyTorch nn.Linear names).
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// Under mpirun: how ranks divide the training set.
+    #[arg(long, value_enum, default_value = "global")]
+    pub shard: ShardMode,
+    /// Under mpirun: allreduce gradients every step, or average parameters every --sync-every steps.
+    #[arg(long, value_enum, default_value = "grads")]
+    pub sync: SyncMode,
+    /// Local steps between parameter averages with --sync params.
+    #[arg(long, default_value_t = 1)]
+    pub sync_every: u64,
 }
 
 #[derive(Args, Debug)]
@@ -297,6 +334,9 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         init: a.init.clone(),
         device: a.device,
         gpu: a.gpu,
+        shard: a.shard,
+        sync: a.sync,
+        sync_every: a.sync_every,
     }
 }
 
@@ -339,18 +379,46 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// The settings every rank must share, with what the data turned out to be.
+fn fingerprint(cfg: &TrainConfig, setup: &train::Setup) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        // each rank may pick its own adapter and backend; --init is rank 0's (broadcast)
+        for k in ["device", "gpu", "init"] {
+            o.remove(k);
+        }
+        o.insert("parameters".into(), setup.spec.layout().total.into());
+        o.insert("widths".into(), serde_json::json!(setup.spec.widths()));
+        o.insert("features".into(), setup.spec.inputs.into());
+        o.insert("classes".into(), setup.spec.outputs.into());
+        o.insert("training_samples".into(), setup.total_train.into());
+        o.insert(
+            "test_samples".into(),
+            setup.test.as_ref().map_or(0, |t| t.n_samples).into(),
+        );
+    }
+    v
+}
+
 pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     let cfg = train_config(a);
-    cfg.validate()?;
-    let (train_ds, test_ds) = resolve_datasets(a)?;
-    let setup = train::setup(&cfg, train_ds, test_ds)?;
+    // every failure before the first collective is shared, so no rank waits for one that quit
+    let setup = consistency::agree(
+        comm,
+        cfg.validate()
+            .and_then(|_| resolve_datasets(a))
+            .and_then(|(tr, te)| train::setup_rank(&cfg, tr, te, comm.rank(), comm.size())),
+    )?;
+    consistency::check_same(comm, &fingerprint(&cfg, &setup))?;
     let spec = &setup.spec;
-    let mut metrics = match (&a.metrics_out, comm.is_root()) {
-        (Some(p), true) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
-        )),
-        _ => None,
+    let metrics_file = match (&a.metrics_out, comm.is_root()) {
+        (Some(p), true) => Some(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display())),
+        )
+        .transpose(),
+        _ => Ok(None),
     };
+    let mut metrics = consistency::agree(comm, metrics_file)?.map(std::io::BufWriter::new);
     let init = BackendInit {
         spec,
         train: &setup.train,
@@ -358,11 +426,23 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         norm: &setup.norm,
         max_rows: cfg.batch_size,
     };
-    let mut backend = train::make_backend(cfg.device, cfg.gpu, &init)?;
+    let mut backend = consistency::agree(
+        comm,
+        train::make_backend(cfg.device, cfg.gpu, comm.local_rank(), &init),
+    )?;
+    if comm.size() > 1 {
+        eprintln!(
+            "dptrain: rank {}/{} (node-local {}): {}",
+            comm.rank(),
+            comm.size(),
+            comm.local_rank(),
+            backend.describe()
+        );
+    }
     if comm.is_root() {
         println!(
-            "dptrain: {} samples × {} features{}, model {:?} {:?} ({} parameters), on {}",
-            setup.train.n_samples,
+            "dptrain: {} samples × {} features{}, model {:?} {:?} ({} parameters), on {}{}",
+            setup.total_train,
             setup.train.n_features,
             setup
                 .test
@@ -372,11 +452,16 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             spec.kind,
             spec.widths(),
             spec.layout().total,
-            backend.describe()
+            backend.describe(),
+            if comm.size() > 1 {
+                format!(", {}", comm.describe())
+            } else {
+                String::new()
+            }
         );
     }
-    let steps_per_epoch = setup.train.n_samples.div_ceil(cfg.batch_size) as u64;
-    let total = cfg.steps.unwrap_or(a.epochs * steps_per_epoch);
+    let plan = train::StepPlan::new(cfg.shard, setup.total_train, cfg.batch_size, 0, comm.size());
+    let total = cfg.steps.unwrap_or(a.epochs * plan.steps_per_epoch);
     let pb = if comm.is_root() {
         progress_bar(total)
     } else {
@@ -460,7 +545,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         norm: &norm,
         max_rows: a.batch_size.min(ds.n_samples).max(1),
     };
-    let mut backend = train::make_backend(a.device, a.gpu, &init)?;
+    let mut backend = train::make_backend(a.device, a.gpu, 0, &init)?;
     backend.set_params(&theta)?;
     let r = train::evaluate(
         backend.as_mut(),
@@ -551,4 +636,33 @@ pub fn run_devices() -> anyhow::Result<()> {
         println!("    features: {}", a.feature_names().join(", "));
     }
     Ok(())
+}
+
+pub fn run_bench(cmd: &BenchCommand, comm: &dyn Communicator) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Comm(a) => {
+            if a.min_bytes > a.max_bytes || a.max_bytes < 4 {
+                bail!("--min-bytes must be ≤ --max-bytes, and --max-bytes at least 4");
+            }
+            let sizes = crate::bench::sizes(a.min_bytes, a.max_bytes);
+            if comm.is_root() {
+                println!("{}", crate::bench::comm_header(comm));
+            }
+            let rows = crate::bench::comm_bench(comm, &sizes, a.warmup, a.iters)?;
+            if comm.is_root() {
+                for r in &rows {
+                    println!("{}", r.line());
+                }
+                if let Some(p) = &a.json {
+                    let text = serde_json::to_string_pretty(&rows)?;
+                    std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display()))?;
+                }
+            }
+            let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
+            if wrong > 0 {
+                bail!("allreduce returned {wrong} wrong elements");
+            }
+            Ok(())
+        }
+    }
 }

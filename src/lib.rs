@@ -8,3 +8,5 @@ pub mod modelfile;
 pub mod optim;
 pub mod rng;
 pub mod train;
+pub mod consistency;
+pub mod bench;

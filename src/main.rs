@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dptrain::cli::{self, Cli, Command};
-use dptrain::comm::SingleProcess;
+use dptrain::comm::Communicator;
 
 fn main() -> ExitCode {
     // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on headless machines
@@ -33,10 +33,25 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.verbose);
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let comm = match dptrain::comm::from_env() {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&cli, comm.as_ref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // an error all ranks agreed on is reported once, by rank 0, and every rank exits
+            // non-zero; an error on one rank alone ends the whole job so nobody waits for it
+            let agreed = e.downcast_ref::<dptrain::consistency::Agreed>().is_some();
+            if comm.size() == 1 || (agreed && comm.is_root()) {
+                eprintln!("error: {}", one_line(&e));
+            } else if !agreed {
+                eprintln!("error: rank {}: {}", comm.rank(), one_line(&e));
+                comm.abort(1);
+            }
             ExitCode::FAILURE
         }
     }
@@ -74,11 +89,12 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli, comm: &dyn Communicator) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Train(a) => cli::run_train(a, &SingleProcess),
+        Command::Train(a) => cli::run_train(a, comm),
         Command::Eval(a) => cli::run_eval(a),
         Command::Data(d) => cli::run_data(d),
         Command::Devices => cli::run_devices(),
+        Command::Bench(b) => cli::run_bench(b, comm),
     }
 }

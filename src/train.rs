@@ -53,6 +53,33 @@ pub struct TrainConfig {
     pub init: Option<PathBuf>,
     pub device: DeviceKind,
     pub gpu: Option<usize>,
+    pub shard: ShardMode,
+    pub sync: SyncMode,
+    /// Local steps between parameter averages for `SyncMode::Params`.
+    pub sync_every: u64,
+}
+
+/// How the training set is divided between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardMode {
+    /// Every rank holds the whole training set and draws the same permutation each epoch; rank r
+    /// takes the r-th slice of each global batch, so N ranks with batch b train exactly like one
+    /// rank with batch N·b.
+    Global,
+    /// Each rank keeps only its contiguous 1/N of the training set (sizes may differ by one) and
+    /// shuffles it on its own: for data larger than one GPU.
+    Split,
+}
+
+/// What ranks exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Allreduce the gradients every step (synchronous data-parallel SGD).
+    Grads,
+    /// Local SGD: `--sync-every` local steps, then θ = Σ nᵢθᵢ / Σ nᵢ weighted by samples seen.
+    Params,
 }
 
 impl TrainConfig {
@@ -79,6 +106,9 @@ impl TrainConfig {
             init: None,
             device: DeviceKind::Auto,
             gpu: None,
+            shard: ShardMode::Global,
+            sync: SyncMode::Grads,
+            sync_every: 1,
         }
     }
 
@@ -114,6 +144,7 @@ impl TrainConfig {
             self.gamma
         );
         ensure!(self.step_size >= 1, "--step-size must be at least 1");
+        ensure!(self.sync_every >= 1, "--sync-every must be at least 1");
         ensure!(
             self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr,
             "--min-lr must be in [0, --lr] (got {})",
@@ -133,12 +164,27 @@ impl TrainConfig {
 pub struct Setup {
     pub spec: ModelSpec,
     pub norm: Normalizer,
+    /// This rank's training samples (all of them in global mode, its shard in split mode).
     pub train: Dataset,
     pub test: Option<Dataset>,
+    /// Training samples over all ranks.
+    pub total_train: usize,
 }
 
-/// Check the data against the configuration and derive the model.
+/// Check the data against the configuration and derive the model (one process).
 pub fn setup(cfg: &TrainConfig, train: Dataset, test: Option<Dataset>) -> anyhow::Result<Setup> {
+    setup_rank(cfg, train, test, 0, 1)
+}
+
+/// As [`setup`], for rank `rank` of `ranks`: the normaliser and classes come from the whole
+/// training set so that every rank agrees; in split mode the rank then keeps only its shard.
+pub fn setup_rank(
+    cfg: &TrainConfig,
+    train: Dataset,
+    test: Option<Dataset>,
+    rank: usize,
+    ranks: usize,
+) -> anyhow::Result<Setup> {
     cfg.validate()?;
     ensure!(train.n_samples > 0, "{}: no training samples", train.source);
     if let Some(t) = &test {
@@ -156,6 +202,14 @@ pub fn setup(cfg: &TrainConfig, train: Dataset, test: Option<Dataset>) -> anyhow
         cfg.batch_size,
         train.n_samples
     );
+    if cfg.shard == ShardMode::Split {
+        let smallest = train.n_samples / ranks;
+        ensure!(
+            smallest >= 1,
+            "--shard split: {} training samples cannot give each of {ranks} ranks one",
+            train.n_samples
+        );
+    }
     let classes = if cfg.model == ModelKind::Linreg {
         0
     } else {
@@ -192,11 +246,20 @@ pub fn setup(cfg: &TrainConfig, train: Dataset, test: Option<Dataset>) -> anyhow
         cfg.activation,
     )?;
     let norm = Normalizer::fit(&train, cfg.normalize);
+    let total_train = train.n_samples;
+    let train = match cfg.shard {
+        ShardMode::Split if ranks > 1 => {
+            let (lo, hi) = shard_range(total_train, rank, ranks);
+            train.subset(&(lo..hi).collect::<Vec<_>>())
+        }
+        _ => train,
+    };
     Ok(Setup {
         spec,
         norm,
         train,
         test,
+        total_train,
     })
 }
 
@@ -204,9 +267,13 @@ pub fn setup(cfg: &TrainConfig, train: Dataset, test: Option<Dataset>) -> anyhow
 pub fn make_backend(
     device: DeviceKind,
     gpu: Option<usize>,
+    local_rank: usize,
     init: &BackendInit<'_>,
 ) -> anyhow::Result<Box<dyn Backend>> {
-    let choice = dptrain_kernels::AdapterChoice { index: gpu };
+    let choice = dptrain_kernels::AdapterChoice {
+        index: gpu,
+        local_rank,
+    };
     match device {
         DeviceKind::Cpu => Ok(Box::new(CpuBackend::new(init)?)),
         DeviceKind::Gpu => Ok(Box::new(GpuBackend::new(init, &choice)?)),
@@ -326,6 +393,7 @@ pub struct Outcome {
     pub params: Vec<f32>,
     pub reports: Vec<EpochReport>,
     pub steps: u64,
+    pub phases: PhaseTimes,
 }
 
 /// Initial parameters: from `--init` or seeded.
@@ -339,11 +407,160 @@ pub fn initial_params(cfg: &TrainConfig, spec: &ModelSpec) -> anyhow::Result<Vec
     }
 }
 
+/// Which rows of the epoch's order this rank trains on at each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Global optimiser steps per epoch (agreed by all ranks).
+    pub steps_per_epoch: u64,
+    per_rank: usize,
+    ranks: usize,
+    rank: usize,
+    /// Samples in this rank's order (the whole set in global mode, its shard in split mode).
+    local_samples: usize,
+    /// Every rank's shard size (split mode) or the whole set (global mode, one entry).
+    shard: ShardMode,
+    total_samples: usize,
+}
+
+impl StepPlan {
+    pub fn new(shard: ShardMode, total: usize, per_rank: usize, rank: usize, ranks: usize) -> Self {
+        let (local, steps) = match shard {
+            ShardMode::Global => (total, total.div_ceil(per_rank * ranks)),
+            ShardMode::Split => {
+                let (lo, hi) = shard_range(total, rank, ranks);
+                // the largest shard decides the epoch; smaller ones sit out its last steps
+                let largest = (0..ranks)
+                    .map(|r| {
+                        let (a, b) = shard_range(total, r, ranks);
+                        b - a
+                    })
+                    .max()
+                    .unwrap_or(0);
+                (hi - lo, largest.div_ceil(per_rank))
+            }
+        };
+        Self {
+            steps_per_epoch: steps as u64,
+            per_rank,
+            ranks,
+            rank,
+            local_samples: local,
+            shard,
+            total_samples: total,
+        }
+    }
+
+    /// (offset, rows) of `rank`'s part of step `s` within the epoch's order; rows may be 0.
+    pub fn rows_of(&self, s: u64, rank: usize) -> (usize, usize) {
+        let s = s as usize;
+        match self.shard {
+            ShardMode::Global => {
+                let global = self.per_rank * self.ranks;
+                let start = s * global;
+                let m = global.min(self.total_samples.saturating_sub(start));
+                if m == global {
+                    (start + rank * self.per_rank, self.per_rank)
+                } else {
+                    // a short last batch is spread as evenly as the rows allow
+                    let lo = m * rank / self.ranks;
+                    let hi = m * (rank + 1) / self.ranks;
+                    (start + lo, hi - lo)
+                }
+            }
+            ShardMode::Split => {
+                let (a, b) = shard_range(self.total_samples, rank, self.ranks);
+                let n = b - a;
+                let lo = (s * self.per_rank).min(n);
+                let hi = ((s + 1) * self.per_rank).min(n);
+                (lo, hi - lo)
+            }
+        }
+    }
+
+    /// This rank's rows of step s.
+    pub fn mine(&self, s: u64) -> (usize, usize) {
+        self.rows_of(s, self.rank)
+    }
+
+    /// Samples in step s over all ranks.
+    pub fn global_rows(&self, s: u64) -> usize {
+        (0..self.ranks).map(|r| self.rows_of(s, r).1).sum()
+    }
+
+    /// Size of this rank's order each epoch.
+    pub fn local_samples(&self) -> usize {
+        self.local_samples
+    }
+}
+
+/// Rank r's contiguous share [lo, hi) of n samples over `ranks` ranks (sizes differ by at most one).
+pub fn shard_range(n: usize, rank: usize, ranks: usize) -> (usize, usize) {
+    (n * rank / ranks, n * (rank + 1) / ranks)
+}
+
+/// The epoch's sample order for this rank: the same permutation on every rank in global mode,
+/// a per-rank permutation of the shard in split mode.
+pub fn epoch_order(cfg: &TrainConfig, plan: &StepPlan, epoch: u64, rank: usize) -> Vec<u32> {
+    let stream = match cfg.shard {
+        ShardMode::Global => 1000 + epoch,
+        ShardMode::Split => ((rank as u64 + 1) << 32) | (1000 + epoch),
+    };
+    Rng::derive(cfg.seed, stream).permutation(plan.local_samples())
+}
+
+fn add_totals(a: &mut Totals, b: &Totals) {
+    a.loss_sum += b.loss_sum;
+    a.correct += b.correct;
+    a.count += b.count;
+}
+
+/// Sum totals over ranks.
+fn allreduce_totals(comm: &dyn Communicator, t: &Totals) -> anyhow::Result<Totals> {
+    let mut f = [t.loss_sum];
+    let mut u = [t.correct, t.count];
+    comm.allreduce_sum_f64(&mut f)?;
+    comm.allreduce_sum_u64(&mut u)?;
+    Ok(Totals {
+        loss_sum: f[0],
+        correct: u[0],
+        count: u[1],
+    })
+}
+
+/// θ = Σ nᵢθᵢ / Σ nᵢ over ranks, nᵢ being the samples rank i trained on since the last average.
+fn average_params(
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    samples: u64,
+    buf: &mut Vec<f32>,
+    recv: &mut Vec<f32>,
+) -> anyhow::Result<()> {
+    let theta = backend.params()?;
+    let w = samples as f32;
+    buf.clear();
+    buf.extend(theta.iter().map(|v| v * w));
+    buf.push(w);
+    recv.resize(buf.len(), 0.0);
+    comm.allreduce_sum_f32_into(buf, recv)?;
+    let total = recv[theta.len()];
+    ensure!(total > 0.0, "parameter averaging over zero samples");
+    let avg: Vec<f32> = recv[..theta.len()].iter().map(|v| v / total).collect();
+    backend.set_params(&avg)
+}
+
+/// Time spent in each phase of the step, summed over a run (seconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseTimes {
+    pub compute: f64,
+    pub exchange: f64,
+    pub update: f64,
+}
+
 /// Train one model: every rank runs this with the same configuration; only rank 0's callbacks print.
 ///
 /// Each step, in order: gather this rank's rows of the global batch → forward → loss → backward
-/// (per-sample gradient sums) → exchange (allreduce of gradients, loss and counts when there is more
-/// than one rank) → SGD update scaled by 1 / samples in the global batch.
+/// (per-sample gradient sums) → exchange: one fused allreduce of [gradients, loss sum, correct,
+/// samples] when there is more than one rank → SGD update scaled by 1 / samples in the global batch.
 pub fn train(
     cfg: &TrainConfig,
     setup: &Setup,
@@ -352,9 +569,15 @@ pub fn train(
     mut on_epoch: impl FnMut(&EpochReport),
     mut on_step: impl FnMut(u64),
 ) -> anyhow::Result<Outcome> {
-    let n = setup.train.n_samples;
-    let batch = cfg.batch_size;
-    let steps_per_epoch = n.div_ceil(batch) as u64;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let plan = StepPlan::new(cfg.shard, setup.total_train, cfg.batch_size, rank, ranks);
+    ensure!(
+        plan.local_samples() == setup.train.n_samples,
+        "rank {rank} holds {} training samples, its shard is {}",
+        setup.train.n_samples,
+        plan.local_samples()
+    );
+    let steps_per_epoch = plan.steps_per_epoch;
     let total_steps = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => e * steps_per_epoch,
@@ -375,29 +598,86 @@ pub fn train(
         weight_decay: cfg.weight_decay,
     };
     let mut theta = initial_params(cfg, &setup.spec)?;
+    // rank 0's parameters everywhere, whatever each rank's --init or seed produced
     comm.broadcast_f32(&mut theta)?;
     backend.set_params(&theta)?;
+    let n_params = theta.len();
+    let exchange_grads = ranks > 1 && cfg.sync == SyncMode::Grads;
+    // the fused exchange buffer: gradients, then loss sum, correct count, sample count
+    let mut send = vec![0f32; if exchange_grads { n_params + 3 } else { 0 }];
+    let mut recv = send.clone();
+    let mut since_sync = 0u64;
     let regression = setup.spec.is_regression();
     let start = Instant::now();
     let mut reports = Vec::new();
+    let mut phases = PhaseTimes::default();
     let mut step = 0u64;
     let mut epoch = 0u64;
     while step < total_steps {
         epoch += 1;
-        let order = Rng::derive(cfg.seed, 1000 + epoch).permutation(n);
-        backend.set_order(&order)?;
+        backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
         let epoch_start = Instant::now();
+        let mut epoch_totals = Totals::default();
         let mut s = 0;
         while s < steps_per_epoch && step < total_steps {
-            let offset = s as usize * batch;
-            let rows = batch.min(n - offset);
-            backend.forward_backward(offset, rows)?;
-            backend.update(&sgd.step(&schedule, step, rows as u64))?;
+            let (offset, rows) = plan.mine(s);
+            let t0 = Instant::now();
+            if rows > 0 {
+                backend.forward_backward(offset, rows)?;
+            }
+            let global = if exchange_grads {
+                let t1 = Instant::now();
+                let local = if rows > 0 {
+                    backend.grads_with_totals(&mut send[..n_params])?
+                } else {
+                    send[..n_params].fill(0.0);
+                    Totals::default()
+                };
+                phases.compute += t1.duration_since(t0).as_secs_f64();
+                send[n_params] = local.loss_sum as f32;
+                send[n_params + 1] = local.correct as f32;
+                send[n_params + 2] = local.count as f32;
+                let t2 = Instant::now();
+                comm.allreduce_sum_f32_into(&send, &mut recv)?;
+                backend.set_grads(&recv[..n_params])?;
+                phases.exchange += t2.elapsed().as_secs_f64();
+                add_totals(
+                    &mut epoch_totals,
+                    &Totals {
+                        loss_sum: f64::from(recv[n_params]),
+                        correct: recv[n_params + 1] as u64,
+                        count: recv[n_params + 2] as u64,
+                    },
+                );
+                recv[n_params + 2] as u64
+            } else if cfg.sync == SyncMode::Params {
+                // local SGD: each rank steps on its own rows
+                rows as u64
+            } else {
+                plan.global_rows(s) as u64
+            };
+            let t3 = Instant::now();
+            if global > 0 && (rows > 0 || exchange_grads) {
+                backend.update(&sgd.step(&schedule, step, global))?;
+            }
+            phases.update += t3.elapsed().as_secs_f64();
+            since_sync += rows as u64;
             step += 1;
             s += 1;
+            if cfg.sync == SyncMode::Params && ranks > 1 && (step % cfg.sync_every == 0 || step == total_steps) {
+                let t4 = Instant::now();
+                average_params(backend, comm, since_sync, &mut send, &mut recv)?;
+                since_sync = 0;
+                phases.exchange += t4.elapsed().as_secs_f64();
+            }
             on_step(step);
         }
-        let totals = backend.take_train_totals()?;
+        let backend_totals = backend.take_train_totals()?;
+        let totals = if exchange_grads {
+            epoch_totals
+        } else {
+            allreduce_totals(comm, &backend_totals)?
+        };
         let secs = epoch_start.elapsed().as_secs_f64();
         let train = EvalReport::from_totals(&totals, regression);
         if !train.loss.is_finite() {
@@ -407,13 +687,7 @@ pub fn train(
             );
         }
         let test = match &setup.test {
-            Some(t) => Some(evaluate(
-                backend,
-                comm,
-                Split::Test,
-                t.n_samples,
-                regression,
-            )?),
+            Some(t) => Some(evaluate(backend, comm, Split::Test, t.n_samples, regression)?),
             None => None,
         };
         let report = EpochReport {
@@ -436,5 +710,74 @@ pub fn train(
         params,
         reports,
         steps: step,
+        phases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(plan_of: impl Fn(usize) -> StepPlan, ranks: usize, n: usize, per_epoch_ok: bool) {
+        let plans: Vec<StepPlan> = (0..ranks).map(&plan_of).collect();
+        let steps = plans[0].steps_per_epoch;
+        assert!(plans.iter().all(|p| p.steps_per_epoch == steps), "ranks agree on steps");
+        let mut seen = vec![0usize; n];
+        for s in 0..steps {
+            let mut global = 0;
+            for (r, p) in plans.iter().enumerate() {
+                let (off, rows) = p.mine(s);
+                global += rows;
+                for i in off..off + rows {
+                    match p.shard {
+                        ShardMode::Global => seen[i] += 1,
+                        ShardMode::Split => seen[shard_range(n, r, ranks).0 + i] += 1,
+                    }
+                }
+            }
+            assert_eq!(global, plans[0].global_rows(s));
+            assert!(global > 0 || !per_epoch_ok);
+        }
+        assert!(seen.iter().all(|&c| c == 1), "every sample exactly once per epoch");
+    }
+
+    #[test]
+    fn global_sharding_visits_each_sample_once_and_splits_the_short_batch() {
+        for ranks in 1..=4 {
+            for n in [7, 97, 100, 101] {
+                covered(|r| StepPlan::new(ShardMode::Global, n, 8, r, ranks), ranks, n, true);
+            }
+        }
+        // 97 samples, 3 ranks of 8: 4 full global batches of 24, then 1 row spread over 3 ranks
+        let p = |r| StepPlan::new(ShardMode::Global, 97, 8, r, 3);
+        assert_eq!(p(0).steps_per_epoch, 5);
+        assert_eq!((p(0).mine(4), p(1).mine(4), p(2).mine(4)), ((96, 0), (96, 0), (96, 1)));
+        assert_eq!(p(1).mine(1), (32, 8));
+    }
+
+    #[test]
+    fn split_sharding_covers_uneven_shards_and_agrees_on_steps() {
+        for ranks in 1..=4 {
+            for n in [7, 101, 1000] {
+                covered(|r| StepPlan::new(ShardMode::Split, n, 10, r, ranks), ranks, n, true);
+            }
+        }
+        // 101 samples on 3 ranks: shards of 33, 34, 34; 4 steps of 10 each epoch
+        let p = |r| StepPlan::new(ShardMode::Split, 101, 10, r, 3);
+        assert_eq!((p(0).local_samples(), p(1).local_samples()), (33, 34));
+        assert_eq!(p(0).steps_per_epoch, 4);
+        assert_eq!(p(0).mine(3), (30, 3));
+        assert_eq!(p(2).global_rows(3), 3 + 4 + 4);
+    }
+
+    #[test]
+    fn split_orders_differ_between_ranks_and_global_orders_do_not() {
+        let mut cfg = TrainConfig::new(ModelKind::Softmax);
+        let plan = StepPlan::new(ShardMode::Global, 50, 5, 0, 2);
+        assert_eq!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 1, 1));
+        assert_ne!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 2, 0));
+        cfg.shard = ShardMode::Split;
+        let plan = StepPlan::new(ShardMode::Split, 50, 5, 0, 2);
+        assert_ne!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 1, 1));
+    }
 }

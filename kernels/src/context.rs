@@ -10,8 +10,11 @@ use crate::KernelError;
 /// Which adapter to open.
 #[derive(Clone, Debug, Default)]
 pub struct AdapterChoice {
-    /// Index into [`list_adapters`]; `None` picks the best one (discrete > integrated > virtual > CPU).
+    /// Index into [`list_adapters`]; `None` picks by `local_rank`.
     pub index: Option<usize>,
+    /// This process's rank on its node: without an index it takes adapter `local_rank % count`,
+    /// so ranks on one node spread over its GPUs (0 in a single process: the best adapter).
+    pub local_rank: usize,
 }
 
 /// What `dptrain devices` prints about one adapter.
@@ -144,7 +147,9 @@ impl GpuContext {
         if adapters.is_empty() {
             return Err(KernelError::NoAdapter);
         }
-        let index = choice.index.unwrap_or(0);
+        let index = choice
+            .index
+            .unwrap_or(choice.local_rank % adapters.len());
         if index >= adapters.len() {
             return Err(KernelError::AdapterIndex {
                 index,

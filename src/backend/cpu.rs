@@ -260,6 +260,11 @@ impl Backend for CpuBackend {
     fn grads(&mut self) -> anyhow::Result<Vec<f32>> {
         Ok(self.grads.clone())
     }
+    fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
+        same_len("gradients", out.len(), self.grads.len())?;
+        out.copy_from_slice(&self.grads);
+        Ok(std::mem::take(&mut self.totals))
+    }
     fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()> {
         same_len("gradients", g.len(), self.grads.len())?;
         self.grads.copy_from_slice(g);

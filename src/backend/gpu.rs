@@ -71,6 +71,8 @@ pub struct GpuBackend {
     act: Activations,
     train_totals: wgpu::Buffer,
     eval_totals: wgpu::Buffer,
+    /// Gradients followed by the training totals, copied together for the exchange.
+    exchange: wgpu::Buffer,
     matmul: Matmul,
     gather: Gather,
     loss: Loss,
@@ -154,6 +156,7 @@ impl GpuBackend {
                 .transpose()?,
             train_totals: ReduceStats::total_buffer(&ctx)?,
             eval_totals: ReduceStats::total_buffer(&ctx)?,
+            exchange: ctx.storage("exchange", bytes(n_params + 4))?,
             matmul: Matmul::new(&ctx)?,
             gather: Gather::new(&ctx),
             loss: Loss::new(&ctx, spec.loss()),
@@ -431,6 +434,22 @@ impl Backend for GpuBackend {
 
     fn grads(&mut self) -> anyhow::Result<Vec<f32>> {
         self.flush_and_read(|s| &s.grads, self.n_params)
+    }
+
+    fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
+        anyhow::ensure!(out.len() == self.n_params, "gradient count mismatch");
+        // one staging copy: gradients then the 4 total words, read in one wait; totals zeroed after
+        let device = &self.ctx.device;
+        let enc = self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        });
+        let gbytes = (self.n_params as u64) * 4;
+        enc.copy_buffer_to_buffer(&self.grads, 0, &self.exchange, 0, gbytes);
+        enc.copy_buffer_to_buffer(&self.train_totals, 0, &self.exchange, gbytes, 16);
+        enc.clear_buffer(&self.train_totals, 0, None);
+        let words: Vec<u32> = self.flush_and_read(|s| &s.exchange, self.n_params + 4)?;
+        out.copy_from_slice(bytemuck::cast_slice(&words[..self.n_params]));
+        Ok(Totals::from_words(&words[self.n_params..]))
     }
 
     fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()> {

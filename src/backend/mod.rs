@@ -47,6 +47,9 @@ pub trait Backend {
     fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()>;
     /// The gradient buffer on the host (waits for the GPU).
     fn grads(&mut self) -> anyhow::Result<Vec<f32>>;
+    /// The gradients into `out` and the training totals since the last take (then reset), in one
+    /// wait: what a rank contributes to the fused allreduce.
+    fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals>;
     fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()>;
     /// One SGD update from the gradient buffer.
     fn update(&mut self, step: &SgdStep) -> anyhow::Result<()>;
