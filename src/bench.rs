@@ -133,7 +133,10 @@ mod tests {
     fn a_single_process_bench_checks_its_sums() {
         let rows = comm_bench(&SingleProcess, &sizes(4, 1024), 1, 3).unwrap();
         assert_eq!(rows.len(), 9);
-        assert!(rows.iter().all(|r| r.wrong == 0 && r.busbw_gbs == 0.0 && r.time_us >= 0.0));
+        assert!(
+            rows.iter()
+                .all(|r| r.wrong == 0 && r.busbw_gbs == 0.0 && r.time_us >= 0.0)
+        );
         assert!(rows[0].line().contains("float"));
     }
 }

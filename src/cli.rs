@@ -8,10 +8,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::{BackendInit, Split};
 use crate::comm::{Communicator, SingleProcess};
+use crate::consistency;
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
 use crate::model::{Activation, ModelKind};
 use crate::optim::ScheduleKind;
-use crate::consistency;
 use crate::train::{self, DeviceKind, ShardMode, SyncMode, TrainConfig};
 
 #[derive(Parser, Debug)]
@@ -655,7 +655,8 @@ pub fn run_bench(cmd: &BenchCommand, comm: &dyn Communicator) -> anyhow::Result<
                 }
                 if let Some(p) = &a.json {
                     let text = serde_json::to_string_pretty(&rows)?;
-                    std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display()))?;
+                    std::fs::write(p, text)
+                        .with_context(|| format!("{}: cannot write", p.display()))?;
                 }
             }
             let wrong: u64 = rows.iter().map(|r| r.wrong).sum();

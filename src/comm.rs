@@ -38,9 +38,15 @@ pub fn launched_by_mpi() -> bool {
         Ok("1") | Ok("on") => return true,
         _ => {}
     }
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
 }
 
 /// MPI when launched by an MPI launcher (and built with the `mpi` feature), else a single process.
@@ -49,7 +55,9 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
         #[cfg(feature = "mpi")]
         return Ok(Box::new(mpi_comm::MpiComm::init()?));
         #[cfg(not(feature = "mpi"))]
-        anyhow::bail!("started under an MPI launcher, but this dptrain was built without the `mpi` feature");
+        anyhow::bail!(
+            "started under an MPI launcher, but this dptrain was built without the `mpi` feature"
+        );
     }
     Ok(Box::new(SingleProcess))
 }
@@ -101,9 +109,9 @@ pub mod mpi_comm {
     use mpi::collective::SystemOperation;
     use mpi::datatype::PartitionMut;
     use mpi::environment::Universe;
+    use mpi::topology::Communicator as _;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::{CommunicatorCollectives, Root};
-    use mpi::topology::Communicator as _;
 
     use super::Communicator;
 
@@ -119,8 +127,8 @@ pub mod mpi_comm {
 
     impl MpiComm {
         pub fn init() -> anyhow::Result<Self> {
-            let universe = mpi::initialize()
-                .ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
+            let universe =
+                mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
             let world = universe.world();
             // ranks sharing a node's memory: the node-local rank picks the GPU
             let local = world.split_shared(world.rank());
@@ -153,7 +161,10 @@ pub mod mpi_comm {
             self.local_rank
         }
         fn allreduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> anyhow::Result<()> {
-            anyhow::ensure!(send.len() == recv.len(), "allreduce buffers differ in length");
+            anyhow::ensure!(
+                send.len() == recv.len(),
+                "allreduce buffers differ in length"
+            );
             self.world
                 .all_reduce_into(send, recv, SystemOperation::sum());
             Ok(())

@@ -70,7 +70,10 @@ pub fn check_same(comm: &dyn Communicator, fingerprint: &Value) -> anyhow::Resul
     let mut diffs = Vec::new();
     if let Some(first) = all[0].as_object() {
         for key in first.keys() {
-            let values: Vec<&Value> = all.iter().map(|v| v.get(key).unwrap_or(&Value::Null)).collect();
+            let values: Vec<&Value> = all
+                .iter()
+                .map(|v| v.get(key).unwrap_or(&Value::Null))
+                .collect();
             if values.iter().any(|v| *v != values[0]) {
                 let per_rank: Vec<String> = values
                     .iter()
@@ -84,6 +87,10 @@ pub fn check_same(comm: &dyn Communicator, fingerprint: &Value) -> anyhow::Resul
     if diffs.is_empty() {
         Ok(())
     } else {
-        Err(Agreed(format!("configuration differs between ranks: {}", diffs.join("; "))).into())
+        Err(Agreed(format!(
+            "configuration differs between ranks: {}",
+            diffs.join("; ")
+        ))
+        .into())
     }
 }

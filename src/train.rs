@@ -664,7 +664,10 @@ pub fn train(
             since_sync += rows as u64;
             step += 1;
             s += 1;
-            if cfg.sync == SyncMode::Params && ranks > 1 && (step % cfg.sync_every == 0 || step == total_steps) {
+            if cfg.sync == SyncMode::Params
+                && ranks > 1
+                && (step % cfg.sync_every == 0 || step == total_steps)
+            {
                 let t4 = Instant::now();
                 average_params(backend, comm, since_sync, &mut send, &mut recv)?;
                 since_sync = 0;
@@ -687,7 +690,13 @@ pub fn train(
             );
         }
         let test = match &setup.test {
-            Some(t) => Some(evaluate(backend, comm, Split::Test, t.n_samples, regression)?),
+            Some(t) => Some(evaluate(
+                backend,
+                comm,
+                Split::Test,
+                t.n_samples,
+                regression,
+            )?),
             None => None,
         };
         let report = EpochReport {
@@ -721,7 +730,10 @@ mod tests {
     fn covered(plan_of: impl Fn(usize) -> StepPlan, ranks: usize, n: usize, per_epoch_ok: bool) {
         let plans: Vec<StepPlan> = (0..ranks).map(&plan_of).collect();
         let steps = plans[0].steps_per_epoch;
-        assert!(plans.iter().all(|p| p.steps_per_epoch == steps), "ranks agree on steps");
+        assert!(
+            plans.iter().all(|p| p.steps_per_epoch == steps),
+            "ranks agree on steps"
+        );
         let mut seen = vec![0usize; n];
         for s in 0..steps {
             let mut global = 0;
@@ -738,20 +750,31 @@ mod tests {
             assert_eq!(global, plans[0].global_rows(s));
             assert!(global > 0 || !per_epoch_ok);
         }
-        assert!(seen.iter().all(|&c| c == 1), "every sample exactly once per epoch");
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "every sample exactly once per epoch"
+        );
     }
 
     #[test]
     fn global_sharding_visits_each_sample_once_and_splits_the_short_batch() {
         for ranks in 1..=4 {
             for n in [7, 97, 100, 101] {
-                covered(|r| StepPlan::new(ShardMode::Global, n, 8, r, ranks), ranks, n, true);
+                covered(
+                    |r| StepPlan::new(ShardMode::Global, n, 8, r, ranks),
+                    ranks,
+                    n,
+                    true,
+                );
             }
         }
         // 97 samples, 3 ranks of 8: 4 full global batches of 24, then 1 row spread over 3 ranks
         let p = |r| StepPlan::new(ShardMode::Global, 97, 8, r, 3);
         assert_eq!(p(0).steps_per_epoch, 5);
-        assert_eq!((p(0).mine(4), p(1).mine(4), p(2).mine(4)), ((96, 0), (96, 0), (96, 1)));
+        assert_eq!(
+            (p(0).mine(4), p(1).mine(4), p(2).mine(4)),
+            ((96, 0), (96, 0), (96, 1))
+        );
         assert_eq!(p(1).mine(1), (32, 8));
     }
 
@@ -759,7 +782,12 @@ mod tests {
     fn split_sharding_covers_uneven_shards_and_agrees_on_steps() {
         for ranks in 1..=4 {
             for n in [7, 101, 1000] {
-                covered(|r| StepPlan::new(ShardMode::Split, n, 10, r, ranks), ranks, n, true);
+                covered(
+                    |r| StepPlan::new(ShardMode::Split, n, 10, r, ranks),
+                    ranks,
+                    n,
+                    true,
+                );
             }
         }
         // 101 samples on 3 ranks: shards of 33, 34, 34; 4 steps of 10 each epoch
@@ -774,10 +802,19 @@ mod tests {
     fn split_orders_differ_between_ranks_and_global_orders_do_not() {
         let mut cfg = TrainConfig::new(ModelKind::Softmax);
         let plan = StepPlan::new(ShardMode::Global, 50, 5, 0, 2);
-        assert_eq!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 1, 1));
-        assert_ne!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 2, 0));
+        assert_eq!(
+            epoch_order(&cfg, &plan, 1, 0),
+            epoch_order(&cfg, &plan, 1, 1)
+        );
+        assert_ne!(
+            epoch_order(&cfg, &plan, 1, 0),
+            epoch_order(&cfg, &plan, 2, 0)
+        );
         cfg.shard = ShardMode::Split;
         let plan = StepPlan::new(ShardMode::Split, 50, 5, 0, 2);
-        assert_ne!(epoch_order(&cfg, &plan, 1, 0), epoch_order(&cfg, &plan, 1, 1));
+        assert_ne!(
+            epoch_order(&cfg, &plan, 1, 0),
+            epoch_order(&cfg, &plan, 1, 1)
+        );
     }
 }

@@ -120,7 +120,7 @@ fn linear_regression_recovers_the_true_weights() {
             norm: &setup.norm,
             max_rows: cfg.batch_size,
         };
-        let mut be = train::make_backend(device, None, &init).unwrap();
+        let mut be = train::make_backend(device, None, 0, &init).unwrap();
         let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess, |_| {}, |_| {}).unwrap();
         // layout: weight [1, 6] then bias [1]
         for (j, (got, want)) in out.params.iter().zip(&w).enumerate() {

@@ -147,9 +147,7 @@ impl GpuContext {
         if adapters.is_empty() {
             return Err(KernelError::NoAdapter);
         }
-        let index = choice
-            .index
-            .unwrap_or(choice.local_rank % adapters.len());
+        let index = choice.index.unwrap_or(choice.local_rank % adapters.len());
         if index >= adapters.len() {
             return Err(KernelError::AdapterIndex {
                 index,

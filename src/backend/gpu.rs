@@ -441,7 +441,9 @@ impl Backend for GpuBackend {
         // one staging copy: gradients then the 4 total words, read in one wait; totals zeroed after
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            })
         });
         let gbytes = (self.n_params as u64) * 4;
         enc.copy_buffer_to_buffer(&self.grads, 0, &self.exchange, 0, gbytes);

@@ -1,0 +1,317 @@
+//! Real `mpirun` (Open MPI, --oversubscribe): multi-rank runs against single-rank runs, uneven
+//! shards, parameter averaging, and a configuration mismatch that must end the job quickly.
+
+mod util;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use util::{Run, dptrain, metrics, shared, tmpdir};
+
+fn mpirun(np: usize, args: &[&str]) -> Run {
+    let np = np.to_string();
+    let mut all: Vec<&str> = vec!["--oversubscribe", "-np", &np, env!("CARGO_BIN_EXE_dptrain")];
+    all.extend_from_slice(args);
+    mpirun_raw(&all)
+}
+
+fn mpirun_raw(args: &[&str]) -> Run {
+    let out = Command::new("mpirun")
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("mpirun (apt-get install openmpi-bin)");
+    Run {
+        cmd: format!("mpirun {}", args.join(" ")),
+        out,
+    }
+}
+
+fn params(path: &std::path::Path) -> Vec<f32> {
+    let m = dptrain::modelfile::load(path).unwrap();
+    let spec = m.spec.clone().unwrap();
+    m.flat_params(&spec, path).unwrap()
+}
+
+/// max |a - b| / max |b|
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max);
+    d / b.iter().map(|y| f64::from(y.abs())).fold(1e-30, f64::max)
+}
+
+#[test]
+fn n_ranks_with_batch_b_match_one_rank_with_batch_nb() {
+    let d = tmpdir("equiv");
+    let data = d.join("blobs.csv").display().to_string();
+    // 97 samples: every epoch ends with a short global batch that some ranks sit out
+    dptrain(&[
+        "data",
+        "synth",
+        "--kind",
+        "blobs",
+        "--samples",
+        "97",
+        "--features",
+        "6",
+        "--classes",
+        "3",
+        "--seed",
+        "4",
+        "--out",
+        &data,
+    ])
+    .ok();
+    for (seed, device) in [("1", "cpu"), ("2", "cpu"), ("3", "gpu")] {
+        for n in [2usize, 3, 4] {
+            let b = 5;
+            let common = [
+                "train",
+                "--data",
+                &data,
+                "--test-fraction",
+                "0",
+                "--model",
+                "mlp",
+                "--hidden",
+                "7",
+                "--activation",
+                "tanh",
+                "--steps",
+                "25",
+                "--lr",
+                "0.1",
+                "--momentum",
+                "0.9",
+                "--weight-decay",
+                "1e-3",
+                "--seed",
+                seed,
+                "--device",
+                device,
+            ];
+            let one = d.join(format!("one-{seed}-{n}.safetensors"));
+            let many = d.join(format!("many-{seed}-{n}.safetensors"));
+            let nb = (n * b).to_string();
+            let bs = b.to_string();
+            let (o, m) = (one.display().to_string(), many.display().to_string());
+            let mut a1 = common.to_vec();
+            a1.extend_from_slice(&["--batch-size", &nb, "--save", &o]);
+            dptrain(&a1).ok();
+            let mut an = common.to_vec();
+            an.extend_from_slice(&["--batch-size", &bs, "--save", &m]);
+            mpirun(n, &an).ok();
+            let (p1, pn) = (params(&one), params(&many));
+            let e = rel(&pn, &p1);
+            assert!(
+                e <= 1e-5,
+                "seed {seed}, {n} ranks on {device}: relative difference {e:e}"
+            );
+            assert!(
+                rel(
+                    &p1,
+                    &dptrain::model::ModelSpec::new(
+                        dptrain::model::ModelKind::Mlp,
+                        6,
+                        3,
+                        vec![7],
+                        dptrain::model::Activation::Tanh
+                    )
+                    .unwrap()
+                    .init(seed.parse().unwrap())
+                ) > 1e-2
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn split_mode_with_uneven_shards_reaches_the_single_rank_bar() {
+    let d = tmpdir("split");
+    let m = d.join("m.jsonl").display().to_string();
+    // 101 training samples on 3 ranks: shards of 33, 34 and 34
+    mpirun(
+        3,
+        &[
+            "train",
+            "--data",
+            "synth:seed:101",
+            "--test-data",
+            "synth:seed:2000",
+            "--model",
+            "logreg",
+            "--shard",
+            "split",
+            "--epochs",
+            "40",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.5",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--metrics-out",
+            &m,
+        ],
+    )
+    .ok();
+    let last = metrics(std::path::Path::new(&m)).pop().unwrap();
+    assert!(last["test_accuracy"].as_f64().unwrap() >= 0.95, "{last}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn parameter_averaging_reaches_the_digits_bar() {
+    let d = tmpdir("params");
+    let m = d.join("m.jsonl").display().to_string();
+    mpirun(
+        2,
+        &[
+            "train",
+            "--data",
+            &shared("digits.csv"),
+            "--model",
+            "softmax",
+            "--sync",
+            "params",
+            "--sync-every",
+            "4",
+            "--epochs",
+            "30",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.1",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--metrics-out",
+            &m,
+        ],
+    )
+    .ok();
+    let last = metrics(std::path::Path::new(&m)).pop().unwrap();
+    assert!(last["test_accuracy"].as_f64().unwrap() >= 0.95, "{last}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn ranks_with_different_hidden_widths_all_exit_nonzero_within_10_seconds() {
+    let bin = env!("CARGO_BIN_EXE_dptrain");
+    let digits = shared("digits.csv");
+    let args = |h: &'static str| {
+        vec![
+            "-np",
+            "1",
+            bin,
+            "train",
+            "--data",
+            digits.as_str(),
+            "--model",
+            "mlp",
+            "--hidden",
+            h,
+            "--device",
+            "cpu",
+        ]
+    };
+    let mut all = vec!["--oversubscribe"];
+    all.extend(args("32"));
+    all.push(":");
+    all.extend(args("16"));
+    let t = Instant::now();
+    let run = mpirun_raw(&all);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!run.out.status.success(), "{}", run.show());
+    let err = run.stderr();
+    assert!(
+        err.contains("configuration differs between ranks: hidden: rank 0 = [32], rank 1 = [16]"),
+        "{}",
+        run.show()
+    );
+    assert!(!err.contains("panicked"), "{}", run.show());
+}
+
+#[test]
+fn an_error_on_every_rank_is_reported_once_and_ends_the_job() {
+    let t = Instant::now();
+    let run = mpirun(
+        2,
+        &["train", "--data", "/nonexistent.csv", "--device", "cpu"],
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(!run.out.status.success(), "{}", run.show());
+    assert_eq!(
+        run.stderr()
+            .matches("error: /nonexistent.csv: cannot read")
+            .count(),
+        1,
+        "{}",
+        run.show()
+    );
+}
+
+#[test]
+fn bench_comm_reports_correct_sums_across_ranks() {
+    let run = mpirun(
+        3,
+        &["bench", "comm", "--max-bytes", "65536", "--iters", "3"],
+    )
+    .ok();
+    let out = run.stdout();
+    assert!(out.contains("busbw") && out.contains("65536"), "{out}");
+    // every row: zero wrong elements
+    for line in out.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.trim_end().ends_with(" 0"), "{line}");
+    }
+}
+
+/// MNIST MLP on 2 ranks (global sharding, per-rank batch 64): ≥ 0.975 test accuracy in 5 epochs.
+#[test]
+fn two_rank_mnist_mlp_reaches_0_975() {
+    let d = tmpdir("mnist2");
+    let m = d.join("m.jsonl").display().to_string();
+    mpirun(
+        2,
+        &[
+            "train",
+            "--data",
+            &shared("mnist"),
+            "--model",
+            "mlp",
+            "--hidden",
+            "256",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.1",
+            "--momentum",
+            "0.9",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--metrics-out",
+            &m,
+        ],
+    )
+    .ok();
+    let last = metrics(std::path::Path::new(&m)).pop().unwrap();
+    assert!(last["test_accuracy"].as_f64().unwrap() >= 0.975, "{last}");
+    let _ = std::fs::remove_dir_all(&d);
+}
