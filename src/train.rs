@@ -666,7 +666,7 @@ pub fn train(
             s += 1;
             if cfg.sync == SyncMode::Params
                 && ranks > 1
-                && (step % cfg.sync_every == 0 || step == total_steps)
+                && (step.is_multiple_of(cfg.sync_every) || step == total_steps)
             {
                 let t4 = Instant::now();
                 average_params(backend, comm, since_sync, &mut send, &mut recv)?;
