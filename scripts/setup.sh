@@ -3,7 +3,7 @@
 # the Vulkan loader and Mesa's drivers (lavapipe runs WGSL on the CPU when there is no GPU),
 # Open MPI (headers for the mpi crate, mpirun for multi-rank runs) and libclang (the mpi crate's bindgen).
 set -euo pipefail
-pkgs=(mesa-vulkan-drivers libvulkan1 libopenmpi-dev openmpi-bin libclang-dev clang pkg-config)
+pkgs=(mesa-vulkan-drivers libvulkan1 libopenmpi-dev openmpi-bin libclang-dev pkg-config)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

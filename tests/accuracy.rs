@@ -224,3 +224,33 @@ fn mnist_mlp_reaches_0_975_in_5_epochs_on_the_cpu_reference() {
     );
     assert!(acc(&last) >= 0.975, "{last}");
 }
+
+/// MNIST on the GPU in every CI run, briefly: its pixels go up as u8 (47 MB; as f32 they would be
+/// 188 MB, more than lavapipe's 128 MiB binding), and 150 steps already learn.
+#[test]
+fn mnist_trains_on_the_gpu_from_u8_pixels() {
+    let last = train_last(
+        "mnist-gpu-short",
+        &[
+            "--data",
+            &shared("mnist"),
+            "--model",
+            "mlp",
+            "--hidden",
+            "64",
+            "--steps",
+            "150",
+            "--batch-size",
+            "128",
+            "--lr",
+            "0.1",
+            "--momentum",
+            "0.9",
+            "--seed",
+            "1",
+            "--device",
+            "gpu",
+        ],
+    );
+    assert!(acc(&last) >= 0.85, "{last}");
+}

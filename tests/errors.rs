@@ -145,3 +145,32 @@ fn an_adapter_index_past_the_list_is_refused() {
     train(&shared("iris.csv"), &["--device", "gpu", "--gpu", "99"])
         .fails_with("--gpu 99 is out of range");
 }
+
+#[test]
+fn no_adapter_says_how_to_get_one_and_auto_falls_back_to_the_cpu() {
+    // hide every Vulkan driver from the loader
+    let run = |device: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"))
+            .args([
+                "train",
+                "--data",
+                &shared("iris.csv"),
+                "--epochs",
+                "1",
+                "--device",
+                device,
+            ])
+            .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+            .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+            .env("WGPU_BACKEND", "vulkan")
+            .output()
+            .expect("run dptrain");
+        util::Run {
+            cmd: format!("dptrain train --device {device} (no Vulkan driver)"),
+            out,
+        }
+    };
+    run("gpu").fails_with("no GPU adapter found: install a Vulkan driver");
+    let auto = run("auto").ok();
+    assert!(auto.stdout().contains("CPU reference"), "{}", auto.show());
+}
