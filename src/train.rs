@@ -548,12 +548,137 @@ fn average_params(
     backend.set_params(&avg)
 }
 
-/// Time spent in each phase of the step, summed over a run (seconds).
+/// Host time spent in each phase of the step, summed over a run (seconds). With one rank the GPU
+/// runs behind the host, so these measure recording, not execution (`dptrain bench` adds GPU timestamps).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct PhaseTimes {
-    pub compute: f64,
-    pub exchange: f64,
+    /// Recording gather, forward, loss and backward.
+    pub record: f64,
+    /// Waiting for the gradients and copying them to the host (includes the GPU's compute).
+    pub readback: f64,
+    /// The allreduce itself.
+    pub allreduce: f64,
+    /// Copying the summed gradients back to the device.
+    pub upload: f64,
+    /// Recording and submitting the SGD update.
     pub update: f64,
+    /// Parameter averaging (`--sync params`).
+    pub average: f64,
+}
+
+/// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
+pub struct Stepper {
+    pub plan: StepPlan,
+    pub schedule: Schedule,
+    sgd: SgdConfig,
+    sync: SyncMode,
+    sync_every: u64,
+    /// Whether gradients travel every step (more than one rank, `--sync grads`).
+    pub exchange: bool,
+    n_params: usize,
+    /// The fused exchange buffer: gradients, then loss sum, correct count, sample count.
+    send: Vec<f32>,
+    recv: Vec<f32>,
+    since_sync: u64,
+    pub phases: PhaseTimes,
+}
+
+impl Stepper {
+    pub fn new(cfg: &TrainConfig, plan: StepPlan, total_steps: u64, n_params: usize, ranks: usize) -> Self {
+        let steps_per_epoch = plan.steps_per_epoch;
+        let exchange = ranks > 1 && cfg.sync == SyncMode::Grads;
+        let len = if ranks > 1 { n_params + 3 } else { 0 };
+        Self {
+            plan,
+            schedule: Schedule {
+                kind: cfg.schedule,
+                base_lr: cfg.lr,
+                warmup: cfg.warmup,
+                step_size: cfg.step_size * steps_per_epoch,
+                gamma: cfg.gamma,
+                min_lr: cfg.min_lr,
+                total_steps,
+            },
+            sgd: SgdConfig {
+                momentum: cfg.momentum,
+                nesterov: cfg.nesterov,
+                weight_decay: cfg.weight_decay,
+            },
+            sync: cfg.sync,
+            sync_every: cfg.sync_every,
+            exchange,
+            n_params,
+            send: vec![0.0; len],
+            recv: vec![0.0; len],
+            since_sync: 0,
+            phases: PhaseTimes::default(),
+        }
+    }
+
+    /// Global step `step`, the `s`-th of its epoch: gather → forward → loss → backward → exchange →
+    /// update. Returns the step's totals over all ranks when they travelled with the gradients.
+    pub fn step(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        s: u64,
+        step: u64,
+    ) -> anyhow::Result<Option<Totals>> {
+        let (offset, rows) = self.plan.mine(s);
+        let n = self.n_params;
+        let t0 = Instant::now();
+        if rows > 0 {
+            backend.forward_backward(offset, rows)?;
+        }
+        let t1 = Instant::now();
+        self.phases.record += (t1 - t0).as_secs_f64();
+        let (global, totals) = if self.exchange {
+            let local = if rows > 0 {
+                backend.grads_with_totals(&mut self.send[..n])?
+            } else {
+                self.send[..n].fill(0.0);
+                Totals::default()
+            };
+            self.send[n] = local.loss_sum as f32;
+            self.send[n + 1] = local.correct as f32;
+            self.send[n + 2] = local.count as f32;
+            let t2 = Instant::now();
+            comm.allreduce_sum_f32_into(&self.send, &mut self.recv)?;
+            let t3 = Instant::now();
+            backend.set_grads(&self.recv[..n])?;
+            self.phases.readback += (t2 - t1).as_secs_f64();
+            self.phases.allreduce += (t3 - t2).as_secs_f64();
+            self.phases.upload += t3.elapsed().as_secs_f64();
+            let t = Totals {
+                loss_sum: f64::from(self.recv[n]),
+                correct: self.recv[n + 1] as u64,
+                count: self.recv[n + 2] as u64,
+            };
+            (t.count, Some(t))
+        } else if self.sync == SyncMode::Params {
+            // local SGD: each rank steps on its own rows
+            (rows as u64, None)
+        } else {
+            (self.plan.global_rows(s) as u64, None)
+        };
+        let t4 = Instant::now();
+        if global > 0 && (rows > 0 || self.exchange) {
+            backend.update(&self.sgd.step(&self.schedule, step, global))?;
+        }
+        self.phases.update += t4.elapsed().as_secs_f64();
+        self.since_sync += rows as u64;
+        let done = step + 1;
+        if self.sync == SyncMode::Params
+            && comm.size() > 1
+            && (done.is_multiple_of(self.sync_every) || done == self.schedule.total_steps)
+        {
+            let t5 = Instant::now();
+            average_params(backend, comm, self.since_sync, &mut self.send, &mut self.recv)?;
+            self.since_sync = 0;
+            self.phases.average += t5.elapsed().as_secs_f64();
+        }
+        Ok(totals)
+    }
 }
 
 /// Train one model: every rank runs this with the same configuration; only rank 0's callbacks print.
@@ -583,100 +708,32 @@ pub fn train(
         (None, Some(e)) => e * steps_per_epoch,
         (None, None) => 10 * steps_per_epoch,
     };
-    let schedule = Schedule {
-        kind: cfg.schedule,
-        base_lr: cfg.lr,
-        warmup: cfg.warmup,
-        step_size: cfg.step_size * steps_per_epoch,
-        gamma: cfg.gamma,
-        min_lr: cfg.min_lr,
-        total_steps,
-    };
-    let sgd = SgdConfig {
-        momentum: cfg.momentum,
-        nesterov: cfg.nesterov,
-        weight_decay: cfg.weight_decay,
-    };
     let mut theta = initial_params(cfg, &setup.spec)?;
     // rank 0's parameters everywhere, whatever each rank's --init or seed produced
     comm.broadcast_f32(&mut theta)?;
     backend.set_params(&theta)?;
-    let n_params = theta.len();
-    let exchange_grads = ranks > 1 && cfg.sync == SyncMode::Grads;
-    // the fused exchange buffer: gradients, then loss sum, correct count, sample count
-    let mut send = vec![0f32; if exchange_grads { n_params + 3 } else { 0 }];
-    let mut recv = send.clone();
-    let mut since_sync = 0u64;
+    let mut stepper = Stepper::new(cfg, plan, total_steps, theta.len(), ranks);
     let regression = setup.spec.is_regression();
     let start = Instant::now();
     let mut reports = Vec::new();
-    let mut phases = PhaseTimes::default();
     let mut step = 0u64;
     let mut epoch = 0u64;
     while step < total_steps {
         epoch += 1;
-        backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
+        backend.set_order(&epoch_order(cfg, &stepper.plan, epoch, rank))?;
         let epoch_start = Instant::now();
         let mut epoch_totals = Totals::default();
         let mut s = 0;
         while s < steps_per_epoch && step < total_steps {
-            let (offset, rows) = plan.mine(s);
-            let t0 = Instant::now();
-            if rows > 0 {
-                backend.forward_backward(offset, rows)?;
+            if let Some(t) = stepper.step(backend, comm, s, step)? {
+                add_totals(&mut epoch_totals, &t);
             }
-            let global = if exchange_grads {
-                let t1 = Instant::now();
-                let local = if rows > 0 {
-                    backend.grads_with_totals(&mut send[..n_params])?
-                } else {
-                    send[..n_params].fill(0.0);
-                    Totals::default()
-                };
-                phases.compute += t1.duration_since(t0).as_secs_f64();
-                send[n_params] = local.loss_sum as f32;
-                send[n_params + 1] = local.correct as f32;
-                send[n_params + 2] = local.count as f32;
-                let t2 = Instant::now();
-                comm.allreduce_sum_f32_into(&send, &mut recv)?;
-                backend.set_grads(&recv[..n_params])?;
-                phases.exchange += t2.elapsed().as_secs_f64();
-                add_totals(
-                    &mut epoch_totals,
-                    &Totals {
-                        loss_sum: f64::from(recv[n_params]),
-                        correct: recv[n_params + 1] as u64,
-                        count: recv[n_params + 2] as u64,
-                    },
-                );
-                recv[n_params + 2] as u64
-            } else if cfg.sync == SyncMode::Params {
-                // local SGD: each rank steps on its own rows
-                rows as u64
-            } else {
-                plan.global_rows(s) as u64
-            };
-            let t3 = Instant::now();
-            if global > 0 && (rows > 0 || exchange_grads) {
-                backend.update(&sgd.step(&schedule, step, global))?;
-            }
-            phases.update += t3.elapsed().as_secs_f64();
-            since_sync += rows as u64;
             step += 1;
             s += 1;
-            if cfg.sync == SyncMode::Params
-                && ranks > 1
-                && (step.is_multiple_of(cfg.sync_every) || step == total_steps)
-            {
-                let t4 = Instant::now();
-                average_params(backend, comm, since_sync, &mut send, &mut recv)?;
-                since_sync = 0;
-                phases.exchange += t4.elapsed().as_secs_f64();
-            }
             on_step(step);
         }
         let backend_totals = backend.take_train_totals()?;
-        let totals = if exchange_grads {
+        let totals = if stepper.exchange {
             epoch_totals
         } else {
             allreduce_totals(comm, &backend_totals)?
@@ -702,7 +759,7 @@ pub fn train(
         let report = EpochReport {
             epoch,
             step,
-            lr: schedule.lr_at(step.saturating_sub(1)),
+            lr: stepper.schedule.lr_at(step.saturating_sub(1)),
             train_loss: train.loss,
             train_accuracy: train.accuracy,
             test_loss: test.map(|t| t.loss),
@@ -719,7 +776,7 @@ pub fn train(
         params,
         reports,
         steps: step,
-        phases,
+        phases: stepper.phases,
     })
 }
 
