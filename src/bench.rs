@@ -140,3 +140,343 @@ mod tests {
         assert!(rows[0].line().contains("float"));
     }
 }
+
+/// A reference workload (see ../shared/design/WORKLOADS.md) or a custom model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub model: crate::model::ModelKind,
+    pub features: usize,
+    pub hidden: Vec<usize>,
+    pub classes: usize,
+}
+
+impl Workload {
+    /// The named reference workloads.
+    pub fn named(name: &str) -> anyhow::Result<Self> {
+        use crate::model::ModelKind;
+        let (model, features, hidden, classes) = match name {
+            "seed-logreg" => (ModelKind::Logreg, 2, vec![], 2),
+            "mnist-mlp" => (ModelKind::Mlp, 784, vec![1024, 1024], 10),
+            "wide-mlp" => (ModelKind::Mlp, 4096, vec![4096, 4096], 1000),
+            _ => anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)"),
+        };
+        Ok(Self {
+            name: name.into(),
+            model,
+            features,
+            hidden,
+            classes,
+        })
+    }
+
+    /// Σ fan_in·fan_out: a training step costs 6 × batch × this in FLOPs.
+    pub fn macs_per_sample(&self) -> usize {
+        let mut w = vec![self.features];
+        w.extend(&self.hidden);
+        w.push(if self.model == crate::model::ModelKind::Logreg {
+            1
+        } else {
+            self.classes
+        });
+        w.windows(2).map(|p| p[0] * p[1]).sum()
+    }
+}
+
+/// Datasheet fp32 peaks (TFLOP/s, FMA = 2 FLOPs) of cards we compare on, by adapter name.
+pub fn fp32_peak_tflops(adapter: &str) -> Option<f64> {
+    let a = adapter.to_ascii_uppercase();
+    [
+        ("H200", 67.0),
+        ("H100 PCIE", 51.2),
+        ("H100", 67.0),
+        ("A100", 19.5),
+    ]
+    .iter()
+    .find(|(k, _)| a.contains(k))
+    .map(|&(_, v)| v)
+}
+
+/// How a step benchmark runs.
+#[derive(Clone, Debug)]
+pub struct StepBenchConfig {
+    pub workload: Workload,
+    /// Per-rank batch.
+    pub batch: usize,
+    /// Steps per timed repeat.
+    pub steps: u64,
+    pub repeats: usize,
+    pub warmup: u64,
+    pub device: crate::train::DeviceKind,
+    pub gpu: Option<usize>,
+}
+
+/// What `dptrain bench --workload` reports (one JSON object).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepBenchResult {
+    pub workload: String,
+    pub batch: usize,
+    pub ranks: usize,
+    pub adapter: String,
+    pub parameters: usize,
+    pub flops_per_step: f64,
+    /// Median over repeats of the mean step time in a repeat.
+    pub step_ms: f64,
+    pub step_ms_repeats: Vec<f64>,
+    pub samples_per_s_per_rank: f64,
+    pub samples_per_s: f64,
+    pub tflops: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp32_peak_share: Option<f64>,
+    /// Host time per step in each phase (ms); with one rank the GPU runs behind the host.
+    pub phases_ms: PhaseMs,
+    /// GPU time per kernel of one step (ms), from timestamp queries where the adapter has them.
+    pub kernels_ms: Vec<(String, f64)>,
+    pub gpu_step_ms: Option<f64>,
+    /// Under mpirun: raw MPI allreduce of the same bytes, the step's exchange, and their ratio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<ExchangeReport>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PhaseMs {
+    pub record: f64,
+    pub readback: f64,
+    pub allreduce: f64,
+    pub upload: f64,
+    pub update: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ExchangeReport {
+    pub bytes: u64,
+    pub raw_allreduce_ms: f64,
+    /// readback + allreduce + upload per step
+    pub step_exchange_ms: f64,
+    pub step_allreduce_ms: f64,
+    /// step exchange / raw allreduce - 1
+    pub overhead_vs_raw: f64,
+    /// the same step without exchange (each rank alone)
+    pub local_step_ms: f64,
+    /// local step time / step time: the share of one-rank throughput each rank keeps
+    pub scaling_efficiency: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Time `steps` steps `repeats` times after `warmup`; each repeat ends with a GPU sync.
+fn time_steps(
+    stepper: &mut crate::train::Stepper,
+    backend: &mut dyn crate::backend::Backend,
+    comm: &dyn Communicator,
+    cfg: &StepBenchConfig,
+) -> anyhow::Result<Vec<f64>> {
+    let mut k = 0u64;
+    for _ in 0..cfg.warmup {
+        stepper.step(backend, comm, 0, k)?;
+        k += 1;
+    }
+    backend.take_train_totals()?;
+    stepper.phases = Default::default();
+    let mut times = Vec::with_capacity(cfg.repeats);
+    for _ in 0..cfg.repeats {
+        comm.barrier()?;
+        let t = Instant::now();
+        for _ in 0..cfg.steps {
+            stepper.step(backend, comm, 0, k)?;
+            k += 1;
+        }
+        backend.take_train_totals()?;
+        times.push(t.elapsed().as_secs_f64() / cfg.steps as f64);
+    }
+    Ok(times)
+}
+
+/// Benchmark one workload's training step on this rank's device, with the exchange under mpirun.
+pub fn step_bench(
+    cfg: &StepBenchConfig,
+    comm: &dyn Communicator,
+) -> anyhow::Result<StepBenchResult> {
+    use crate::backend::BackendInit;
+    use crate::train::{self, ShardMode, StepPlan, Stepper, SyncMode, TrainConfig};
+    ensure!(
+        cfg.batch >= 1 && cfg.steps >= 1 && cfg.repeats >= 1,
+        "--batch, --steps and --repeats must be at least 1"
+    );
+    let w = &cfg.workload;
+    let ranks = comm.size();
+    // one global batch of random data: every step trains on it again, so only the step is timed
+    let n = cfg.batch * ranks;
+    let mut ds = crate::data::synth::random(n, w.features, w.classes, 7);
+    if w.model == crate::model::ModelKind::Logreg {
+        ds.y.iter_mut().for_each(|y| *y = f32::from(*y > 0.5));
+    }
+    let mut tc = TrainConfig::new(w.model);
+    tc.hidden = w.hidden.clone();
+    tc.batch_size = cfg.batch;
+    tc.lr = 0.01;
+    tc.normalize = crate::data::NormKind::None;
+    tc.device = cfg.device;
+    tc.gpu = cfg.gpu;
+    tc.shard = ShardMode::Global;
+    tc.sync = SyncMode::Grads;
+    let setup = train::setup_rank(&tc, ds, None, comm.rank(), ranks)?;
+    let init = BackendInit {
+        spec: &setup.spec,
+        train: &setup.train,
+        test: None,
+        norm: &setup.norm,
+        max_rows: cfg.batch,
+    };
+    let mut backend = train::make_backend(cfg.device, cfg.gpu, comm.local_rank(), &init)?;
+    let theta = setup.spec.init(1);
+    let n_params = theta.len();
+    backend.set_params(&theta)?;
+    backend.set_order(&(0..n as u32).collect::<Vec<_>>())?;
+    let plan = StepPlan::new(ShardMode::Global, n, cfg.batch, comm.rank(), ranks);
+    let total = cfg.warmup + cfg.steps * cfg.repeats as u64 + 1;
+    let mut stepper = Stepper::new(&tc, plan, total, n_params, ranks);
+    let mut times = time_steps(&mut stepper, backend.as_mut(), comm, cfg)?;
+    let repeats = times.clone();
+    let step_s = median(&mut times);
+    let per_step = (cfg.steps * cfg.repeats as u64) as f64;
+    let ph = stepper.phases;
+    let ms = |v: f64| v / per_step * 1e3;
+    let phases_ms = PhaseMs {
+        record: ms(ph.record),
+        readback: ms(ph.readback),
+        allreduce: ms(ph.allreduce),
+        upload: ms(ph.upload),
+        update: ms(ph.update),
+    };
+    let (offset, rows) = plan.mine(0);
+    let sgd = crate::optim::SgdConfig {
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    let mut kernels_ms = Vec::new();
+    let mut gpu_step_ms = None;
+    // median of five profiled steps, kernel by kernel
+    let mut profiles = Vec::new();
+    for _ in 0..5 {
+        if let Some(p) =
+            backend.profile_step(offset, rows, &sgd.step(&stepper.schedule, 0, n as u64))?
+        {
+            profiles.push(p);
+        }
+    }
+    if let Some(first) = profiles.first() {
+        for (i, (label, _)) in first.iter().enumerate() {
+            let mut v: Vec<f64> = profiles.iter().map(|p| p[i].1 * 1e3).collect();
+            kernels_ms.push((label.clone(), median(&mut v)));
+        }
+        gpu_step_ms = Some(kernels_ms.iter().map(|(_, t)| t).sum());
+    }
+    let exchange = if ranks > 1 {
+        let bytes = ((n_params + 3) * 4) as u64;
+        let raw = comm_bench(comm, &[bytes], 3, 10)?;
+        let raw_ms = raw[0].time_us / 1e3;
+        let step_exchange_ms = phases_ms.readback + phases_ms.allreduce + phases_ms.upload;
+        // the same step with no exchange: what each rank does alone
+        let mut alone = Stepper::new(
+            &tc,
+            StepPlan::new(ShardMode::Global, n, cfg.batch, 0, 1),
+            total,
+            n_params,
+            1,
+        );
+        let mut local = time_steps(
+            &mut alone,
+            backend.as_mut(),
+            &crate::comm::SingleProcess,
+            cfg,
+        )?;
+        let local_ms = median(&mut local) * 1e3;
+        Some(ExchangeReport {
+            bytes,
+            raw_allreduce_ms: raw_ms,
+            step_exchange_ms,
+            step_allreduce_ms: phases_ms.allreduce,
+            overhead_vs_raw: step_exchange_ms / raw_ms - 1.0,
+            local_step_ms: local_ms,
+            scaling_efficiency: local_ms / (step_s * 1e3),
+        })
+    } else {
+        None
+    };
+    let flops = 6.0 * cfg.batch as f64 * setup.spec.macs_per_sample() as f64;
+    let adapter = backend.describe();
+    let tflops = flops / step_s / 1e12;
+    Ok(StepBenchResult {
+        workload: w.name.clone(),
+        batch: cfg.batch,
+        ranks,
+        parameters: n_params,
+        flops_per_step: flops,
+        step_ms: step_s * 1e3,
+        step_ms_repeats: repeats.iter().map(|t| t * 1e3).collect(),
+        samples_per_s_per_rank: cfg.batch as f64 / step_s,
+        samples_per_s: (cfg.batch * ranks) as f64 / step_s,
+        tflops,
+        fp32_peak_share: fp32_peak_tflops(&adapter).map(|p| tflops / p),
+        adapter,
+        phases_ms,
+        kernels_ms,
+        gpu_step_ms,
+        exchange,
+    })
+}
+
+impl StepBenchResult {
+    /// A human-readable report with the napkin math beside the time.
+    pub fn report(&self) -> String {
+        let mut s = format!(
+            "{} batch {} × {} rank(s) on {}\n  {} parameters, {:.3} GFLOP per step per rank\n  step {:.3} ms (median of {:?})  {:.0} samples/s per rank, {:.0} in all  {:.3} TFLOP/s",
+            self.workload,
+            self.batch,
+            self.ranks,
+            self.adapter,
+            self.parameters,
+            self.flops_per_step / 1e9,
+            self.step_ms,
+            self.step_ms_repeats
+                .iter()
+                .map(|t| (t * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>(),
+            self.samples_per_s_per_rank,
+            self.samples_per_s,
+            self.tflops
+        );
+        if let Some(p) = self.fp32_peak_share {
+            s += &format!(" ({:.1}% of the fp32 datasheet peak)", p * 100.0);
+        }
+        let p = &self.phases_ms;
+        s += &format!(
+            "\n  host phases per step (ms): record {:.3}  readback {:.3}  allreduce {:.3}  upload {:.3}  update {:.3}",
+            p.record, p.readback, p.allreduce, p.upload, p.update
+        );
+        if let Some(g) = self.gpu_step_ms {
+            s += &format!("\n  GPU time of one step: {g:.3} ms");
+            for (label, t) in &self.kernels_ms {
+                s += &format!("\n    {t:>9.3} ms  {label}");
+            }
+        }
+        if let Some(e) = &self.exchange {
+            s += &format!(
+                "\n  exchange of {} B: raw MPI allreduce {:.3} ms, in the step {:.3} ms (allreduce {:.3}), overhead {:+.1}%\n  alone each rank steps in {:.3} ms: scaling efficiency {:.1}%",
+                e.bytes,
+                e.raw_allreduce_ms,
+                e.step_exchange_ms,
+                e.step_allreduce_ms,
+                e.overhead_vs_raw * 100.0,
+                e.local_step_ms,
+                e.scaling_efficiency * 100.0
+            );
+        }
+        s
+    }
+}

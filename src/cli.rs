@@ -39,9 +39,50 @@ pub enum Command {
     Data(DataCommand),
     /// List the GPU adapters wgpu can see, with their limits and features.
     Devices,
-    /// Benchmarks: `bench comm` times the allreduce (run it under mpirun).
+    /// Benchmarks: `bench --workload NAME` times the training step, `bench comm` the allreduce.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
     #[command(subcommand)]
-    Bench(BenchCommand),
+    pub command: Option<BenchCommand>,
+    #[command(flatten)]
+    pub step: StepBenchArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StepBenchArgs {
+    /// A reference workload: seed-logreg, mnist-mlp, wide-mlp (or --model/--features/--hidden/--classes).
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Custom model instead of a named workload.
+    #[arg(long, value_enum)]
+    pub model: Option<ModelKind>,
+    #[arg(long, default_value_t = 784)]
+    pub features: usize,
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Per-rank batch (default: the workload's first reference batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Steps per timed repeat.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    #[arg(long, value_enum, default_value = "gpu")]
+    pub device: DeviceKind,
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    /// Also write the result as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -638,7 +679,10 @@ pub fn run_devices() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_bench(cmd: &BenchCommand, comm: &dyn Communicator) -> anyhow::Result<()> {
+pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
+    let Some(cmd) = &args.command else {
+        return run_step_bench(&args.step, comm);
+    };
     match cmd {
         BenchCommand::Comm(a) => {
             if a.min_bytes > a.max_bytes || a.max_bytes < 4 {
@@ -666,4 +710,51 @@ pub fn run_bench(cmd: &BenchCommand, comm: &dyn Communicator) -> anyhow::Result<
             Ok(())
         }
     }
+}
+
+fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
+    use crate::bench::{StepBenchConfig, Workload};
+    let (workload, default_batch) = match (&a.workload, a.model) {
+        (Some(name), None) => {
+            let w = Workload::named(name)?;
+            let b = match name.as_str() {
+                "seed-logreg" => 100,
+                "mnist-mlp" => 1024,
+                _ => 8192,
+            };
+            (w, b)
+        }
+        (None, Some(model)) => (
+            Workload {
+                name: "custom".into(),
+                model,
+                features: a.features,
+                hidden: a.hidden.clone(),
+                classes: a.classes,
+            },
+            1024,
+        ),
+        (Some(_), Some(_)) => bail!("give --workload or --model, not both"),
+        (None, None) => bail!("give --workload seed-logreg|mnist-mlp|wide-mlp or a custom --model"),
+    };
+    let cfg = StepBenchConfig {
+        workload,
+        batch: a.batch.unwrap_or(default_batch),
+        steps: a.steps,
+        repeats: a.repeats,
+        warmup: a.warmup,
+        device: a.device,
+        gpu: a.gpu,
+    };
+    // no agreement round here: the benchmark is full of collectives, and an error part-way on one
+    // rank is ended by main's abort
+    let r = crate::bench::step_bench(&cfg, comm)?;
+    if comm.is_root() {
+        println!("{}", r.report());
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&r)?)
+                .with_context(|| format!("{}: cannot write", p.display()))?;
+        }
+    }
+    Ok(())
 }

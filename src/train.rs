@@ -584,7 +584,13 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(cfg: &TrainConfig, plan: StepPlan, total_steps: u64, n_params: usize, ranks: usize) -> Self {
+    pub fn new(
+        cfg: &TrainConfig,
+        plan: StepPlan,
+        total_steps: u64,
+        n_params: usize,
+        ranks: usize,
+    ) -> Self {
         let steps_per_epoch = plan.steps_per_epoch;
         let exchange = ranks > 1 && cfg.sync == SyncMode::Grads;
         let len = if ranks > 1 { n_params + 3 } else { 0 };
@@ -673,7 +679,13 @@ impl Stepper {
             && (done.is_multiple_of(self.sync_every) || done == self.schedule.total_steps)
         {
             let t5 = Instant::now();
-            average_params(backend, comm, self.since_sync, &mut self.send, &mut self.recv)?;
+            average_params(
+                backend,
+                comm,
+                self.since_sync,
+                &mut self.send,
+                &mut self.recv,
+            )?;
             self.since_sync = 0;
             self.phases.average += t5.elapsed().as_secs_f64();
         }

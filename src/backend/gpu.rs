@@ -43,6 +43,8 @@ struct Plan {
     loss: Dispatch,
     reduce: Dispatch,
     backward: Vec<Dispatch>,
+    /// What each backward dispatch computes, for profiles.
+    backward_labels: Vec<String>,
 }
 
 /// Device-side activations for up to `max_rows` rows.
@@ -253,6 +255,7 @@ impl GpuBackend {
         };
         let reduce = self.reduce.prepare(ctx, r, &act.stats, totals)?;
         let mut backward = Vec::new();
+        let mut backward_labels = Vec::new();
         if pass == Pass::Train {
             for (l, &(fi, fo)) in layers.iter().enumerate().rev() {
                 let (wo, bo) = spec.offsets(l);
@@ -276,6 +279,8 @@ impl GpuBackend {
                         aux: None,
                     },
                 )?);
+                backward_labels.push(format!("layer {l} weight gradient (matmul TN)"));
+                backward_labels.push(format!("layer {l} bias gradient"));
                 backward.push(self.bias_grad.prepare(
                     ctx,
                     r,
@@ -285,6 +290,9 @@ impl GpuBackend {
                     bo as u64,
                 )?);
                 if l > 0 {
+                    backward_labels.push(format!(
+                        "layer {l} input gradient (matmul NN + activation')"
+                    ));
                     // dX = (dZ·W) ⊙ f'(X), X being the previous layer's activation output
                     backward.push(self.matmul.prepare(
                         ctx,
@@ -314,6 +322,7 @@ impl GpuBackend {
             loss,
             reduce,
             backward,
+            backward_labels,
         })
     }
 
@@ -389,6 +398,88 @@ impl GpuBackend {
 impl Backend for GpuBackend {
     fn describe(&self) -> String {
         self.ctx.describe()
+    }
+
+    fn profile_step(
+        &mut self,
+        offset: usize,
+        rows: usize,
+        step: &SgdStep,
+    ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
+        if !self.ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok(None);
+        }
+        // build the plan through an ordinary step, then time one more with a pass per kernel
+        self.forward_backward(offset, rows)?;
+        self.update(step)?;
+        self.submit()?;
+        let plan = self
+            .plans
+            .get_mut(&(Pass::Train, rows))
+            .context("plan for this batch size")?;
+        plan.gather.set_offset(&self.ctx, offset as u64)?;
+        self.sgd.set(&self.ctx, step);
+        let n_layers = plan.forward.len();
+        let mut list: Vec<(String, &Dispatch)> =
+            vec![("gather batch".into(), &plan.gather.dispatch)];
+        for (l, d) in plan.forward.iter().enumerate() {
+            let what = if l + 1 == n_layers {
+                "bias"
+            } else {
+                "bias + activation"
+            };
+            list.push((format!("layer {l} forward (matmul NT + {what})"), d));
+        }
+        list.push(("loss + its gradient".into(), &plan.loss));
+        list.push(("loss totals".into(), &plan.reduce));
+        for (label, d) in plan.backward_labels.iter().zip(&plan.backward) {
+            list.push((label.clone(), d));
+        }
+        list.push(("SGD update".into(), &self.sgd.dispatch));
+        let count = u32::try_from(2 * list.len())?;
+        let queries = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile resolve"),
+            size: u64::from(count) * 8,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let out = self.ctx.storage("profile", u64::from(count) * 8)?;
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("profile"),
+            });
+        for (i, (_, d)) in list.iter().enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("profile"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &queries,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            d.record(&mut pass);
+        }
+        enc.resolve_query_set(&queries, 0..count, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, u64::from(count) * 8);
+        self.ctx.queue.submit([enc.finish()]);
+        let ticks: Vec<u64> = self.ctx.read(&out, 0, count as usize)?;
+        let period_s = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
+        Ok(Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, (label, _))| {
+                    let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
+                    (label.clone(), dt as f64 * period_s)
+                })
+                .collect(),
+        ))
     }
 
     fn set_params(&mut self, theta: &[f32]) -> anyhow::Result<()> {

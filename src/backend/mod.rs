@@ -55,6 +55,16 @@ pub trait Backend {
     fn update(&mut self, step: &SgdStep) -> anyhow::Result<()>;
     /// Training totals since the last call (a sync point), then reset them.
     fn take_train_totals(&mut self) -> anyhow::Result<Totals>;
+    /// Time one training step (rows order[offset..offset+rows], then the update) kernel by kernel on
+    /// the GPU: (what, seconds) in execution order; None where the device has no timestamps.
+    fn profile_step(
+        &mut self,
+        _offset: usize,
+        _rows: usize,
+        _step: &SgdStep,
+    ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
+        Ok(None)
+    }
     /// Loss sum and correct count of the current parameters over rows `range` of a dataset.
     fn evaluate(&mut self, split: Split, range: std::ops::Range<usize>) -> anyhow::Result<Totals>;
 }
