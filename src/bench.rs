@@ -480,3 +480,127 @@ impl StepBenchResult {
         s
     }
 }
+
+/// One form of `bench matmul`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MatmulRow {
+    pub form: &'static str,
+    pub size: u64,
+    pub adapter: String,
+    /// Median GPU time of one product (timestamps; wall clock around a wait where there are none).
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+/// The matrix product kernel alone, size³, each form: 2·size³ FLOPs per call.
+pub fn matmul_bench(size: u64, iters: usize, gpu: Option<usize>) -> anyhow::Result<Vec<MatmulRow>> {
+    use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
+    use dptrain_kernels::{AdapterChoice, GpuContext};
+    ensure!(
+        size >= 1 && iters >= 1,
+        "--size and --iters must be at least 1"
+    );
+    let ctx = GpuContext::new(&AdapterChoice {
+        index: gpu,
+        local_rank: 0,
+    })?;
+    let n = (size * size) as usize;
+    let a = ctx.upload("a", &vec![0.5f32; n])?;
+    let b = ctx.upload("b", &vec![0.25f32; n])?;
+    let c = ctx.storage("c", size * size * 4)?;
+    let mut mm = Matmul::new(&ctx)?;
+    let timestamps = ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY);
+    let mut rows = Vec::new();
+    for (form, ta, tb) in [
+        ("NN", false, false),
+        ("NT", false, true),
+        ("TN", true, false),
+    ] {
+        let d = mm.prepare(
+            &ctx,
+            &MatmulArgs {
+                m: size,
+                n: size,
+                k: size,
+                trans_a: ta,
+                trans_b: tb,
+                epilogue: Epilogue::None,
+                a: At::start(&a),
+                b: At::start(&b),
+                c: At::start(&c),
+                bias: None,
+                aux: None,
+            },
+        )?;
+        // warm-up, and a check that the product is right: every element is 0.125·size
+        dptrain_kernels::run(&ctx, &[&d]);
+        let probe: Vec<f32> = ctx.read(&c, 0, 1)?;
+        let want = 0.125 * size as f32;
+        ensure!(
+            (probe[0] - want).abs() <= 1e-3 * want,
+            "matmul {form}: got {}, want {want}",
+            probe[0]
+        );
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = if timestamps {
+                timed_dispatch(&ctx, &d)?
+            } else {
+                let t0 = Instant::now();
+                dptrain_kernels::run(&ctx, &[&d]);
+                ctx.wait()?;
+                t0.elapsed().as_secs_f64()
+            };
+            times.push(t);
+        }
+        let secs = median(&mut times);
+        rows.push(MatmulRow {
+            form,
+            size,
+            adapter: ctx.describe(),
+            ms: secs * 1e3,
+            tflops: 2.0 * (size as f64).powi(3) / secs / 1e12,
+        });
+    }
+    Ok(rows)
+}
+
+/// GPU time of one dispatch between timestamps at the start and end of its pass.
+fn timed_dispatch(
+    ctx: &dptrain_kernels::GpuContext,
+    d: &dptrain_kernels::Dispatch,
+) -> anyhow::Result<f64> {
+    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("timer"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2,
+    });
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("timer resolve"),
+        size: 16,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let out = ctx.storage("timer out", 16)?;
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("timer"),
+        });
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("timed"),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: &qs,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            }),
+        });
+        d.record(&mut pass);
+    }
+    enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+    enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, 16);
+    ctx.queue.submit([enc.finish()]);
+    let t: Vec<u64> = ctx.read(&out, 0, 2)?;
+    Ok(t[1].saturating_sub(t[0]) as f64 * f64::from(ctx.queue.get_timestamp_period()) * 1e-9)
+}

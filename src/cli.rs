@@ -90,6 +90,20 @@ pub enum BenchCommand {
     /// Allreduce of f32 buffers across the ranks, reported like nccl-tests (size, count, time,
     /// algorithm and bus bandwidth, wrong elements).
     Comm(CommBenchArgs),
+    /// The WGSL matrix product alone in its NN, NT and TN forms at size³: TFLOP/s from GPU timestamps.
+    Matmul(MatmulBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MatmulBenchArgs {
+    #[arg(long, default_value_t = 4096)]
+    pub size: u64,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -684,6 +698,20 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
         return run_step_bench(&args.step, comm);
     };
     match cmd {
+        BenchCommand::Matmul(a) => {
+            let rows = crate::bench::matmul_bench(a.size, a.iters, a.gpu)?;
+            for r in &rows {
+                println!(
+                    "matmul {} {}³ on {}: {:.3} ms, {:.4} TFLOP/s",
+                    r.form, r.size, r.adapter, r.ms, r.tflops
+                );
+            }
+            if let Some(p) = &a.json {
+                std::fs::write(p, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("{}: cannot write", p.display()))?;
+            }
+            Ok(())
+        }
         BenchCommand::Comm(a) => {
             if a.min_bytes > a.max_bytes || a.max_bytes < 4 {
                 bail!("--min-bytes must be ≤ --max-bytes, and --max-bytes at least 4");

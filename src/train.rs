@@ -277,17 +277,22 @@ pub fn make_backend(
     match device {
         DeviceKind::Cpu => Ok(Box::new(CpuBackend::new(init)?)),
         DeviceKind::Gpu => Ok(Box::new(GpuBackend::new(init, &choice)?)),
-        DeviceKind::Auto => match GpuBackend::new(init, &choice) {
-            Ok(b) => Ok(Box::new(b)),
-            Err(e) => {
-                match e.downcast_ref::<dptrain_kernels::KernelError>() {
-                    Some(dptrain_kernels::KernelError::NoAdapter) => {}
-                    _ => return Err(e),
-                }
-                tracing::warn!("no GPU adapter ({e}); training on the CPU reference backend");
-                Ok(Box::new(CpuBackend::new(init)?))
+        DeviceKind::Auto => {
+            // A software adapter (lavapipe, SwiftShader) runs the WGSL kernels several times slower
+            // than the ndarray backend runs the same mathematics, so auto takes a hardware GPU or
+            // the CPU backend; `--device gpu` (or `--gpu N`) still reaches a software adapter.
+            let hardware = gpu.is_some()
+                || dptrain_kernels::list_adapters()
+                    .iter()
+                    .any(|a| a.info.device_type != wgpu::DeviceType::Cpu);
+            if hardware {
+                return Ok(Box::new(GpuBackend::new(init, &choice)?));
             }
-        },
+            tracing::info!(
+                "no hardware GPU adapter: training on the CPU reference backend (--device gpu uses a software adapter)"
+            );
+            Ok(Box::new(CpuBackend::new(init)?))
+        }
     }
 }
 
