@@ -2,18 +2,20 @@
 //
 // One workgroup of 256 threads: each sums a strided share of the rows, then a tree reduction in
 // workgroup memory; thread 0 adds the result to `total` (loss sum as f32 bits, correct and sample
-// counts as u32). The host reads `total` only at logging points, so training never waits for it.
+// counts as u32) and records the batch's loss sum in `history[slot]`, so that the host, reading
+// both only at logging points, can still name the first step whose loss was not finite.
 
 struct Params {
     rows: u32,
-    _pad0: u32,
+    slot: u32,  // this step's entry in `history`
     _pad1: u32,
     _pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> stats: array<f32>;      // [rows, 2]
 @group(0) @binding(1) var<storage, read_write> total: array<u32>; // loss bits, correct, count, unused
-@group(0) @binding(2) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read_write> history: array<f32>;
+@group(0) @binding(3) var<uniform> p: Params;
 
 var<workgroup> sl: array<f32, 256>;
 var<workgroup> sc: array<f32, 256>;
@@ -40,5 +42,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
         total[0] = bitcast<u32>(bitcast<f32>(total[0]) + sl[0]);
         total[1] += u32(sc[0] + 0.5);
         total[2] += p.rows;
+        history[p.slot] = sl[0];
     }
 }

@@ -20,6 +20,9 @@ pub struct CommRow {
     pub busbw_gbs: f64,
     /// elements whose sum was wrong
     pub wrong: u64,
+    /// The same allreduce through the stall watchdog (non-blocking, polled), as training runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guarded_time_us: Option<f64>,
 }
 
 /// Sizes from `min` to `max` bytes, doubling (each a multiple of 4).
@@ -33,9 +36,30 @@ pub fn sizes(min: u64, max: u64) -> Vec<u64> {
     v
 }
 
-/// Allreduce f32 buffers of each size through the communicator's own path, `iters` times after
-/// `warmup`, and check every element of the result.
+/// Allreduce f32 buffers of each size with MPI's blocking allreduce, `iters` times after `warmup`,
+/// checking every element of the result; and, where the communicator has a collective timeout,
+/// again through the watchdog's guarded path.
 pub fn comm_bench(
+    comm: &dyn Communicator,
+    sizes: &[u64],
+    warmup: usize,
+    iters: usize,
+) -> anyhow::Result<Vec<CommRow>> {
+    let guard = comm.collective_timeout();
+    comm.set_collective_timeout(None);
+    let raw = comm_rows(comm, sizes, warmup, iters);
+    comm.set_collective_timeout(guard);
+    let mut rows = raw?;
+    if guard.is_some() && comm.size() > 1 {
+        for (row, g) in rows.iter_mut().zip(comm_rows(comm, sizes, warmup, iters)?) {
+            row.guarded_time_us = Some(g.time_us);
+            row.wrong += g.wrong;
+        }
+    }
+    Ok(rows)
+}
+
+fn comm_rows(
     comm: &dyn Communicator,
     sizes: &[u64],
     warmup: usize,
@@ -73,6 +97,7 @@ pub fn comm_bench(
             algbw_gbs: algbw,
             busbw_gbs: algbw * 2.0 * (n - 1.0) / n,
             wrong: wrong[0],
+            guarded_time_us: None,
         });
     }
     Ok(rows)
@@ -81,7 +106,7 @@ pub fn comm_bench(
 /// nccl-tests' table header.
 pub fn comm_header(comm: &dyn Communicator) -> String {
     format!(
-        "# allreduce f32 sum, {}\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7}\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7}",
+        "# allreduce f32 sum, {}; time: MPI_Allreduce; guarded: the same through the stall watchdog\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12}\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12}",
         comm.describe(),
         "size",
         "count",
@@ -91,6 +116,7 @@ pub fn comm_header(comm: &dyn Communicator) -> String {
         "algbw",
         "busbw",
         "#wrong",
+        "guarded",
         "(B)",
         "(elements)",
         "",
@@ -98,14 +124,15 @@ pub fn comm_header(comm: &dyn Communicator) -> String {
         "(us)",
         "(GB/s)",
         "(GB/s)",
-        ""
+        "",
+        "(us)"
     )
 }
 
 impl CommRow {
     pub fn line(&self) -> String {
         format!(
-            " {:>12} {:>12} {:>8} {:>6} {:>12.2} {:>9.2} {:>9.2} {:>7}",
+            " {:>12} {:>12} {:>8} {:>6} {:>12.2} {:>9.2} {:>9.2} {:>7} {:>12}",
             self.bytes,
             self.count,
             "float",
@@ -113,7 +140,9 @@ impl CommRow {
             self.time_us,
             self.algbw_gbs,
             self.busbw_gbs,
-            self.wrong
+            self.wrong,
+            self.guarded_time_us
+                .map_or_else(|| "-".to_string(), |t| format!("{t:.2}"))
         )
     }
 }

@@ -12,7 +12,10 @@ use crate::consistency;
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
 use crate::model::{Activation, ModelKind};
 use crate::optim::ScheduleKind;
-use crate::train::{self, DeviceKind, ShardMode, SyncMode, TrainConfig};
+use crate::train::{
+    self, CheckpointUnit, DeviceKind, NanPolicy, ResumeFrom, RunControl, ShardMode, SyncMode,
+    TrainConfig,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -311,6 +314,37 @@ pub struct TrainArgs {
     /// Local steps between parameter averages with --sync params.
     #[arg(long, default_value_t = 1)]
     pub sync_every: u64,
+    /// Folder for checkpoints (written atomically; the newest --keep-checkpoints kept).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N --checkpoint-unit (0: only at the end).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_every: u64,
+    #[arg(long, value_enum, default_value = "epoch")]
+    pub checkpoint_unit: CheckpointUnit,
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Resume from a checkpoint file, or `auto`: the newest intact one in --checkpoint-dir
+    /// (a fresh start when there is none).
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// When the loss is not finite: stop naming the step, or roll back to the newest checkpoint
+    /// with the learning rate halved.
+    #[arg(long, value_enum, default_value = "stop")]
+    pub on_nan: NanPolicy,
+    #[arg(long, default_value_t = 3)]
+    pub max_rollbacks: u32,
+    /// Under mpirun: seconds any collective may wait before the job is aborted, naming the ranks
+    /// that have not arrived (0: wait forever, with MPI's blocking collectives).
+    #[arg(long, default_value_t = 300.0, value_parser = non_negative_seconds)]
+    pub collective_timeout: f64,
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds ≥ 0")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -434,6 +468,20 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// Checkpoint and recovery flags that cannot work together.
+fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
+    if a.keep_checkpoints == 0 {
+        bail!("--keep-checkpoints must be at least 1");
+    }
+    if a.resume.as_deref() == Some("auto") && a.checkpoint_dir.is_none() {
+        bail!("--resume auto needs --checkpoint-dir");
+    }
+    if a.on_nan == NanPolicy::Rollback && a.checkpoint_dir.is_none() {
+        bail!("--on-nan rollback needs --checkpoint-dir");
+    }
+    Ok(())
+}
+
 /// The settings every rank must share, with what the data turned out to be.
 fn fingerprint(cfg: &TrainConfig, setup: &train::Setup) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).unwrap_or_default();
@@ -460,7 +508,8 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     // every failure before the first collective is shared, so no rank waits for one that quit
     let setup = consistency::agree(
         comm,
-        cfg.validate()
+        check_run_args(a)
+            .and_then(|_| cfg.validate())
             .and_then(|_| resolve_datasets(a))
             .and_then(|(tr, te)| train::setup_rank(&cfg, tr, te, comm.rank(), comm.size())),
     )?;
@@ -486,13 +535,15 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         train::make_backend(cfg.device, cfg.gpu, comm.local_rank(), &init),
     )?;
     if comm.size() > 1 {
-        eprintln!(
-            "dptrain: rank {}/{} (node-local {}): {}",
+        // one write, so that mpirun does not interleave the ranks' lines
+        let line = format!(
+            "dptrain: rank {}/{} (node-local {}): {}\n",
             comm.rank(),
             comm.size(),
             comm.local_rank(),
             backend.describe()
         );
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
     if comm.is_root() {
         println!(
@@ -522,9 +573,26 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let ctl = RunControl {
+        checkpoint_dir: a.checkpoint_dir.clone(),
+        checkpoint_every: a.checkpoint_every,
+        checkpoint_unit: a.checkpoint_unit,
+        keep: a.keep_checkpoints,
+        resume: a.resume.as_ref().map(|r| {
+            if r == "auto" {
+                ResumeFrom::Auto
+            } else {
+                ResumeFrom::Path(PathBuf::from(r))
+            }
+        }),
+        on_nan: a.on_nan,
+        max_rollbacks: a.max_rollbacks,
+        ..RunControl::default()
+    };
     let mut write_err = None;
-    let outcome = train::train(
+    let outcome = train::train_with(
         &cfg,
+        &ctl,
         &setup,
         backend.as_mut(),
         comm,

@@ -29,6 +29,11 @@ pub trait Communicator {
     fn abort(&self, code: i32);
     /// The communicator's implementation, for logs ("single process", "Open MPI ...").
     fn describe(&self) -> String;
+    /// How long a collective may wait before the job is aborted (None: MPI's blocking collectives).
+    fn set_collective_timeout(&self, _t: Option<std::time::Duration>) {}
+    fn collective_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Whether this process was started by an MPI launcher (mpirun, mpiexec, srun with PMI/PMIx).
@@ -50,14 +55,18 @@ pub fn launched_by_mpi() -> bool {
 }
 
 /// MPI when launched by an MPI launcher (and built with the `mpi` feature), else a single process.
-pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
+/// `timeout`: how long any collective may wait before the job is aborted (None: forever).
+pub fn from_env(timeout: Option<std::time::Duration>) -> anyhow::Result<Box<dyn Communicator>> {
     if launched_by_mpi() {
         #[cfg(feature = "mpi")]
-        return Ok(Box::new(mpi_comm::MpiComm::init()?));
+        return Ok(Box::new(mpi_comm::MpiComm::init(timeout)?));
         #[cfg(not(feature = "mpi"))]
-        anyhow::bail!(
-            "started under an MPI launcher, but this dptrain was built without the `mpi` feature"
-        );
+        {
+            let _ = timeout;
+            anyhow::bail!(
+                "started under an MPI launcher, but this dptrain was built without the `mpi` feature"
+            );
+        }
     }
     Ok(Box::new(SingleProcess))
 }
@@ -104,16 +113,31 @@ impl Communicator for SingleProcess {
 #[cfg(feature = "mpi")]
 pub mod mpi_comm {
     //! Open MPI through the `mpi` crate. MPI errors are fatal (MPI's default handler), so a failed
-    //! collective ends the job rather than returning.
+    //! collective ends the job rather than returning; a rank that dies makes mpirun end the job.
+    //!
+    //! The stall watchdog: with a timeout, every collective is started non-blocking and polled.
+    //! Before it, each rank sends rank 0 a small "arrived at collective k" message. When a
+    //! collective has not completed within the timeout, rank 0 names the ranks whose arrival it has
+    //! not received and aborts the job; the other ranks give rank 0 a few seconds to report, then
+    //! abort too. Without a timeout the collectives are MPI's blocking ones.
+
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
 
     use mpi::collective::SystemOperation;
     use mpi::datatype::PartitionMut;
     use mpi::environment::Universe;
+    use mpi::request::{LocalScope, Request, Scope};
     use mpi::topology::Communicator as _;
     use mpi::topology::SimpleCommunicator;
-    use mpi::traits::{CommunicatorCollectives, Root};
+    use mpi::traits::{CommunicatorCollectives, Destination, Root, Source};
 
     use super::Communicator;
+
+    /// Tag of the arrival messages.
+    const ARRIVE: i32 = 7001;
+    /// How long the other ranks wait for rank 0's report before aborting themselves.
+    const GRACE: Duration = Duration::from_secs(5);
 
     pub struct MpiComm {
         world: SimpleCommunicator,
@@ -121,12 +145,15 @@ pub mod mpi_comm {
         size: usize,
         local_rank: usize,
         version: String,
+        timeout: Cell<Option<Duration>>,
+        /// Collectives started so far (the k of "collective k").
+        seq: Cell<u64>,
         // dropped last: finalises MPI
         _universe: Universe,
     }
 
     impl MpiComm {
-        pub fn init() -> anyhow::Result<Self> {
+        pub fn init(timeout: Option<Duration>) -> anyhow::Result<Self> {
             let universe =
                 mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
             let world = universe.world();
@@ -145,8 +172,104 @@ pub mod mpi_comm {
                     .unwrap_or("MPI")
                     .trim()
                     .to_string(),
+                timeout: Cell::new(timeout),
+                seq: Cell::new(0),
                 _universe: universe,
             })
+        }
+
+        /// Run one collective under the watchdog: `start` begins it non-blocking in `scope`.
+        #[allow(clippy::too_many_arguments)]
+        fn guarded<'a, 'b, B: ?Sized + 'a, S: Scope<'a>>(
+            &self,
+            scope: &'b LocalScope<'a>,
+            what: &str,
+            timeout: Duration,
+            kbuf: &'a u64,
+            arrived: &'a mut [u64],
+            start: impl FnOnce() -> Request<'a, B, S>,
+        ) {
+            let k = *kbuf;
+            let mut send = None;
+            let mut recvs: Vec<Option<Request<'a, u64, &'b LocalScope<'a>>>> = Vec::new();
+            if self.rank == 0 {
+                for (r, slot) in arrived.iter_mut().enumerate().skip(1) {
+                    let p = self.world.process_at_rank(r as i32);
+                    recvs.push(Some(p.immediate_receive_into_with_tag(scope, slot, ARRIVE)));
+                }
+            } else {
+                let root = self.world.process_at_rank(0);
+                send = Some(root.immediate_send_with_tag(scope, kbuf, ARRIVE));
+            }
+            let mut req = Some(start());
+            let t0 = Instant::now();
+            let mut polls = 0u64;
+            while let Some(r) = req.take() {
+                match r.test() {
+                    Ok(_) => break,
+                    Err(r) => req = Some(r),
+                }
+                for slot in recvs.iter_mut() {
+                    if let Some(r) = slot.take() {
+                        if let Err(r) = r.test() {
+                            *slot = Some(r);
+                        }
+                    }
+                }
+                let waited = t0.elapsed();
+                if waited > timeout {
+                    let pending: Vec<bool> = recvs.iter().map(Option::is_some).collect();
+                    self.stalled(k, what, waited, &pending);
+                }
+                // poll hard while the collective is young (non-blocking collectives progress only
+                // inside MPI calls), then back off once it is clearly waiting for a slow rank
+                polls += 1;
+                if waited > Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(1));
+                } else if polls.is_multiple_of(64) {
+                    std::thread::yield_now();
+                }
+            }
+            // everyone arrived, so every arrival message has been sent and can complete
+            if let Some(s) = send {
+                s.wait();
+            }
+            for r in recvs.into_iter().flatten() {
+                r.wait();
+            }
+        }
+
+        /// Report a stalled collective and end the job.
+        /// `pending[i]`: rank i + 1's arrival has not been received (meaningful on rank 0).
+        fn stalled(&self, k: u64, what: &str, waited: Duration, pending: &[bool]) -> ! {
+            if self.rank == 0 {
+                let missing: Vec<String> = pending
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| **p)
+                    .map(|(i, _)| (i + 1).to_string())
+                    .collect();
+                eprintln!(
+                    "error: collective #{k} ({what}) did not complete within {:.0} s (--collective-timeout): rank(s) {} have not arrived; aborting the job",
+                    waited.as_secs_f64(),
+                    missing.join(", ")
+                );
+            } else {
+                // let rank 0 name the missing ranks first; if it cannot, it is the one missing
+                std::thread::sleep(GRACE);
+                eprintln!(
+                    "error: rank {}: collective #{k} ({what}) did not complete within {:.0} s (--collective-timeout); rank 0 has not reported, so it has probably not arrived; aborting the job",
+                    self.rank,
+                    waited.as_secs_f64()
+                );
+            }
+            self.world.abort(3)
+        }
+
+        fn next_seq(&self) -> u64 {
+            let k = self.seq.get() + 1;
+            self.seq.set(k);
+            k
         }
     }
 
@@ -161,39 +284,111 @@ pub mod mpi_comm {
             self.local_rank
         }
         fn allreduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> anyhow::Result<()> {
-            anyhow::ensure!(
-                send.len() == recv.len(),
-                "allreduce buffers differ in length"
-            );
-            self.world
-                .all_reduce_into(send, recv, SystemOperation::sum());
+            anyhow::ensure!(send.len() == recv.len(), "allreduce buffers differ in length");
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self
+                    .world
+                    .all_reduce_into(send, recv, SystemOperation::sum()),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    let what = format!("allreduce of {} f32", send.len());
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, &what, t, &k, &mut arrived, || {
+                            self.world.immediate_all_reduce_into(
+                                scope,
+                                send,
+                                recv,
+                                SystemOperation::sum(),
+                            )
+                        })
+                    });
+                }
+            }
             Ok(())
         }
         fn allreduce_sum_f64(&self, buf: &mut [f64]) -> anyhow::Result<()> {
             let send = buf.to_vec();
-            self.world
-                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self
+                    .world
+                    .all_reduce_into(&send[..], buf, SystemOperation::sum()),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, "allreduce of f64", t, &k, &mut arrived, || {
+                            self.world.immediate_all_reduce_into(
+                                scope,
+                                &send[..],
+                                buf,
+                                SystemOperation::sum(),
+                            )
+                        })
+                    });
+                }
+            }
             Ok(())
         }
         fn allreduce_sum_u64(&self, buf: &mut [u64]) -> anyhow::Result<()> {
             let send = buf.to_vec();
-            self.world
-                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self
+                    .world
+                    .all_reduce_into(&send[..], buf, SystemOperation::sum()),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, "allreduce of u64", t, &k, &mut arrived, || {
+                            self.world.immediate_all_reduce_into(
+                                scope,
+                                &send[..],
+                                buf,
+                                SystemOperation::sum(),
+                            )
+                        })
+                    });
+                }
+            }
             Ok(())
         }
         fn broadcast_f32(&self, buf: &mut [f32]) -> anyhow::Result<()> {
-            self.world.process_at_rank(0).broadcast_into(buf);
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self.world.process_at_rank(0).broadcast_into(buf),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    let root = self.world.process_at_rank(0);
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, "broadcast", t, &k, &mut arrived, || {
+                            root.immediate_broadcast_into(scope, buf)
+                        })
+                    });
+                }
+            }
             Ok(())
         }
         fn all_gather_bytes(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
             // never send an empty buffer: an empty slice's dangling pointer (0x1) is what Open MPI
             // uses for MPI_IN_PLACE, so a leading byte goes with every message and is dropped after
             let framed: Vec<u8> = std::iter::once(1u8).chain(mine.iter().copied()).collect();
-            let mine = &framed[..];
             let n = self.size;
             let mut lens = vec![0i32; n];
-            let my_len = i32::try_from(mine.len())?;
-            self.world.all_gather_into(&my_len, &mut lens[..]);
+            let my_len = [i32::try_from(framed.len())?];
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self.world.all_gather_into(&my_len[..], &mut lens[..]),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, "gather of lengths", t, &k, &mut arrived, || {
+                            self.world
+                                .immediate_all_gather_into(scope, &my_len[..], &mut lens[..])
+                        })
+                    });
+                }
+            }
             let displs: Vec<i32> = lens
                 .iter()
                 .scan(0i32, |acc, &l| {
@@ -204,9 +399,24 @@ pub mod mpi_comm {
                 .collect();
             let total: usize = lens.iter().map(|&l| l as usize).sum();
             let mut all = vec![0u8; total];
+            let k = self.next_seq();
             {
                 let mut part = PartitionMut::new(&mut all[..], &lens[..], &displs[..]);
-                self.world.all_gather_varcount_into(mine, &mut part);
+                match self.timeout.get() {
+                    None => self.world.all_gather_varcount_into(&framed[..], &mut part),
+                    Some(t) => {
+                        let mut arrived = vec![0u64; self.size];
+                        mpi::request::scope(|scope| {
+                            self.guarded(scope, "gather", t, &k, &mut arrived, || {
+                                self.world.immediate_all_gather_varcount_into(
+                                    scope,
+                                    &framed[..],
+                                    &mut part,
+                                )
+                            })
+                        });
+                    }
+                }
             }
             Ok(lens
                 .iter()
@@ -215,8 +425,21 @@ pub mod mpi_comm {
                 .collect())
         }
         fn barrier(&self) -> anyhow::Result<()> {
-            self.world.barrier();
-            Ok(())
+            match self.timeout.get() {
+                None => {
+                    self.next_seq();
+                    self.world.barrier();
+                    Ok(())
+                }
+                // a one-word allreduce is a barrier that the watchdog can guard
+                Some(_) => self.allreduce_sum_u64(&mut [0]),
+            }
+        }
+        fn set_collective_timeout(&self, t: Option<Duration>) {
+            self.timeout.set(t);
+        }
+        fn collective_timeout(&self) -> Option<Duration> {
+            self.timeout.get()
         }
         fn abort(&self, code: i32) {
             if self.size > 1 {

@@ -10,3 +10,5 @@ pub mod modelfile;
 pub mod optim;
 pub mod rng;
 pub mod train;
+pub mod checkpoint;
+pub mod fault;

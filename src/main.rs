@@ -33,7 +33,12 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.verbose);
-    let comm = match dptrain::comm::from_env() {
+    let timeout = match &cli.command {
+        Command::Train(a) => a.collective_timeout,
+        _ => 300.0,
+    };
+    let timeout = (timeout > 0.0).then(|| std::time::Duration::from_secs_f64(timeout));
+    let comm = match dptrain::comm::from_env(timeout) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));

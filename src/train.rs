@@ -586,6 +586,8 @@ pub struct Stepper {
     recv: Vec<f32>,
     since_sync: u64,
     pub phases: PhaseTimes,
+    /// Multiplier on the schedule's learning rate (lowered by NaN rollbacks).
+    pub lr_scale: f64,
 }
 
 impl Stepper {
@@ -623,6 +625,7 @@ impl Stepper {
             recv: vec![0.0; len],
             since_sync: 0,
             phases: PhaseTimes::default(),
+            lr_scale: 1.0,
         }
     }
 
@@ -674,7 +677,9 @@ impl Stepper {
         };
         let t4 = Instant::now();
         if global > 0 && (rows > 0 || self.exchange) {
-            backend.update(&self.sgd.step(&self.schedule, step, global))?;
+            let mut st = self.sgd.step(&self.schedule, step, global);
+            st.lr = (f64::from(st.lr) * self.lr_scale) as f32;
+            backend.update(&st)?;
         }
         self.phases.update += t4.elapsed().as_secs_f64();
         self.since_sync += rows as u64;
@@ -698,13 +703,185 @@ impl Stepper {
     }
 }
 
+/// What to do when the training loss stops being finite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    /// Stop with an error naming the step.
+    #[default]
+    Stop,
+    /// Go back to the newest checkpoint and lower the learning rate (up to --max-rollbacks times).
+    Rollback,
+}
+
+/// Checkpoint counting unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointUnit {
+    Step,
+    #[default]
+    Epoch,
+}
+
+/// Where to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// This checkpoint file.
+    Path(PathBuf),
+    /// The newest intact checkpoint in the checkpoint folder; a fresh start when there is none.
+    Auto,
+}
+
+/// Checkpointing, resuming and failure handling around the training loop.
+#[derive(Clone, Debug)]
+pub struct RunControl {
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N units (0: only at the end).
+    pub checkpoint_every: u64,
+    pub checkpoint_unit: CheckpointUnit,
+    /// Checkpoints kept in the folder.
+    pub keep: usize,
+    pub resume: Option<ResumeFrom>,
+    pub on_nan: NanPolicy,
+    pub max_rollbacks: u32,
+    /// Learning-rate factor applied at each rollback.
+    pub rollback_lr_factor: f64,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self {
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            checkpoint_unit: CheckpointUnit::Epoch,
+            keep: 3,
+            resume: None,
+            on_nan: NanPolicy::Stop,
+            max_rollbacks: 3,
+            rollback_lr_factor: 0.5,
+        }
+    }
+}
+
+/// The settings a checkpoint must share with the run that resumes it: everything that shapes the
+/// mathematics except the run's length and where it runs.
+pub fn resume_settings(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["device", "gpu", "init", "epochs", "steps"] {
+            o.remove(k);
+        }
+        o.insert("training_samples".into(), setup.total_train.into());
+        o.insert("features".into(), setup.spec.inputs.into());
+    }
+    v
+}
+
+/// Where the run stands: what a checkpoint records.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Position {
+    step: u64,
+    epochs_done: u64,
+    steps_in_epoch: u64,
+    totals: Totals,
+    lr_scale: f64,
+}
+
+/// Why a stretch of training stopped early.
+enum Halt {
+    /// The loss was not finite at this (1-based) step.
+    NotFinite { step: u64, loss: f64 },
+    Error(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Halt {
+    fn from(e: anyhow::Error) -> Self {
+        Halt::Error(e)
+    }
+}
+
+/// Train with the default run control (no checkpoints, stop on a non-finite loss).
+pub fn train(
+    cfg: &TrainConfig,
+    setup: &Setup,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    on_epoch: impl FnMut(&EpochReport),
+    on_step: impl FnMut(u64),
+) -> anyhow::Result<Outcome> {
+    train_with(cfg, &RunControl::default(), setup, backend, comm, on_epoch, on_step)
+}
+
+/// Rank 0 reads a checkpoint (or finds the newest), every rank gets it; errors reach every rank.
+fn fetch_checkpoint(
+    comm: &dyn Communicator,
+    from: &ResumeFrom,
+    dir: Option<&std::path::Path>,
+    check: impl Fn(&std::path::Path, &crate::checkpoint::State) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<crate::checkpoint::Checkpoint>> {
+    use crate::checkpoint;
+    let found: anyhow::Result<Option<(PathBuf, checkpoint::Checkpoint)>> = if comm.is_root() {
+        (|| {
+            let found = match from {
+                ResumeFrom::Path(p) => Some((p.clone(), checkpoint::load(p)?)),
+                ResumeFrom::Auto => {
+                    let dir = dir.context("--resume auto needs --checkpoint-dir")?;
+                    checkpoint::latest(dir)?
+                }
+            };
+            if let Some((p, ck)) = &found {
+                check(p, &ck.state)?;
+            }
+            Ok(found)
+        })()
+    } else {
+        Ok(None)
+    };
+    let found = crate::consistency::agree(comm, found)?;
+    // rank 0's state text to everyone, then the tensors
+    let text = found
+        .as_ref()
+        .map(|(_, ck)| serde_json::to_string(&ck.state).unwrap_or_default())
+        .unwrap_or_default();
+    let all = comm.all_gather_bytes(text.as_bytes())?;
+    if all[0].is_empty() {
+        return Ok(None);
+    }
+    let state: checkpoint::State = serde_json::from_slice(&all[0])?;
+    let n = state.spec.layout().total;
+    let (mut params, mut velocity) = match found {
+        Some((path, ck)) => {
+            if comm.is_root() {
+                println!(
+                    "dptrain: resuming from {} (step {}, epoch {})",
+                    path.display(),
+                    ck.state.step,
+                    ck.state.epochs_done + 1
+                );
+            }
+            (ck.params, ck.velocity)
+        }
+        None => (vec![0.0; n], vec![0.0; n]),
+    };
+    comm.broadcast_f32(&mut params)?;
+    comm.broadcast_f32(&mut velocity)?;
+    Ok(Some(checkpoint::Checkpoint {
+        state,
+        params,
+        velocity,
+    }))
+}
+
 /// Train one model: every rank runs this with the same configuration; only rank 0's callbacks print.
 ///
 /// Each step, in order: gather this rank's rows of the global batch → forward → loss → backward
 /// (per-sample gradient sums) → exchange: one fused allreduce of [gradients, loss sum, correct,
 /// samples] when there is more than one rank → SGD update scaled by 1 / samples in the global batch.
-pub fn train(
+/// Around it: resume from a checkpoint, checkpoints every N steps or epochs and at the end, and a
+/// non-finite loss either stops the run naming the step or rolls back to the newest checkpoint.
+pub fn train_with(
     cfg: &TrainConfig,
+    ctl: &RunControl,
     setup: &Setup,
     backend: &mut dyn Backend,
     comm: &dyn Communicator,
@@ -719,82 +896,340 @@ pub fn train(
         setup.train.n_samples,
         plan.local_samples()
     );
-    let steps_per_epoch = plan.steps_per_epoch;
     let total_steps = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => e * steps_per_epoch,
-        (None, None) => 10 * steps_per_epoch,
+        (None, Some(e)) => e * plan.steps_per_epoch,
+        (None, None) => 10 * plan.steps_per_epoch,
     };
-    let mut theta = initial_params(cfg, &setup.spec)?;
-    // rank 0's parameters everywhere, whatever each rank's --init or seed produced
-    comm.broadcast_f32(&mut theta)?;
-    backend.set_params(&theta)?;
-    let mut stepper = Stepper::new(cfg, plan, total_steps, theta.len(), ranks);
-    let regression = setup.spec.is_regression();
-    let start = Instant::now();
-    let mut reports = Vec::new();
-    let mut step = 0u64;
-    let mut epoch = 0u64;
-    while step < total_steps {
-        epoch += 1;
-        backend.set_order(&epoch_order(cfg, &stepper.plan, epoch, rank))?;
-        let epoch_start = Instant::now();
-        let mut epoch_totals = Totals::default();
-        let mut s = 0;
-        while s < steps_per_epoch && step < total_steps {
-            if let Some(t) = stepper.step(backend, comm, s, step)? {
-                add_totals(&mut epoch_totals, &t);
+    let settings = resume_settings(cfg, setup);
+    let check = |p: &std::path::Path, st: &crate::checkpoint::State| -> anyhow::Result<()> {
+        crate::checkpoint::compatible(
+            p,
+            st,
+            &setup.spec,
+            &settings,
+            ranks,
+            cfg.shard == ShardMode::Global,
+        )?;
+        Ok(())
+    };
+    let dir = ctl.checkpoint_dir.as_deref();
+    let resumed = match &ctl.resume {
+        Some(from) => fetch_checkpoint(comm, from, dir, check)?,
+        None => None,
+    };
+    let mut pos = match resumed {
+        Some(ck) => {
+            backend.set_params(&ck.params)?;
+            backend.set_velocity(&ck.velocity)?;
+            position_of(&ck.state, &plan, cfg, ranks)
+        }
+        None => {
+            let mut theta = initial_params(cfg, &setup.spec)?;
+            // rank 0's parameters everywhere, whatever each rank's --init or seed produced
+            comm.broadcast_f32(&mut theta)?;
+            backend.set_params(&theta)?;
+            Position {
+                lr_scale: 1.0,
+                ..Position::default()
             }
-            step += 1;
-            s += 1;
-            on_step(step);
         }
-        let backend_totals = backend.take_train_totals()?;
-        let totals = if stepper.exchange {
-            epoch_totals
-        } else {
-            allreduce_totals(comm, &backend_totals)?
-        };
-        let secs = epoch_start.elapsed().as_secs_f64();
-        let train = EvalReport::from_totals(&totals, regression);
-        if !train.loss.is_finite() {
-            bail!(
-                "training diverged: the loss is {} in epoch {epoch} (by step {step}); lower --lr",
-                train.loss
-            );
+    };
+    let mut reports = Vec::new();
+    let mut phases = PhaseTimes::default();
+    let mut rollbacks = 0;
+    loop {
+        let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total, ranks);
+        stepper.lr_scale = pos.lr_scale;
+        let result = run_from(
+            cfg, ctl, setup, backend, comm, &mut stepper, &mut pos, &settings, &mut reports,
+            &mut on_epoch, &mut on_step,
+        );
+        add_phases(&mut phases, &stepper.phases);
+        match result {
+            Ok(()) => break,
+            Err(Halt::Error(e)) => return Err(e),
+            Err(Halt::NotFinite { step, loss }) => {
+                let can = ctl.on_nan == NanPolicy::Rollback
+                    && rollbacks < ctl.max_rollbacks
+                    && dir.is_some();
+                let back = if can {
+                    fetch_checkpoint(comm, &ResumeFrom::Auto, dir, check)?
+                } else {
+                    None
+                };
+                let Some(ck) = back else {
+                    return Err(crate::consistency::Agreed(format!(
+                        "training diverged: the loss is {loss} at step {step}; lower --lr{}",
+                        if ctl.on_nan == NanPolicy::Rollback {
+                            " (no checkpoint left to roll back to)"
+                        } else {
+                            " or use --on-nan rollback with --checkpoint-dir"
+                        }
+                    ))
+                    .into());
+                };
+                rollbacks += 1;
+                backend.set_params(&ck.params)?;
+                backend.set_velocity(&ck.velocity)?;
+                // discard what the failed stretch left in the backend's running totals
+                backend.take_step_losses()?;
+                backend.take_train_totals()?;
+                pos = position_of(&ck.state, &plan, cfg, ranks);
+                pos.lr_scale *= ctl.rollback_lr_factor;
+                if comm.is_root() {
+                    println!(
+                        "dptrain: the loss is {loss} at step {step}: rolled back to step {} with the learning rate × {} (rollback {rollbacks} of {})",
+                        pos.step, pos.lr_scale, ctl.max_rollbacks
+                    );
+                }
+            }
         }
-        let test = match &setup.test {
-            Some(t) => Some(evaluate(
-                backend,
-                comm,
-                Split::Test,
-                t.n_samples,
-                regression,
-            )?),
-            None => None,
-        };
-        let report = EpochReport {
-            epoch,
-            step,
-            lr: stepper.schedule.lr_at(step.saturating_sub(1)),
-            train_loss: train.loss,
-            train_accuracy: train.accuracy,
-            test_loss: test.map(|t| t.loss),
-            test_accuracy: test.and_then(|t| t.accuracy),
-            test_rmse: test.and_then(|t| t.rmse),
-            samples_per_s: totals.count as f64 / secs.max(1e-9),
-            elapsed_s: start.elapsed().as_secs_f64(),
-        };
-        on_epoch(&report);
-        reports.push(report);
     }
     let params = backend.params().context("reading the trained parameters")?;
     Ok(Outcome {
         params,
         reports,
-        steps: step,
-        phases: stepper.phases,
+        steps: pos.step,
+        phases,
     })
+}
+
+fn add_phases(a: &mut PhaseTimes, b: &PhaseTimes) {
+    a.record += b.record;
+    a.readback += b.readback;
+    a.allreduce += b.allreduce;
+    a.upload += b.upload;
+    a.update += b.update;
+    a.average += b.average;
+}
+
+/// The position a checkpoint records, in this run's steps. With another world size (global
+/// sharding) the global batch differs: the run restarts at the first batch boundary of this run
+/// at or after the samples already seen in the epoch.
+fn position_of(
+    st: &crate::checkpoint::State,
+    plan: &StepPlan,
+    cfg: &TrainConfig,
+    ranks: usize,
+) -> Position {
+    let steps_in_epoch = if st.world_size == ranks || cfg.shard == ShardMode::Split {
+        st.steps_in_epoch
+    } else {
+        st.samples_in_epoch.div_ceil((cfg.batch_size * ranks) as u64)
+    };
+    let (epochs_done, steps_in_epoch) = if steps_in_epoch >= plan.steps_per_epoch {
+        (st.epochs_done + 1, 0)
+    } else {
+        (st.epochs_done, steps_in_epoch)
+    };
+    Position {
+        step: st.step,
+        epochs_done,
+        steps_in_epoch,
+        totals: Totals {
+            loss_sum: st.partial_loss_sum,
+            correct: st.partial_correct,
+            count: st.partial_count,
+        },
+        lr_scale: st.lr_scale,
+    }
+}
+
+/// Move the backend's running loss record and totals into the epoch's totals (over all ranks), and
+/// find the first step whose loss was not finite. Every rank calls it at the same steps.
+fn flush(
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    exchange: bool,
+    recorded: &mut Vec<u64>,
+    epoch_totals: &mut Totals,
+) -> Result<(), Halt> {
+    let losses = backend.take_step_losses()?;
+    let local = backend.take_train_totals()?;
+    let mine = if exchange {
+        // the per-step totals travelled with the gradients and were checked then
+        None
+    } else {
+        losses
+            .iter()
+            .zip(recorded.iter())
+            .find(|(l, _)| !l.is_finite())
+            .map(|(l, s)| (*s + 1, f64::from(*l)))
+    };
+    recorded.clear();
+    if exchange {
+        return Ok(());
+    }
+    // the first non-finite step over all ranks, so that every rank halts the same way
+    let bytes = mine.map_or_else(Vec::new, |(s, l)| format!("{s} {l}").into_bytes());
+    let all = comm.all_gather_bytes(&bytes)?;
+    let first = all
+        .iter()
+        .filter_map(|b| {
+            let t = String::from_utf8_lossy(b);
+            let mut it = t.split(' ');
+            Some((it.next()?.parse::<u64>().ok()?, it.next()?.parse::<f64>().ok()?))
+        })
+        .min_by_key(|(s, _)| *s);
+    let global = allreduce_totals(comm, &local)?;
+    add_totals(epoch_totals, &global);
+    match first {
+        Some((step, loss)) => Err(Halt::NotFinite { step, loss }),
+        None => Ok(()),
+    }
+}
+
+/// Train from `pos` to the end of the run (or until a non-finite loss).
+#[allow(clippy::too_many_arguments)]
+fn run_from(
+    cfg: &TrainConfig,
+    ctl: &RunControl,
+    setup: &Setup,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    stepper: &mut Stepper,
+    pos: &mut Position,
+    settings: &serde_json::Value,
+    reports: &mut Vec<EpochReport>,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+    on_step: &mut dyn FnMut(u64),
+) -> Result<(), Halt> {
+    use crate::backend::gpu::HISTORY;
+    let rank = comm.rank();
+    let plan = stepper.plan;
+    let total_steps = stepper.schedule.total_steps;
+    let regression = setup.spec.is_regression();
+    let start = Instant::now();
+    let exchange = stepper.exchange;
+    let mut recorded: Vec<u64> = Vec::new();
+    let mut since_flush = 0usize;
+    while pos.step < total_steps {
+        let epoch = pos.epochs_done + 1;
+        backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
+        let epoch_start = Instant::now();
+        let mut epoch_totals = pos.totals;
+        let mut s = pos.steps_in_epoch;
+        while s < plan.steps_per_epoch && pos.step < total_steps {
+            if plan.mine(s).1 > 0 {
+                recorded.push(pos.step);
+            }
+            crate::fault::before_step(rank, pos.step);
+            let got = stepper.step(backend, comm, s, pos.step)?;
+            if let Some(t) = got {
+                if !t.loss_sum.is_finite() {
+                    return Err(Halt::NotFinite {
+                        step: pos.step + 1,
+                        loss: t.loss_sum,
+                    });
+                }
+                add_totals(&mut epoch_totals, &t);
+            }
+            pos.step += 1;
+            s += 1;
+            since_flush += 1;
+            let checkpoint_now = ctl.checkpoint_dir.is_some()
+                && ctl.checkpoint_unit == CheckpointUnit::Step
+                && ctl.checkpoint_every > 0
+                && pos.step.is_multiple_of(ctl.checkpoint_every)
+                && s < plan.steps_per_epoch;
+            if since_flush >= HISTORY || checkpoint_now {
+                flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
+                since_flush = 0;
+            }
+            if checkpoint_now {
+                pos.epochs_done = epoch - 1;
+                pos.steps_in_epoch = s;
+                pos.totals = epoch_totals;
+                write_checkpoint(ctl, setup, backend, comm, pos, &plan, settings)?;
+            }
+            on_step(pos.step);
+        }
+        flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
+        since_flush = 0;
+        let secs = epoch_start.elapsed().as_secs_f64();
+        let fresh = epoch_totals.count.saturating_sub(pos.totals.count);
+        let train = EvalReport::from_totals(&epoch_totals, regression);
+        let test = match &setup.test {
+            Some(t) => Some(evaluate(backend, comm, Split::Test, t.n_samples, regression)?),
+            None => None,
+        };
+        let report = EpochReport {
+            epoch,
+            step: pos.step,
+            lr: stepper.schedule.lr_at(pos.step.saturating_sub(1)) * stepper.lr_scale,
+            train_loss: train.loss,
+            train_accuracy: train.accuracy,
+            test_loss: test.map(|t| t.loss),
+            test_accuracy: test.and_then(|t| t.accuracy),
+            test_rmse: test.and_then(|t| t.rmse),
+            samples_per_s: fresh as f64 / secs.max(1e-9),
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        on_epoch(&report);
+        reports.push(report);
+        let finished_epoch = s >= plan.steps_per_epoch;
+        if finished_epoch {
+            pos.epochs_done = epoch;
+            pos.steps_in_epoch = 0;
+            pos.totals = Totals::default();
+        } else {
+            pos.epochs_done = epoch - 1;
+            pos.steps_in_epoch = s;
+            pos.totals = epoch_totals;
+        }
+        let by_epoch = ctl.checkpoint_unit == CheckpointUnit::Epoch
+            && ctl.checkpoint_every > 0
+            && finished_epoch
+            && epoch.is_multiple_of(ctl.checkpoint_every);
+        let by_step_at_boundary = ctl.checkpoint_unit == CheckpointUnit::Step
+            && ctl.checkpoint_every > 0
+            && pos.step.is_multiple_of(ctl.checkpoint_every);
+        if ctl.checkpoint_dir.is_some() && (by_epoch || by_step_at_boundary || pos.step >= total_steps) {
+            write_checkpoint(ctl, setup, backend, comm, pos, &plan, settings)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0 writes the checkpoint for `pos` (parameters and momentum as the backend holds them).
+fn write_checkpoint(
+    ctl: &RunControl,
+    setup: &Setup,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    pos: &Position,
+    plan: &StepPlan,
+    settings: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let Some(dir) = &ctl.checkpoint_dir else {
+        return Ok(());
+    };
+    if !comm.is_root() {
+        return Ok(());
+    }
+    let samples_in_epoch: u64 = (0..pos.steps_in_epoch).map(|s| plan.global_rows(s) as u64).sum();
+    let ck = crate::checkpoint::Checkpoint {
+        state: crate::checkpoint::State {
+            step: pos.step,
+            epochs_done: pos.epochs_done,
+            samples_in_epoch,
+            steps_in_epoch: pos.steps_in_epoch,
+            partial_loss_sum: pos.totals.loss_sum,
+            partial_correct: pos.totals.correct,
+            partial_count: pos.totals.count,
+            lr_scale: pos.lr_scale,
+            world_size: comm.size(),
+            settings: settings.clone(),
+            spec: setup.spec.clone(),
+            norm: setup.norm.clone(),
+        },
+        params: backend.params()?,
+        velocity: backend.velocity()?,
+    };
+    let path = crate::checkpoint::save(dir, &ck, ctl.keep)?;
+    tracing::info!("checkpoint {}", path.display());
+    Ok(())
 }
 
 #[cfg(test)]

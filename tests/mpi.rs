@@ -273,9 +273,12 @@ fn bench_comm_reports_correct_sums_across_ranks() {
     .ok();
     let out = run.stdout();
     assert!(out.contains("busbw") && out.contains("65536"), "{out}");
-    // every row: zero wrong elements
+    // every row: zero wrong elements (the 8th column), and a guarded time beside the raw one
     for line in out.lines().filter(|l| !l.starts_with('#')) {
-        assert!(line.trim_end().ends_with(" 0"), "{line}");
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols.len(), 9, "{line}");
+        assert_eq!(cols[7], "0", "{line}");
+        assert!(cols[8].parse::<f64>().is_ok(), "{line}");
     }
 }
 

@@ -6,7 +6,30 @@ use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     rows: u32,
-    _pad: [u32; 3],
+    slot: u32,
+    _pad: [u32; 2],
+}
+
+/// A prepared reduction; `set_slot` picks the history entry of the next submission.
+pub struct ReduceCall {
+    pub dispatch: Dispatch,
+    uniform: wgpu::Buffer,
+    params: Params,
+    history_len: u64,
+}
+
+impl ReduceCall {
+    pub fn set_slot(&mut self, ctx: &GpuContext, slot: u64) -> Result<(), KernelError> {
+        if slot >= self.history_len {
+            return Err(KernelError::Shape {
+                kernel: "reduce_stats",
+                msg: format!("history slot {slot} of {}", self.history_len),
+            });
+        }
+        self.params.slot = slot as u32;
+        ctx.write(&self.uniform, 0, bytemuck::bytes_of(&self.params));
+        Ok(())
+    }
 }
 
 /// The running total as the host reads it.
@@ -39,7 +62,7 @@ impl ReduceStats {
                 ctx,
                 "reduce_stats",
                 &[],
-                &[Slot::Read, Slot::ReadWrite, Slot::Uniform],
+                &[Slot::Read, Slot::ReadWrite, Slot::ReadWrite, Slot::Uniform],
                 false,
             ),
         }
@@ -50,22 +73,33 @@ impl ReduceStats {
         ctx.storage("totals", 16)
     }
 
+    /// Sum `rows` (loss, correct) pairs of `stats` into `total`, and the loss into `history[slot]`.
     pub fn prepare(
         &self,
         ctx: &GpuContext,
         rows: u64,
         stats: &wgpu::Buffer,
         total: &wgpu::Buffer,
-    ) -> Result<Dispatch, KernelError> {
+        history: &wgpu::Buffer,
+    ) -> Result<ReduceCall, KernelError> {
         const K: &str = "reduce_stats";
         need(K, "stats", stats, rows * 2)?;
         need(K, "total", total, 4)?;
         let params = Params {
             rows: u32_of(K, "rows", rows)?,
-            _pad: [0; 3],
+            slot: 0,
+            _pad: [0; 2],
         };
         let uniform = ctx.uniform("reduce params", &params);
-        Ok(self.kernel.dispatch(ctx, &[stats, total, &uniform], (1, 1)))
+        let dispatch = self
+            .kernel
+            .dispatch(ctx, &[stats, total, history, &uniform], (1, 1));
+        Ok(ReduceCall {
+            dispatch,
+            uniform,
+            params,
+            history_len: history.size() / 4,
+        })
     }
 }
 
@@ -93,14 +127,21 @@ mod tests {
             .collect();
         let sb = ctx.upload("stats", &stats).unwrap();
         let tb = ReduceStats::total_buffer(&ctx).unwrap();
+        let hb = ctx.upload("history", &[-1.0f32; 3]).unwrap();
         let r = ReduceStats::new(&ctx);
-        let d = r.prepare(&ctx, rows as u64, &sb, &tb).unwrap();
-        crate::run(&ctx, &[&d, &d]);
+        let mut call = r.prepare(&ctx, rows as u64, &sb, &tb, &hb).unwrap();
+        call.set_slot(&ctx, 1).unwrap();
+        crate::run(&ctx, &[&call.dispatch, &call.dispatch]);
+        assert!(call.set_slot(&ctx, 3).is_err());
         let got = Totals::from_words(&ctx.read::<u32>(&tb, 0, 4).unwrap());
+        let history: Vec<f32> = ctx.read(&hb, 0, 3).unwrap();
+        assert_eq!((history[0], history[2]), (-1.0, -1.0), "only slot 1 written");
         let want = reduce_stats_ref(&stats);
         assert_eq!(got.count, 2 * want.count);
         assert_eq!(got.correct, 2 * want.correct);
         let rel = (got.loss_sum - 2.0 * want.loss_sum).abs() / (2.0 * want.loss_sum);
         assert!(rel <= 1e-5, "loss sum rel error {rel:e}");
+        let rel = (f64::from(history[1]) - want.loss_sum).abs() / want.loss_sum;
+        assert!(rel <= 1e-5, "history rel error {rel:e}");
     }
 }

@@ -168,6 +168,7 @@ pub struct CpuBackend {
     test_t: Vec<f32>,
     order: Vec<u32>,
     totals: Totals,
+    step_losses: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -188,6 +189,7 @@ impl CpuBackend {
             test_t: init.test.map(|d| d.y.clone()).unwrap_or_default(),
             order: Vec::new(),
             totals: Totals::default(),
+            step_losses: Vec::new(),
         })
     }
 
@@ -254,6 +256,7 @@ impl Backend for CpuBackend {
         let t: Vec<f32> = idx.iter().map(|&i| self.train_t[i]).collect();
         let (g, tot) = loss_and_grad(&self.spec, &self.theta, x.view(), &t);
         self.grads = g;
+        self.step_losses.push(tot.loss_sum as f32);
         add(&mut self.totals, &tot);
         Ok(())
     }
@@ -273,6 +276,9 @@ impl Backend for CpuBackend {
     fn update(&mut self, step: &SgdStep) -> anyhow::Result<()> {
         sgd_ref(&mut self.theta, &self.grads, &mut self.vel, step);
         Ok(())
+    }
+    fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>> {
+        Ok(std::mem::take(&mut self.step_losses))
     }
     fn take_train_totals(&mut self) -> anyhow::Result<Totals> {
         Ok(std::mem::take(&mut self.totals))

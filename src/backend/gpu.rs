@@ -14,7 +14,7 @@ use dptrain_kernels::bias_grad::BiasGrad;
 use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
 use dptrain_kernels::loss::{Loss, LossArgs};
 use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
-use dptrain_kernels::reduce_stats::{ReduceStats, Totals};
+use dptrain_kernels::reduce_stats::{ReduceCall, ReduceStats, Totals};
 use dptrain_kernels::sgd::{Sgd, SgdCall, SgdStep};
 use dptrain_kernels::{AdapterChoice, Dispatch, GpuContext, KernelError};
 
@@ -24,6 +24,9 @@ use crate::model::ModelSpec;
 
 /// Steps allowed in flight before the host waits for the oldest.
 const MAX_IN_FLIGHT: usize = 4;
+
+/// Per-step loss sums kept on the GPU between reads (`take_step_losses`).
+pub const HISTORY: usize = 1024;
 
 /// What a recorded pass does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,7 +44,7 @@ struct Plan {
     gather: GatherCall,
     forward: Vec<Dispatch>,
     loss: Dispatch,
-    reduce: Dispatch,
+    reduce: ReduceCall,
     backward: Vec<Dispatch>,
     /// What each backward dispatch computes, for profiles.
     backward_labels: Vec<String>,
@@ -75,6 +78,11 @@ pub struct GpuBackend {
     eval_totals: wgpu::Buffer,
     /// Gradients followed by the training totals, copied together for the exchange.
     exchange: wgpu::Buffer,
+    /// Loss sum of each training batch since the last `take_step_losses` (a ring of HISTORY).
+    history: wgpu::Buffer,
+    history_len: usize,
+    /// Evaluation batches write their losses here, never read.
+    eval_history: wgpu::Buffer,
     matmul: Matmul,
     gather: Gather,
     loss: Loss,
@@ -159,6 +167,9 @@ impl GpuBackend {
             train_totals: ReduceStats::total_buffer(&ctx)?,
             eval_totals: ReduceStats::total_buffer(&ctx)?,
             exchange: ctx.storage("exchange", bytes(n_params + 4))?,
+            history: ctx.storage("loss history", bytes(HISTORY))?,
+            history_len: 0,
+            eval_history: ctx.storage("eval loss history", 4)?,
             matmul: Matmul::new(&ctx)?,
             gather: Gather::new(&ctx),
             loss: Loss::new(&ctx, spec.loss()),
@@ -253,7 +264,12 @@ impl GpuBackend {
         } else {
             &self.eval_totals
         };
-        let reduce = self.reduce.prepare(ctx, r, &act.stats, totals)?;
+        let history = if pass == Pass::Train {
+            &self.history
+        } else {
+            &self.eval_history
+        };
+        let reduce = self.reduce.prepare(ctx, r, &act.stats, totals, history)?;
         let mut backward = Vec::new();
         let mut backward_labels = Vec::new();
         if pass == Pass::Train {
@@ -372,6 +388,10 @@ impl GpuBackend {
             .get_mut(&(pass, rows))
             .context("plan just inserted")?;
         plan.gather.set_offset(&self.ctx, offset as u64)?;
+        if pass == Pass::Train {
+            plan.reduce.set_slot(&self.ctx, (self.history_len % HISTORY) as u64)?;
+            self.history_len += 1;
+        }
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -386,7 +406,7 @@ impl GpuBackend {
         for d in plan
             .forward
             .iter()
-            .chain([&plan.loss, &plan.reduce])
+            .chain([&plan.loss, &plan.reduce.dispatch])
             .chain(&plan.backward)
         {
             d.record(&mut cpass);
@@ -431,7 +451,7 @@ impl Backend for GpuBackend {
             list.push((format!("layer {l} forward (matmul NT + {what})"), d));
         }
         list.push(("loss + its gradient".into(), &plan.loss));
-        list.push(("loss totals".into(), &plan.reduce));
+        list.push(("loss totals".into(), &plan.reduce.dispatch));
         for (label, d) in plan.backward_labels.iter().zip(&plan.backward) {
             list.push((label.clone(), d));
         }
@@ -567,6 +587,17 @@ impl Backend for GpuBackend {
             self.sgd.dispatch.record(&mut cpass);
         }
         self.submit()
+    }
+
+    fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>> {
+        let n = self.history_len;
+        anyhow::ensure!(
+            n <= HISTORY,
+            "{n} steps since the loss history was last read; it holds {HISTORY}"
+        );
+        let v = self.flush_and_read(|s| &s.history, n)?;
+        self.history_len = 0;
+        Ok(v)
     }
 
     fn take_train_totals(&mut self) -> anyhow::Result<Totals> {

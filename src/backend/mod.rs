@@ -53,6 +53,9 @@ pub trait Backend {
     fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()>;
     /// One SGD update from the gradient buffer.
     fn update(&mut self, step: &SgdStep) -> anyhow::Result<()>;
+    /// The loss sum of each `forward_backward` batch since the last call, in order (a sync point).
+    /// At most `gpu::HISTORY` batches may pass between calls.
+    fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>>;
     /// Training totals since the last call (a sync point), then reset them.
     fn take_train_totals(&mut self) -> anyhow::Result<Totals>;
     /// Time one training step (rows order[offset..offset+rows], then the update) kernel by kernel on

@@ -1,0 +1,389 @@
+//! Checkpoints: everything a run needs to continue exactly where it stopped.
+//!
+//! A checkpoint is a safetensors file with two flat f32 tensors, `params` and `velocity` (the SGD
+//! momentum buffers), and metadata: `dptrain.format`, `dptrain.state` (JSON: position in the run and
+//! in the epoch's data order, partial epoch totals, the settings that must match on resume, world
+//! size, model spec, normaliser) and `dptrain.checksum` (CRC-32 of the state text and both tensors).
+//! The epoch's order is derived from (seed, epoch, rank), so the seed and position are the whole RNG
+//! state. Files are written atomically (temporary file, fsync, rename) as `ckpt-<step>.safetensors`,
+//! and only the newest K are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Normalizer;
+use crate::model::ModelSpec;
+use crate::modelfile::write_atomic;
+
+pub const FORMAT: &str = "dptrain-checkpoint-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: cannot read: {msg}")]
+    Read { path: String, msg: String },
+    #[error("{path}: cannot write: {msg}")]
+    Write { path: String, msg: String },
+    #[error("{path}: not a dptrain checkpoint: {msg}")]
+    Format { path: String, msg: String },
+    #[error("{path}: checkpoint is damaged: {msg}")]
+    Damaged { path: String, msg: String },
+    #[error("{path}: checkpoint does not fit this run: {msg}")]
+    Mismatch { path: String, msg: String },
+}
+
+/// Where the run was and what it was, as JSON in the file's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Epochs finished.
+    pub epochs_done: u64,
+    /// Samples of the next epoch's order already trained on (0 at an epoch boundary).
+    pub samples_in_epoch: u64,
+    /// Steps of the next epoch already taken.
+    pub steps_in_epoch: u64,
+    /// Training totals of the epoch in progress (loss sum, correct, count).
+    pub partial_loss_sum: f64,
+    pub partial_correct: u64,
+    pub partial_count: u64,
+    /// Multiplier on the learning rate from NaN rollbacks (1 when none).
+    pub lr_scale: f64,
+    pub world_size: usize,
+    /// The settings that must match for an exact resume (see `compatible`).
+    pub settings: serde_json::Value,
+    pub spec: ModelSpec,
+    pub norm: Normalizer,
+}
+
+/// A checkpoint read back and verified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub state: State,
+    pub params: Vec<f32>,
+    pub velocity: Vec<f32>,
+}
+
+fn checksum(state: &str, params: &[u8], velocity: &[u8]) -> String {
+    let mut h = crc32fast::Hasher::new();
+    h.update(state.as_bytes());
+    h.update(params);
+    h.update(velocity);
+    format!("{:08x}", h.finalize())
+}
+
+/// The file name of the checkpoint after `step` steps.
+pub fn file_name(step: u64) -> String {
+    format!("ckpt-{step:012}.safetensors")
+}
+
+/// Write a checkpoint into `dir` atomically, then remove all but the newest `keep`.
+pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, CheckpointError> {
+    let werr = |p: &Path, msg: String| CheckpointError::Write {
+        path: p.display().to_string(),
+        msg,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| werr(dir, e.to_string()))?;
+    let path = dir.join(file_name(ck.state.step));
+    let state = serde_json::to_string(&ck.state).map_err(|e| werr(&path, e.to_string()))?;
+    let pb: &[u8] = bytemuck::cast_slice(&ck.params);
+    let vb: &[u8] = bytemuck::cast_slice(&ck.velocity);
+    let sum = checksum(&state, pb, vb);
+    let tensors = [("params", pb, ck.params.len()), ("velocity", vb, ck.velocity.len())]
+        .into_iter()
+        .map(|(name, bytes, len)| {
+            TensorView::new(Dtype::F32, vec![len], bytes)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| werr(&path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([
+        ("dptrain.format".to_string(), FORMAT.to_string()),
+        ("dptrain.state".to_string(), state),
+        ("dptrain.checksum".to_string(), sum),
+    ]);
+    let bytes =
+        safetensors::serialize(tensors, Some(meta)).map_err(|e| werr(&path, e.to_string()))?;
+    write_atomic(&path, &bytes).map_err(|e| werr(&path, e.to_string()))?;
+    prune(dir, keep);
+    Ok(path)
+}
+
+/// Checkpoint files in `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("ckpt-") && n.ends_with(".safetensors"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn prune(dir: &Path, keep: usize) {
+    // temporary files of saves that a crash interrupted (write_atomic names them .NAME.tmpPID)
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".ckpt-") && name.contains(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let all = list(dir);
+    if all.len() > keep.max(1) {
+        for old in &all[..all.len() - keep.max(1)] {
+            if let Err(e) = std::fs::remove_file(old) {
+                tracing::warn!("{}: cannot remove old checkpoint: {e}", old.display());
+            }
+        }
+    }
+}
+
+/// Read and verify a checkpoint file.
+pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Read {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    let format = |msg: String| CheckpointError::Format {
+        path: p.clone(),
+        msg,
+    };
+    let damaged = |msg: String| CheckpointError::Damaged {
+        path: p.clone(),
+        msg,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    match meta.get("dptrain.format").map(String::as_str) {
+        Some(FORMAT) => {}
+        Some(other) => {
+            return Err(format(format!(
+                "format {other:?}; this dptrain reads {FORMAT:?}"
+            )));
+        }
+        None => return Err(format("no dptrain.format in its metadata".into())),
+    }
+    let state_text = meta
+        .get("dptrain.state")
+        .ok_or_else(|| format("no dptrain.state in its metadata".into()))?;
+    let sum = meta
+        .get("dptrain.checksum")
+        .ok_or_else(|| format("no dptrain.checksum in its metadata".into()))?;
+    let tensor = |name: &str| -> Result<Vec<f32>, CheckpointError> {
+        let v = st
+            .tensor(name)
+            .map_err(|_| format(format!("no tensor {name:?}")))?;
+        if v.dtype() != Dtype::F32 || v.shape().len() != 1 {
+            return Err(format(format!(
+                "tensor {name:?} is {:?} {:?}, expected a flat F32 vector",
+                v.dtype(),
+                v.shape()
+            )));
+        }
+        Ok(v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let params = tensor("params")?;
+    let velocity = tensor("velocity")?;
+    let want = checksum(
+        state_text,
+        bytemuck::cast_slice(&params),
+        bytemuck::cast_slice(&velocity),
+    );
+    if *sum != want {
+        return Err(damaged(format!(
+            "checksum {sum} recorded, {want} computed"
+        )));
+    }
+    let state: State = serde_json::from_str(state_text)
+        .map_err(|e| format(format!("bad dptrain.state: {e}")))?;
+    let n = state.spec.layout().total;
+    if params.len() != n || velocity.len() != n {
+        return Err(damaged(format!(
+            "params and velocity hold {} and {} values, the model has {n}",
+            params.len(),
+            velocity.len()
+        )));
+    }
+    Ok(Checkpoint {
+        state,
+        params,
+        velocity,
+    })
+}
+
+/// The newest checkpoint in `dir` that verifies; damaged newer ones are skipped with a warning.
+/// Ok(None) when the folder holds no checkpoint at all.
+pub fn latest(dir: &Path) -> Result<Option<(PathBuf, Checkpoint)>, CheckpointError> {
+    let all = list(dir);
+    let mut last_err = None;
+    for path in all.iter().rev() {
+        match load(path) {
+            Ok(ck) => return Ok(Some((path.clone(), ck))),
+            Err(e) => {
+                tracing::warn!("skipping {e}");
+                eprintln!("dptrain: skipping {e}");
+                last_err = Some(e);
+            }
+        }
+    }
+    match last_err {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+/// Check that a checkpoint can continue this run: same model and settings (the run's length may
+/// differ; the world size may differ in global sharding mode).
+pub fn compatible(
+    path: &Path,
+    ck: &State,
+    spec: &ModelSpec,
+    settings: &serde_json::Value,
+    world_size: usize,
+    global_shard: bool,
+) -> Result<(), CheckpointError> {
+    let mismatch = |msg: String| CheckpointError::Mismatch {
+        path: path.display().to_string(),
+        msg,
+    };
+    if ck.spec != *spec {
+        return Err(mismatch(format!(
+            "it holds a {:?} model of widths {:?}, this run has {:?} {:?}",
+            ck.spec.kind,
+            ck.spec.widths(),
+            spec.kind,
+            spec.widths()
+        )));
+    }
+    if ck.world_size != world_size && !global_shard {
+        return Err(mismatch(format!(
+            "written by {} ranks, resumed by {world_size}; only --shard global may change the world size",
+            ck.world_size
+        )));
+    }
+    if let (Some(a), Some(b)) = (ck.settings.as_object(), settings.as_object()) {
+        let mut diffs = Vec::new();
+        for (k, v) in b {
+            let old = a.get(k).unwrap_or(&serde_json::Value::Null);
+            if old != v {
+                diffs.push(format!("{k}: {old} then, {v} now"));
+            }
+        }
+        if !diffs.is_empty() {
+            return Err(mismatch(diffs.join("; ")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Activation, ModelKind};
+
+    fn sample(step: u64) -> Checkpoint {
+        let spec = ModelSpec::new(ModelKind::Mlp, 3, 2, vec![4], Activation::Relu).unwrap();
+        let n = spec.layout().total;
+        Checkpoint {
+            state: State {
+                step,
+                epochs_done: 1,
+                samples_in_epoch: 10,
+                steps_in_epoch: 2,
+                partial_loss_sum: 1.5,
+                partial_correct: 7,
+                partial_count: 10,
+                lr_scale: 1.0,
+                world_size: 1,
+                settings: serde_json::json!({"lr": 0.1, "seed": 3}),
+                norm: Normalizer::identity(3),
+                spec: spec.clone(),
+            },
+            params: spec.init(1),
+            velocity: (0..n).map(|i| i as f32 * 0.5).collect(),
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dptrain-ckpt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn save_load_round_trips_and_keeps_the_newest_k() {
+        let d = dir("keep");
+        for step in [5, 10, 15, 20] {
+            save(&d, &sample(step), 2).unwrap();
+        }
+        let files: Vec<String> = list(&d)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, vec![file_name(15), file_name(20)]);
+        let (path, ck) = latest(&d).unwrap().unwrap();
+        assert_eq!(path, d.join(file_name(20)));
+        assert_eq!(ck, sample(20));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_flipped_bit_or_a_truncation_is_caught_and_auto_falls_back() {
+        let d = dir("flip");
+        save(&d, &sample(1), 3).unwrap();
+        let newest = save(&d, &sample(2), 3).unwrap();
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x10;
+        std::fs::write(&newest, &bytes).unwrap();
+        let e = load(&newest).unwrap_err().to_string();
+        assert!(e.contains("checkpoint is damaged: checksum"), "{e}");
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load(&newest).unwrap_err().to_string();
+        assert!(e.contains("not a dptrain checkpoint"), "{e}");
+        // --resume auto takes the older, intact one
+        assert_eq!(latest(&d).unwrap().unwrap().1.state.step, 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn settings_that_differ_are_named() {
+        let ck = sample(3);
+        let e = compatible(
+            Path::new("c"),
+            &ck.state,
+            &ck.state.spec,
+            &serde_json::json!({"lr": 0.2, "seed": 3}),
+            1,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lr: 0.1 then, 0.2 now"), "{e}");
+        let other = ModelSpec::new(ModelKind::Softmax, 3, 2, vec![], Activation::Relu).unwrap();
+        let e = compatible(Path::new("c"), &ck.state, &other, &ck.state.settings, 1, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model of widths [3, 4, 2]"), "{e}");
+        let e = compatible(Path::new("c"), &ck.state, &ck.state.spec, &ck.state.settings, 2, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only --shard global"), "{e}");
+    }
+}
