@@ -91,14 +91,17 @@ pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, Checkpo
     let pb: &[u8] = bytemuck::cast_slice(&ck.params);
     let vb: &[u8] = bytemuck::cast_slice(&ck.velocity);
     let sum = checksum(&state, pb, vb);
-    let tensors = [("params", pb, ck.params.len()), ("velocity", vb, ck.velocity.len())]
-        .into_iter()
-        .map(|(name, bytes, len)| {
-            TensorView::new(Dtype::F32, vec![len], bytes)
-                .map(|v| (name.to_string(), v))
-                .map_err(|e| werr(&path, e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let tensors = [
+        ("params", pb, ck.params.len()),
+        ("velocity", vb, ck.velocity.len()),
+    ]
+    .into_iter()
+    .map(|(name, bytes, len)| {
+        TensorView::new(Dtype::F32, vec![len], bytes)
+            .map(|v| (name.to_string(), v))
+            .map_err(|e| werr(&path, e.to_string()))
+    })
+    .collect::<Result<Vec<_>, _>>()?;
     let meta = HashMap::from([
         ("dptrain.format".to_string(), FORMAT.to_string()),
         ("dptrain.state".to_string(), state),
@@ -206,12 +209,10 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         bytemuck::cast_slice(&velocity),
     );
     if *sum != want {
-        return Err(damaged(format!(
-            "checksum {sum} recorded, {want} computed"
-        )));
+        return Err(damaged(format!("checksum {sum} recorded, {want} computed")));
     }
-    let state: State = serde_json::from_str(state_text)
-        .map_err(|e| format(format!("bad dptrain.state: {e}")))?;
+    let state: State =
+        serde_json::from_str(state_text).map_err(|e| format(format!("bad dptrain.state: {e}")))?;
     let n = state.spec.layout().total;
     if params.len() != n || velocity.len() != n {
         return Err(damaged(format!(
@@ -377,13 +378,27 @@ mod tests {
         .to_string();
         assert!(e.contains("lr: 0.1 then, 0.2 now"), "{e}");
         let other = ModelSpec::new(ModelKind::Softmax, 3, 2, vec![], Activation::Relu).unwrap();
-        let e = compatible(Path::new("c"), &ck.state, &other, &ck.state.settings, 1, true)
-            .unwrap_err()
-            .to_string();
+        let e = compatible(
+            Path::new("c"),
+            &ck.state,
+            &other,
+            &ck.state.settings,
+            1,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("model of widths [3, 4, 2]"), "{e}");
-        let e = compatible(Path::new("c"), &ck.state, &ck.state.spec, &ck.state.settings, 2, false)
-            .unwrap_err()
-            .to_string();
+        let e = compatible(
+            Path::new("c"),
+            &ck.state,
+            &ck.state.spec,
+            &ck.state.settings,
+            2,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("only --shard global"), "{e}");
     }
 }

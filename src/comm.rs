@@ -284,7 +284,10 @@ pub mod mpi_comm {
             self.local_rank
         }
         fn allreduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> anyhow::Result<()> {
-            anyhow::ensure!(send.len() == recv.len(), "allreduce buffers differ in length");
+            anyhow::ensure!(
+                send.len() == recv.len(),
+                "allreduce buffers differ in length"
+            );
             let k = self.next_seq();
             match self.timeout.get() {
                 None => self

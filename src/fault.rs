@@ -23,7 +23,12 @@ fn parse(s: &str) -> Option<Fault> {
 
 fn fault() -> Option<Fault> {
     static F: OnceLock<Option<Fault>> = OnceLock::new();
-    *F.get_or_init(|| std::env::var("DPTRAIN_FAULT").ok().as_deref().and_then(parse))
+    *F.get_or_init(|| {
+        std::env::var("DPTRAIN_FAULT")
+            .ok()
+            .as_deref()
+            .and_then(parse)
+    })
 }
 
 /// Called by every rank before each training step (0-based `step`).

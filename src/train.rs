@@ -790,7 +790,10 @@ struct Position {
 /// Why a stretch of training stopped early.
 enum Halt {
     /// The loss was not finite at this (1-based) step.
-    NotFinite { step: u64, loss: f64 },
+    NotFinite {
+        step: u64,
+        loss: f64,
+    },
     Error(anyhow::Error),
 }
 
@@ -809,7 +812,15 @@ pub fn train(
     on_epoch: impl FnMut(&EpochReport),
     on_step: impl FnMut(u64),
 ) -> anyhow::Result<Outcome> {
-    train_with(cfg, &RunControl::default(), setup, backend, comm, on_epoch, on_step)
+    train_with(
+        cfg,
+        &RunControl::default(),
+        setup,
+        backend,
+        comm,
+        on_epoch,
+        on_step,
+    )
 }
 
 /// Rank 0 reads a checkpoint (or finds the newest), every rank gets it; errors reach every rank.
@@ -942,8 +953,17 @@ pub fn train_with(
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total, ranks);
         stepper.lr_scale = pos.lr_scale;
         let result = run_from(
-            cfg, ctl, setup, backend, comm, &mut stepper, &mut pos, &settings, &mut reports,
-            &mut on_epoch, &mut on_step,
+            cfg,
+            ctl,
+            setup,
+            backend,
+            comm,
+            &mut stepper,
+            &mut pos,
+            &settings,
+            &mut reports,
+            &mut on_epoch,
+            &mut on_step,
         );
         add_phases(&mut phases, &stepper.phases);
         match result {
@@ -1016,7 +1036,8 @@ fn position_of(
     let steps_in_epoch = if st.world_size == ranks || cfg.shard == ShardMode::Split {
         st.steps_in_epoch
     } else {
-        st.samples_in_epoch.div_ceil((cfg.batch_size * ranks) as u64)
+        st.samples_in_epoch
+            .div_ceil((cfg.batch_size * ranks) as u64)
     };
     let (epochs_done, steps_in_epoch) = if steps_in_epoch >= plan.steps_per_epoch {
         (st.epochs_done + 1, 0)
@@ -1069,7 +1090,10 @@ fn flush(
         .filter_map(|b| {
             let t = String::from_utf8_lossy(b);
             let mut it = t.split(' ');
-            Some((it.next()?.parse::<u64>().ok()?, it.next()?.parse::<f64>().ok()?))
+            Some((
+                it.next()?.parse::<u64>().ok()?,
+                it.next()?.parse::<f64>().ok()?,
+            ))
         })
         .min_by_key(|(s, _)| *s);
     let global = allreduce_totals(comm, &local)?;
@@ -1151,7 +1175,13 @@ fn run_from(
         let fresh = epoch_totals.count.saturating_sub(pos.totals.count);
         let train = EvalReport::from_totals(&epoch_totals, regression);
         let test = match &setup.test {
-            Some(t) => Some(evaluate(backend, comm, Split::Test, t.n_samples, regression)?),
+            Some(t) => Some(evaluate(
+                backend,
+                comm,
+                Split::Test,
+                t.n_samples,
+                regression,
+            )?),
             None => None,
         };
         let report = EpochReport {
@@ -1185,7 +1215,9 @@ fn run_from(
         let by_step_at_boundary = ctl.checkpoint_unit == CheckpointUnit::Step
             && ctl.checkpoint_every > 0
             && pos.step.is_multiple_of(ctl.checkpoint_every);
-        if ctl.checkpoint_dir.is_some() && (by_epoch || by_step_at_boundary || pos.step >= total_steps) {
+        if ctl.checkpoint_dir.is_some()
+            && (by_epoch || by_step_at_boundary || pos.step >= total_steps)
+        {
             write_checkpoint(ctl, setup, backend, comm, pos, &plan, settings)?;
         }
     }
@@ -1208,7 +1240,9 @@ fn write_checkpoint(
     if !comm.is_root() {
         return Ok(());
     }
-    let samples_in_epoch: u64 = (0..pos.steps_in_epoch).map(|s| plan.global_rows(s) as u64).sum();
+    let samples_in_epoch: u64 = (0..pos.steps_in_epoch)
+        .map(|s| plan.global_rows(s) as u64)
+        .sum();
     let ck = crate::checkpoint::Checkpoint {
         state: crate::checkpoint::State {
             step: pos.step,

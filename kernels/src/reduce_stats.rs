@@ -135,7 +135,11 @@ mod tests {
         assert!(call.set_slot(&ctx, 3).is_err());
         let got = Totals::from_words(&ctx.read::<u32>(&tb, 0, 4).unwrap());
         let history: Vec<f32> = ctx.read(&hb, 0, 3).unwrap();
-        assert_eq!((history[0], history[2]), (-1.0, -1.0), "only slot 1 written");
+        assert_eq!(
+            (history[0], history[2]),
+            (-1.0, -1.0),
+            "only slot 1 written"
+        );
         let want = reduce_stats_ref(&stats);
         assert_eq!(got.count, 2 * want.count);
         assert_eq!(got.correct, 2 * want.correct);

@@ -389,7 +389,8 @@ impl GpuBackend {
             .context("plan just inserted")?;
         plan.gather.set_offset(&self.ctx, offset as u64)?;
         if pass == Pass::Train {
-            plan.reduce.set_slot(&self.ctx, (self.history_len % HISTORY) as u64)?;
+            plan.reduce
+                .set_slot(&self.ctx, (self.history_len % HISTORY) as u64)?;
             self.history_len += 1;
         }
         let device = &self.ctx.device;
