@@ -196,12 +196,6 @@ pub fn setup_rank(
             train.n_features
         );
     }
-    ensure!(
-        cfg.batch_size <= train.n_samples,
-        "--batch-size {} is larger than the {} training samples",
-        cfg.batch_size,
-        train.n_samples
-    );
     if cfg.shard == ShardMode::Split {
         let smallest = train.n_samples / ranks;
         ensure!(
@@ -245,6 +239,12 @@ pub fn setup_rank(
         cfg.hidden.clone(),
         cfg.activation,
     )?;
+    ensure!(
+        cfg.batch_size <= train.n_samples,
+        "--batch-size {} is larger than the {} training samples",
+        cfg.batch_size,
+        train.n_samples
+    );
     let norm = Normalizer::fit(&train, cfg.normalize);
     let total_train = train.n_samples;
     let train = match cfg.shard {
