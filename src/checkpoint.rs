@@ -159,6 +159,12 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         path: p.clone(),
         msg: e.to_string(),
     })?;
+    parse(&bytes, &p)
+}
+
+/// Verify a checkpoint held in memory (`name` for messages).
+pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
+    let p = name.to_string();
     let format = |msg: String| CheckpointError::Format {
         path: p.clone(),
         msg,
@@ -167,8 +173,8 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         path: p.clone(),
         msg,
     };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     match meta.get("dptrain.format").map(String::as_str) {
         Some(FORMAT) => {}

@@ -125,7 +125,7 @@ pub mod mpi_comm {
     use std::time::{Duration, Instant};
 
     use mpi::collective::SystemOperation;
-    use mpi::datatype::PartitionMut;
+    use mpi::datatype::{Equivalence, PartitionMut};
     use mpi::environment::Universe;
     use mpi::request::{LocalScope, Request, Scope};
     use mpi::topology::Communicator as _;
@@ -266,6 +266,30 @@ pub mod mpi_comm {
             self.world.abort(3)
         }
 
+        /// recv = Σ over ranks of send, blocking or under the watchdog.
+        fn sum_into<T: Equivalence>(&self, send: &[T], recv: &mut [T], ty: &str) {
+            let k = self.next_seq();
+            match self.timeout.get() {
+                None => self
+                    .world
+                    .all_reduce_into(send, recv, SystemOperation::sum()),
+                Some(t) => {
+                    let mut arrived = vec![0u64; self.size];
+                    let what = format!("allreduce of {} {ty}", send.len());
+                    mpi::request::scope(|scope| {
+                        self.guarded(scope, &what, t, &k, &mut arrived, || {
+                            self.world.immediate_all_reduce_into(
+                                scope,
+                                send,
+                                recv,
+                                SystemOperation::sum(),
+                            )
+                        })
+                    });
+                }
+            }
+        }
+
         fn next_seq(&self) -> u64 {
             let k = self.seq.get() + 1;
             self.seq.set(k);
@@ -288,72 +312,17 @@ pub mod mpi_comm {
                 send.len() == recv.len(),
                 "allreduce buffers differ in length"
             );
-            let k = self.next_seq();
-            match self.timeout.get() {
-                None => self
-                    .world
-                    .all_reduce_into(send, recv, SystemOperation::sum()),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    let what = format!("allreduce of {} f32", send.len());
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, &what, t, &k, &mut arrived, || {
-                            self.world.immediate_all_reduce_into(
-                                scope,
-                                send,
-                                recv,
-                                SystemOperation::sum(),
-                            )
-                        })
-                    });
-                }
-            }
+            self.sum_into(send, recv, "f32");
             Ok(())
         }
         fn allreduce_sum_f64(&self, buf: &mut [f64]) -> anyhow::Result<()> {
             let send = buf.to_vec();
-            let k = self.next_seq();
-            match self.timeout.get() {
-                None => self
-                    .world
-                    .all_reduce_into(&send[..], buf, SystemOperation::sum()),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, "allreduce of f64", t, &k, &mut arrived, || {
-                            self.world.immediate_all_reduce_into(
-                                scope,
-                                &send[..],
-                                buf,
-                                SystemOperation::sum(),
-                            )
-                        })
-                    });
-                }
-            }
+            self.sum_into(&send, buf, "f64");
             Ok(())
         }
         fn allreduce_sum_u64(&self, buf: &mut [u64]) -> anyhow::Result<()> {
             let send = buf.to_vec();
-            let k = self.next_seq();
-            match self.timeout.get() {
-                None => self
-                    .world
-                    .all_reduce_into(&send[..], buf, SystemOperation::sum()),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, "allreduce of u64", t, &k, &mut arrived, || {
-                            self.world.immediate_all_reduce_into(
-                                scope,
-                                &send[..],
-                                buf,
-                                SystemOperation::sum(),
-                            )
-                        })
-                    });
-                }
-            }
+            self.sum_into(&send, buf, "u64");
             Ok(())
         }
         fn broadcast_f32(&self, buf: &mut [f32]) -> anyhow::Result<()> {

@@ -128,11 +128,17 @@ pub fn load(path: &Path) -> Result<SavedModel, ModelFileError> {
         path: p.clone(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelFileError::Format {
+    parse(&bytes, &p)
+}
+
+/// A model file held in memory (`name` for messages).
+pub fn parse(bytes: &[u8], name: &str) -> Result<SavedModel, ModelFileError> {
+    let p = name.to_string();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelFileError::Format {
         path: p.clone(),
         msg: e.to_string(),
     })?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| ModelFileError::Format {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| ModelFileError::Format {
         path: p.clone(),
         msg: e.to_string(),
     })?;

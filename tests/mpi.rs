@@ -2,37 +2,12 @@
 //! shards, parameter averaging, and a configuration mismatch that must end the job quickly.
 
 mod util;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use util::{Run, dptrain, metrics, shared, tmpdir};
+use util::{Run, dptrain, metrics, mpirun_raw, params, shared, tmpdir};
 
 fn mpirun(np: usize, args: &[&str]) -> Run {
-    let np = np.to_string();
-    let mut all: Vec<&str> = vec!["--oversubscribe", "-np", &np, env!("CARGO_BIN_EXE_dptrain")];
-    all.extend_from_slice(args);
-    mpirun_raw(&all)
-}
-
-fn mpirun_raw(args: &[&str]) -> Run {
-    let out = Command::new("mpirun")
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("mpirun (apt-get install openmpi-bin)");
-    Run {
-        cmd: format!("mpirun {}", args.join(" ")),
-        out,
-    }
-}
-
-fn params(path: &std::path::Path) -> Vec<f32> {
-    let m = dptrain::modelfile::load(path).unwrap();
-    let spec = m.spec.clone().unwrap();
-    m.flat_params(&spec, path).unwrap()
+    util::mpirun(np, args, &[])
 }
 
 /// max |a - b| / max |b|

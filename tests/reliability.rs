@@ -6,40 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{Run, dptrain, shared, tmpdir};
-
-fn params(path: &Path) -> Vec<f32> {
-    let m = dptrain::modelfile::load(path).unwrap();
-    let spec = m.spec.clone().unwrap();
-    m.flat_params(&spec, path).unwrap()
-}
-
-fn mpi_env(c: &mut Command) -> &mut Command {
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-}
-
-fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let np_s = np.to_string();
-    let mut all = vec![
-        "--oversubscribe",
-        "-np",
-        &np_s,
-        env!("CARGO_BIN_EXE_dptrain"),
-    ];
-    all.extend_from_slice(args);
-    let mut c = Command::new("mpirun");
-    mpi_env(&mut c).args(&all);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    Run {
-        cmd: format!("mpirun {}", all.join(" ")),
-        out: c.output().expect("mpirun"),
-    }
-}
+use util::{dptrain, mpi_env, mpirun, params, shared, tmpdir};
 
 const DIGITS_MLP: &[&str] = &[
     "--model",

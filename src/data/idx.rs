@@ -54,7 +54,37 @@ fn read_idx(path: &Path, magic: u32, kind: &'static str, n_dims: usize) -> Resul
         source,
     })?;
     let file_len = file.metadata().map(|m| m.len()).ok();
-    let mut buffered = BufReader::new(file);
+    parse_idx_from(BufReader::new(file), file_len, name, magic, kind, n_dims)
+}
+
+/// Parse an IDX file held in memory (gzip or raw): `images` picks the image layout (3 dimensions,
+/// magic 0x803) or the label layout (1 dimension, magic 0x801). Returns the dimensions and bytes.
+/// For fuzzing and for callers that already hold the bytes.
+pub fn parse_idx(bytes: &[u8], name: &str, images: bool) -> Result<(Vec<u32>, Vec<u8>), DataError> {
+    let (magic, kind, n_dims) = if images {
+        (IMAGES_MAGIC, "images", 3)
+    } else {
+        (LABELS_MAGIC, "labels", 1)
+    };
+    let idx = parse_idx_from(
+        BufReader::new(bytes),
+        Some(bytes.len() as u64),
+        name.to_string(),
+        magic,
+        kind,
+        n_dims,
+    )?;
+    Ok((idx.dims, idx.data))
+}
+
+fn parse_idx_from<R: Read>(
+    mut buffered: BufReader<R>,
+    file_len: Option<u64>,
+    name: String,
+    magic: u32,
+    kind: &'static str,
+    n_dims: usize,
+) -> Result<Idx, DataError> {
     let head = buffered.fill_buf().map_err(|source| DataError::Read {
         path: name.clone(),
         source,

@@ -110,3 +110,52 @@ pub fn train_last(name: &str, args: &[&str]) -> serde_json::Value {
     let _ = std::fs::remove_dir_all(&dir);
     last
 }
+
+/// Open MPI's settings for tests: root allowed (CI runs as root), more ranks than cores.
+pub fn mpi_env(c: &mut Command) -> &mut Command {
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+}
+
+/// `mpirun` with the given arguments as they stand.
+pub fn mpirun_raw(args: &[&str]) -> Run {
+    let mut c = Command::new("mpirun");
+    let out = mpi_env(&mut c)
+        .args(args)
+        .output()
+        .expect("mpirun (apt-get install openmpi-bin)");
+    Run {
+        cmd: format!("mpirun {}", args.join(" ")),
+        out,
+    }
+}
+
+/// `mpirun --oversubscribe -np N dptrain ARGS` with extra environment variables.
+pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let np_s = np.to_string();
+    let mut all = vec![
+        "--oversubscribe",
+        "-np",
+        &np_s,
+        env!("CARGO_BIN_EXE_dptrain"),
+    ];
+    all.extend_from_slice(args);
+    let mut c = Command::new("mpirun");
+    mpi_env(&mut c).args(&all);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Run {
+        cmd: format!("mpirun {}", all.join(" ")),
+        out: c.output().expect("mpirun (apt-get install openmpi-bin)"),
+    }
+}
+
+/// The flat parameters of a saved model file.
+pub fn params(path: &Path) -> Vec<f32> {
+    let m = dptrain::modelfile::load(path).expect("model file");
+    let spec = m.spec.clone().expect("spec in metadata");
+    m.flat_params(&spec, path).expect("parameters")
+}
