@@ -44,9 +44,9 @@ def main():
     print("\n".join(rows))
     mm = load(d, "matmul.json")
     if mm:
-        print("\n| matmul form | size | ms | TFLOP/s |\n| --- | --- | --- | --- |")
+        print("\n| matmul form | size | tile | ms | TFLOP/s |\n| --- | --- | --- | --- | --- |")
         for r in mm:
-            print(f"| {r['form']} | {r['size']} | {r['ms']:.3f} | {r['tflops']:.2f} |")
+            print(f"| {r['form']} | {r['size']} | {r.get('tile', 64)} | {r['ms']:.3f} | {r['tflops']:.2f} |")
         print(f"\ncuBLAS SGEMM 4096 on the same card: fp32 {torch.get('sgemm_4096_fp32_tflops', '–')} TFLOP/s, "
               f"TF32 {torch.get('sgemm_4096_tf32_tflops', '–')} TFLOP/s (target for WGSL: ≥ 40)")
     two = load(d, "mnist-mlp-b1024-2ranks.json")

@@ -520,6 +520,7 @@ impl StepBenchResult {
 pub struct MatmulRow {
     pub form: &'static str,
     pub size: u64,
+    pub tile: u64,
     pub adapter: String,
     /// Median GPU time of one product (timestamps; wall clock around a wait where there are none).
     pub ms: f64,
@@ -527,8 +528,13 @@ pub struct MatmulRow {
 }
 
 /// The matrix product kernel alone, size³, each form: 2·size³ FLOPs per call.
-pub fn matmul_bench(size: u64, iters: usize, gpu: Option<usize>) -> anyhow::Result<Vec<MatmulRow>> {
-    use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
+pub fn matmul_bench(
+    size: u64,
+    iters: usize,
+    gpu: Option<usize>,
+    tiles: &[u64],
+) -> anyhow::Result<Vec<MatmulRow>> {
+    use dptrain_kernels::matmul::Matmul;
     use dptrain_kernels::{AdapterChoice, GpuContext};
     ensure!(
         size >= 1 && iters >= 1,
@@ -543,15 +549,44 @@ pub fn matmul_bench(size: u64, iters: usize, gpu: Option<usize>) -> anyhow::Resu
     let b = ctx.upload("b", &vec![0.25f32; n])?;
     let c = ctx.storage("c", size * size * 4)?;
     let mut mm = Matmul::new(&ctx)?;
-    let timestamps = ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY);
     let mut rows = Vec::new();
-    for (form, ta, tb) in [
+    let forms = [
         ("NN", false, false),
         ("NT", false, true),
         ("TN", true, false),
-    ] {
+    ];
+    for &tile in tiles {
+        for (form, ta, tb) in forms {
+            mm.tile = Some(tile);
+            rows.push(matmul_row(
+                &ctx,
+                &mut mm,
+                (form, ta, tb),
+                size,
+                tile,
+                iters,
+                [&a, &b, &c],
+            )?);
+        }
+    }
+    Ok(rows)
+}
+
+/// One form and tile of `bench matmul`.
+fn matmul_row(
+    ctx: &dptrain_kernels::GpuContext,
+    mm: &mut dptrain_kernels::matmul::Matmul,
+    (form, ta, tb): (&'static str, bool, bool),
+    size: u64,
+    tile: u64,
+    iters: usize,
+    [a, b, c]: [&wgpu::Buffer; 3],
+) -> anyhow::Result<MatmulRow> {
+    use dptrain_kernels::matmul::{At, Epilogue, MatmulArgs};
+    let timestamps = ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY);
+    {
         let d = mm.prepare(
-            &ctx,
+            ctx,
             &MatmulArgs {
                 m: size,
                 n: size,
@@ -559,16 +594,16 @@ pub fn matmul_bench(size: u64, iters: usize, gpu: Option<usize>) -> anyhow::Resu
                 trans_a: ta,
                 trans_b: tb,
                 epilogue: Epilogue::None,
-                a: At::start(&a),
-                b: At::start(&b),
-                c: At::start(&c),
+                a: At::start(a),
+                b: At::start(b),
+                c: At::start(c),
                 bias: None,
                 aux: None,
             },
         )?;
         // warm-up, and a check that the product is right: every element is 0.125·size
-        dptrain_kernels::run(&ctx, &[&d]);
-        let probe: Vec<f32> = ctx.read(&c, 0, 1)?;
+        dptrain_kernels::run(ctx, &[&d]);
+        let probe: Vec<f32> = ctx.read(c, 0, 1)?;
         let want = 0.125 * size as f32;
         ensure!(
             (probe[0] - want).abs() <= 1e-3 * want,
@@ -578,25 +613,25 @@ pub fn matmul_bench(size: u64, iters: usize, gpu: Option<usize>) -> anyhow::Resu
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = if timestamps {
-                timed_dispatch(&ctx, &d)?
+                timed_dispatch(ctx, &d)?
             } else {
                 let t0 = Instant::now();
-                dptrain_kernels::run(&ctx, &[&d]);
+                dptrain_kernels::run(ctx, &[&d]);
                 ctx.wait()?;
                 t0.elapsed().as_secs_f64()
             };
             times.push(t);
         }
         let secs = median(&mut times);
-        rows.push(MatmulRow {
+        Ok(MatmulRow {
             form,
             size,
+            tile,
             adapter: ctx.describe(),
             ms: secs * 1e3,
             tflops: 2.0 * (size as f64).powi(3) / secs / 1e12,
-        });
+        })
     }
-    Ok(rows)
 }
 
 /// GPU time of one dispatch between timestamps at the start and end of its pass.

@@ -101,6 +101,9 @@ pub enum BenchCommand {
 pub struct MatmulBenchArgs {
     #[arg(long, default_value_t = 4096)]
     pub size: u64,
+    /// Tile edge: 64, 128, or both (0).
+    #[arg(long, default_value_t = 0)]
+    pub tile: u64,
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     #[arg(long)]
@@ -767,11 +770,17 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
     };
     match cmd {
         BenchCommand::Matmul(a) => {
-            let rows = crate::bench::matmul_bench(a.size, a.iters, a.gpu)?;
+            let tiles: &[u64] = match a.tile {
+                0 => &[64, 128],
+                64 => &[64],
+                128 => &[128],
+                t => bail!("--tile {t}: the tiles are 64 and 128 (0: both)"),
+            };
+            let rows = crate::bench::matmul_bench(a.size, a.iters, a.gpu, tiles)?;
             for r in &rows {
                 println!(
-                    "matmul {} {}³ on {}: {:.3} ms, {:.4} TFLOP/s",
-                    r.form, r.size, r.adapter, r.ms, r.tflops
+                    "matmul {} {}³ tile {} on {}: {:.3} ms, {:.4} TFLOP/s",
+                    r.form, r.size, r.tile, r.adapter, r.ms, r.tflops
                 );
             }
             if let Some(p) = &a.json {

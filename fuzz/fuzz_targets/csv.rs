@@ -12,8 +12,10 @@ fuzz_target!(|data: &[u8]| {
                 } else {
                     LabelColumn::Index(usize::from(b & 0x03))
                 },
-                header: [HeaderMode::Auto, HeaderMode::Yes, HeaderMode::No][usize::from((b >> 2) & 0x03) % 3],
-                delimiter: [None, Some(b','), Some(b'\t'), Some(b';')][usize::from((b >> 4) & 0x03)],
+                header: [HeaderMode::Auto, HeaderMode::Yes, HeaderMode::No]
+                    [usize::from((b >> 2) & 0x03) % 3],
+                delimiter: [None, Some(b','), Some(b'\t'), Some(b';')]
+                    [usize::from((b >> 4) & 0x03)],
             },
             rest,
         ),

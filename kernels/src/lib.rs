@@ -22,6 +22,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("bias_grad", include_str!("../../shaders/bias_grad.wgsl")),
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("matmul128", include_str!("../../shaders/matmul128.wgsl")),
     ("mse", include_str!("../../shaders/mse.wgsl")),
     (
         "reduce_stats",

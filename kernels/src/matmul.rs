@@ -1,4 +1,5 @@
-//! Launcher for `shaders/matmul.wgsl`: C = op(A)·op(B) with a fused epilogue, and its CPU reference.
+//! Launcher for `shaders/matmul.wgsl` (64×64 tiles) and `shaders/matmul128.wgsl` (128×128 tiles,
+//! 8×8 per thread): C = op(A)·op(B) with a fused epilogue, and their CPU reference.
 
 use std::collections::HashMap;
 
@@ -78,13 +79,18 @@ pub struct MatmulArgs<'a> {
     pub aux: Option<At<'a>>,
 }
 
-/// Output tile edge of the shader (rows and columns per workgroup).
+/// Output tile edge of `matmul.wgsl` (rows and columns per workgroup).
 pub const TILE: u64 = 64;
+/// Output tile edge of `matmul128.wgsl`.
+pub const BIG_TILE: u64 = 128;
 
-/// Pipelines for each form, made on first use, plus a placeholder for unused bindings.
+/// Pipelines for each form and tile, made on first use, plus a placeholder for unused bindings.
 pub struct Matmul {
-    kernels: HashMap<(bool, bool, Epilogue), Kernel>,
+    kernels: HashMap<(bool, bool, Epilogue, u64), Kernel>,
     placeholder: wgpu::Buffer,
+    /// Force a tile edge (64 or 128); None picks 128 when the output has at least 128 rows and
+    /// 128 columns (fewer would leave most of a large tile idle), else 64.
+    pub tile: Option<u64>,
 }
 
 impl Matmul {
@@ -92,6 +98,7 @@ impl Matmul {
         Ok(Self {
             kernels: HashMap::new(),
             placeholder: ctx.storage("matmul placeholder", 4)?,
+            tile: None,
         })
     }
 
@@ -153,9 +160,20 @@ impl Matmul {
         u32_of(K, "A extent", args.a.off + m * k)?;
         u32_of(K, "B extent", args.b.off + k * n)?;
         u32_of(K, "C extent", args.c.off + m * n)?;
+        let tile = match self.tile {
+            Some(t) if t == TILE || t == BIG_TILE => t,
+            Some(t) => {
+                return Err(KernelError::Shape {
+                    kernel: K,
+                    msg: format!("no {t}×{t} tile (64 or 128)"),
+                });
+            }
+            None if m >= BIG_TILE && n >= BIG_TILE => BIG_TILE,
+            None => TILE,
+        };
         let groups = (
-            u32_of(K, "column tiles", n.div_ceil(TILE))?,
-            u32_of(K, "row tiles", m.div_ceil(TILE))?,
+            u32_of(K, "column tiles", n.div_ceil(tile))?,
+            u32_of(K, "row tiles", m.div_ceil(tile))?,
         );
         if groups.0 > 65535 || groups.1 > 65535 {
             return Err(KernelError::Shape {
@@ -165,11 +183,15 @@ impl Matmul {
         }
         let kernel = self
             .kernels
-            .entry((args.trans_a, args.trans_b, ep))
+            .entry((args.trans_a, args.trans_b, ep, tile))
             .or_insert_with(|| {
                 Kernel::new(
                     ctx,
-                    "matmul",
+                    if tile == BIG_TILE {
+                        "matmul128"
+                    } else {
+                        "matmul"
+                    },
                     &[
                         ("TRANS_A", f64::from(u8::from(args.trans_a))),
                         ("TRANS_B", f64::from(u8::from(args.trans_b))),
@@ -259,6 +281,12 @@ mod tests {
     use crate::testutil::{assert_close, ctx, random};
 
     fn check(m: usize, n: usize, k: usize, ta: bool, tb: bool, ep: Epilogue) {
+        for tile in [TILE, BIG_TILE] {
+            check_tile(m, n, k, ta, tb, ep, tile);
+        }
+    }
+
+    fn check_tile(m: usize, n: usize, k: usize, ta: bool, tb: bool, ep: Epilogue, tile: u64) {
         let ctx = ctx();
         let a = random(m * k, 1);
         let b = random(k * n, 2);
@@ -285,6 +313,7 @@ mod tests {
         let auxbuf = ctx.upload("aux", &aux).unwrap();
         let cbuf = ctx.upload("c", &pad(&vec![-1.0; m * n], 1)).unwrap();
         let mut mm = Matmul::new(&ctx).unwrap();
+        mm.tile = Some(tile);
         let d = mm
             .prepare(
                 &ctx,
@@ -344,6 +373,8 @@ mod tests {
     #[test]
     fn larger_and_degenerate_shapes_match_the_reference() {
         check(130, 129, 200, false, true, Epilogue::BiasRelu);
+        check(259, 131, 13, true, false, Epilogue::None);
+        check(131, 257, 70, false, false, Epilogue::DTanh);
         check(1, 1, 1, true, false, Epilogue::None);
         check(257, 1, 3, false, false, Epilogue::Bias);
         check(2, 300, 65, true, false, Epilogue::None);
