@@ -1,7 +1,7 @@
 //! Launcher for `shaders/gather.wgsl`: a batch gathered on the GPU through an index buffer, and its CPU reference.
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -95,6 +95,13 @@ pub struct GatherCall {
 impl GatherCall {
     /// Point the gather at index[offset .. offset + rows]; lands before the next submit.
     pub fn set_offset(&mut self, ctx: &GpuContext, offset: u64) -> Result<(), KernelError> {
+        let u = self.offset_update(offset)?;
+        ctx.write(u.buffer, 0, &u.bytes);
+        Ok(())
+    }
+
+    /// The uniform contents that point the gather at index[offset .. offset + rows].
+    pub fn offset_update(&mut self, offset: u64) -> Result<UniformUpdate<'_>, KernelError> {
         if offset + u64::from(self.params.rows) > self.index_len {
             return Err(KernelError::Shape {
                 kernel: "gather",
@@ -106,8 +113,10 @@ impl GatherCall {
             });
         }
         self.params.offset = u32_of("gather", "offset", offset)?;
-        ctx.write(&self.uniform, 0, bytemuck::bytes_of(&self.params));
-        Ok(())
+        Ok(UniformUpdate {
+            buffer: &self.uniform,
+            bytes: bytemuck::bytes_of(&self.params).to_vec(),
+        })
     }
 }
 

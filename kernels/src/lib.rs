@@ -70,6 +70,13 @@ pub enum KernelError {
     Device(String),
 }
 
+/// New contents for a kernel's uniform buffer: applied at once with `GpuContext::write`, or staged
+/// inside a command encoder so that several steps can share one submission.
+pub struct UniformUpdate<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub bytes: Vec<u8>,
+}
+
 /// How a kernel uses each of its bindings, in binding order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {

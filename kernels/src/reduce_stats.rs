@@ -1,6 +1,6 @@
 //! Launcher for `shaders/reduce_stats.wgsl`: per-row (loss, correct) pairs added into a running total.
 
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -20,6 +20,13 @@ pub struct ReduceCall {
 
 impl ReduceCall {
     pub fn set_slot(&mut self, ctx: &GpuContext, slot: u64) -> Result<(), KernelError> {
+        let u = self.slot_update(slot)?;
+        ctx.write(u.buffer, 0, &u.bytes);
+        Ok(())
+    }
+
+    /// The uniform contents that send the next batch's loss to `history[slot]`.
+    pub fn slot_update(&mut self, slot: u64) -> Result<UniformUpdate<'_>, KernelError> {
         if slot >= self.history_len {
             return Err(KernelError::Shape {
                 kernel: "reduce_stats",
@@ -27,8 +34,10 @@ impl ReduceCall {
             });
         }
         self.params.slot = slot as u32;
-        ctx.write(&self.uniform, 0, bytemuck::bytes_of(&self.params));
-        Ok(())
+        Ok(UniformUpdate {
+            buffer: &self.uniform,
+            bytes: bytemuck::bytes_of(&self.params).to_vec(),
+        })
     }
 }
 

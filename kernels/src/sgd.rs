@@ -1,7 +1,7 @@
 //! Launcher for `shaders/sgd.wgsl`: the SGD update (momentum, Nesterov, weight decay), and its CPU reference.
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
 
 /// Hyper-parameters of one update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,6 +35,12 @@ pub struct SgdCall {
 
 impl SgdCall {
     pub fn set(&self, ctx: &GpuContext, s: &SgdStep) {
+        let u = self.step_update(s);
+        ctx.write(u.buffer, 0, &u.bytes);
+    }
+
+    /// The uniform contents for one update with `s`.
+    pub fn step_update(&self, s: &SgdStep) -> UniformUpdate<'_> {
         let p = Params {
             n: self.n,
             nesterov: u32::from(s.nesterov),
@@ -44,7 +50,10 @@ impl SgdCall {
             grad_scale: s.grad_scale,
             _pad: [0; 2],
         };
-        ctx.write(&self.uniform, 0, bytemuck::bytes_of(&p));
+        UniformUpdate {
+            buffer: &self.uniform,
+            bytes: bytemuck::bytes_of(&p).to_vec(),
+        }
     }
 }
 
