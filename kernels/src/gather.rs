@@ -1,7 +1,9 @@
 //! Launcher for `shaders/gather.wgsl`: a batch gathered on the GPU through an index buffer, and its CPU reference.
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
+use crate::{
+    Dispatch, GpuContext, Kernel, KernelError, RING_SLOTS, Slot, UniformRing, need, u32_of,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -87,7 +89,7 @@ impl DeviceData {
 /// A prepared gather of `rows` samples; `set_offset` picks which slice of the index buffer.
 pub struct GatherCall {
     pub dispatch: Dispatch,
-    uniform: wgpu::Buffer,
+    ring: UniformRing,
     params: Params,
     index_len: u64,
 }
@@ -95,13 +97,16 @@ pub struct GatherCall {
 impl GatherCall {
     /// Point the gather at index[offset .. offset + rows]; lands before the next submit.
     pub fn set_offset(&mut self, ctx: &GpuContext, offset: u64) -> Result<(), KernelError> {
-        let u = self.offset_update(offset)?;
-        ctx.write(u.buffer, 0, &u.bytes);
-        Ok(())
+        self.write_offset(ctx, 0, offset).map(|_| ())
     }
 
-    /// The uniform contents that point the gather at index[offset .. offset + rows].
-    pub fn offset_update(&mut self, offset: u64) -> Result<UniformUpdate<'_>, KernelError> {
+    /// Point ring block `slot` at index[offset .. offset + rows]; returns its dynamic offset.
+    pub fn write_offset(
+        &mut self,
+        ctx: &GpuContext,
+        slot: u64,
+        offset: u64,
+    ) -> Result<u32, KernelError> {
         if offset + u64::from(self.params.rows) > self.index_len {
             return Err(KernelError::Shape {
                 kernel: "gather",
@@ -113,10 +118,7 @@ impl GatherCall {
             });
         }
         self.params.offset = u32_of("gather", "offset", offset)?;
-        Ok(UniformUpdate {
-            buffer: &self.uniform,
-            bytes: bytemuck::bytes_of(&self.params).to_vec(),
-        })
+        self.ring.write(ctx, slot, bytemuck::bytes_of(&self.params))
     }
 }
 
@@ -132,7 +134,7 @@ const SLOTS: &[Slot] = &[
     Slot::Read,
     Slot::ReadWrite,
     Slot::ReadWrite,
-    Slot::Uniform,
+    Slot::UniformRing(std::mem::size_of::<Params>() as u64),
 ];
 
 impl Gather {
@@ -170,7 +172,13 @@ impl Gather {
             offset: 0,
             _pad: 0,
         };
-        let uniform = ctx.uniform("gather params", &params);
+        let ring = UniformRing::new(
+            ctx,
+            "gather params",
+            std::mem::size_of::<Params>() as u64,
+            RING_SLOTS,
+        );
+        ring.write(ctx, 0, bytemuck::bytes_of(&params))?;
         let kernel = if data.u8_pixels {
             &self.u8_kernel
         } else {
@@ -179,12 +187,20 @@ impl Gather {
         let total = u32_of(K, "batch elements", rows * data.features)?;
         let dispatch = kernel.dispatch(
             ctx,
-            &[&data.data, &data.targets, index, &data.norm, x, t, &uniform],
+            &[
+                &data.data,
+                &data.targets,
+                index,
+                &data.norm,
+                x,
+                t,
+                &ring.buffer,
+            ],
             groups_1d(total, 256),
         );
         Ok(GatherCall {
             dispatch,
-            uniform,
+            ring,
             params,
             index_len,
         })

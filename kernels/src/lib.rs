@@ -70,12 +70,52 @@ pub enum KernelError {
     Device(String),
 }
 
-/// New contents for a kernel's uniform buffer: applied at once with `GpuContext::write`, or staged
-/// inside a command encoder so that several steps can share one submission.
-pub struct UniformUpdate<'a> {
-    pub buffer: &'a wgpu::Buffer,
-    pub bytes: Vec<u8>,
+/// A uniform buffer holding several parameter blocks, bound with a dynamic offset: each of the
+/// steps recorded into one submission reads its own block, so one submission can carry many steps
+/// whose gather offset or learning rate differ.
+pub struct UniformRing {
+    pub buffer: wgpu::Buffer,
+    /// Bytes between blocks (the block size rounded up to the adapter's offset alignment).
+    pub stride: u64,
+    pub slots: u64,
+    /// Bytes of one block.
+    pub block: u64,
 }
+
+impl UniformRing {
+    pub fn new(ctx: &GpuContext, label: &str, block: u64, slots: u64) -> Self {
+        let align = u64::from(ctx.limits.min_uniform_buffer_offset_alignment.max(16));
+        let stride = block.div_ceil(align) * align;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: stride * slots.max(1),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Self {
+            buffer,
+            stride,
+            slots: slots.max(1),
+            block,
+        }
+    }
+
+    /// Write block `slot` (lands before the next submit); returns its dynamic offset.
+    pub fn write(&self, ctx: &GpuContext, slot: u64, bytes: &[u8]) -> Result<u32, KernelError> {
+        if slot >= self.slots {
+            return Err(KernelError::Shape {
+                kernel: "uniform ring",
+                msg: format!("slot {slot} of {}", self.slots),
+            });
+        }
+        let off = slot * self.stride;
+        ctx.write(&self.buffer, off, bytes);
+        u32_of("uniform ring", "offset", off)
+    }
+}
+
+/// Parameter blocks per ring: the steps one submission may carry.
+pub const RING_SLOTS: u64 = 16;
 
 /// How a kernel uses each of its bindings, in binding order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +123,8 @@ pub enum Slot {
     Read,
     ReadWrite,
     Uniform,
+    /// A uniform bound from a [`UniformRing`] with a dynamic offset; the block's size in bytes.
+    UniformRing(u64),
 }
 
 /// One compiled pipeline with its explicit bind-group layout.
@@ -115,6 +157,11 @@ impl Kernel {
                     Slot::Uniform => wgpu::BindingType::Buffer {
                         ty: wgpu::BufferBindingType::Uniform,
                         has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    Slot::UniformRing(_) => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: true,
                         min_binding_size: None,
                     },
                     Slot::Read | Slot::ReadWrite => wgpu::BindingType::Buffer {
@@ -172,10 +219,21 @@ impl Kernel {
         debug_assert_eq!(buffers.len(), self.slots.len(), "{}", self.name);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
+            .zip(&self.slots)
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
+            .map(|(i, (b, slot))| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.as_entire_binding(),
+                resource: match slot {
+                    // one block of the ring; the dynamic offset picks which
+                    Slot::UniformRing(block) => {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: b,
+                            offset: 0,
+                            size: std::num::NonZeroU64::new(*block),
+                        })
+                    }
+                    _ => b.as_entire_binding(),
+                },
             })
             .collect();
         let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -188,6 +246,7 @@ impl Kernel {
             pipeline: self.pipeline.clone(),
             bind,
             groups,
+            dynamic: self.slots.iter().any(|s| matches!(s, Slot::UniformRing(_))),
         }
     }
 }
@@ -199,12 +258,24 @@ pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
     pub groups: (u32, u32),
+    /// Whether its uniform comes from a ring (then `record_at` picks the block).
+    dynamic: bool,
 }
 
 impl Dispatch {
+    /// Record with the first block of its uniform ring, if it has one.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record_at(pass, 0);
+    }
+
+    /// Record with its uniform ring's block at dynamic offset `offset`.
+    pub fn record_at(&self, pass: &mut wgpu::ComputePass<'_>, offset: u32) {
         pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
+        if self.dynamic {
+            pass.set_bind_group(0, &self.bind, &[offset]);
+        } else {
+            pass.set_bind_group(0, &self.bind, &[]);
+        }
         pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
     }
 }

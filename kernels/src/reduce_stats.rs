@@ -1,6 +1,8 @@
 //! Launcher for `shaders/reduce_stats.wgsl`: per-row (loss, correct) pairs added into a running total.
 
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
+use crate::{
+    Dispatch, GpuContext, Kernel, KernelError, RING_SLOTS, Slot, UniformRing, need, u32_of,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -13,20 +15,23 @@ struct Params {
 /// A prepared reduction; `set_slot` picks the history entry of the next submission.
 pub struct ReduceCall {
     pub dispatch: Dispatch,
-    uniform: wgpu::Buffer,
+    ring: UniformRing,
     params: Params,
     history_len: u64,
 }
 
 impl ReduceCall {
     pub fn set_slot(&mut self, ctx: &GpuContext, slot: u64) -> Result<(), KernelError> {
-        let u = self.slot_update(slot)?;
-        ctx.write(u.buffer, 0, &u.bytes);
-        Ok(())
+        self.write_slot(ctx, 0, slot).map(|_| ())
     }
 
-    /// The uniform contents that send the next batch's loss to `history[slot]`.
-    pub fn slot_update(&mut self, slot: u64) -> Result<UniformUpdate<'_>, KernelError> {
+    /// Ring block `ring_slot` sends its batch's loss to `history[slot]`; returns its dynamic offset.
+    pub fn write_slot(
+        &mut self,
+        ctx: &GpuContext,
+        ring_slot: u64,
+        slot: u64,
+    ) -> Result<u32, KernelError> {
         if slot >= self.history_len {
             return Err(KernelError::Shape {
                 kernel: "reduce_stats",
@@ -34,10 +39,8 @@ impl ReduceCall {
             });
         }
         self.params.slot = slot as u32;
-        Ok(UniformUpdate {
-            buffer: &self.uniform,
-            bytes: bytemuck::bytes_of(&self.params).to_vec(),
-        })
+        self.ring
+            .write(ctx, ring_slot, bytemuck::bytes_of(&self.params))
     }
 }
 
@@ -71,7 +74,12 @@ impl ReduceStats {
                 ctx,
                 "reduce_stats",
                 &[],
-                &[Slot::Read, Slot::ReadWrite, Slot::ReadWrite, Slot::Uniform],
+                &[
+                    Slot::Read,
+                    Slot::ReadWrite,
+                    Slot::ReadWrite,
+                    Slot::UniformRing(std::mem::size_of::<Params>() as u64),
+                ],
                 false,
             ),
         }
@@ -99,13 +107,19 @@ impl ReduceStats {
             slot: 0,
             _pad: [0; 2],
         };
-        let uniform = ctx.uniform("reduce params", &params);
+        let ring = UniformRing::new(
+            ctx,
+            "reduce params",
+            std::mem::size_of::<Params>() as u64,
+            RING_SLOTS,
+        );
+        ring.write(ctx, 0, bytemuck::bytes_of(&params))?;
         let dispatch = self
             .kernel
-            .dispatch(ctx, &[stats, total, history, &uniform], (1, 1));
+            .dispatch(ctx, &[stats, total, history, &ring.buffer], (1, 1));
         Ok(ReduceCall {
             dispatch,
-            uniform,
+            ring,
             params,
             history_len: history.size() / 4,
         })

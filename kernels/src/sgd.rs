@@ -1,7 +1,9 @@
 //! Launcher for `shaders/sgd.wgsl`: the SGD update (momentum, Nesterov, weight decay), and its CPU reference.
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, UniformUpdate, need, u32_of};
+use crate::{
+    Dispatch, GpuContext, Kernel, KernelError, RING_SLOTS, Slot, UniformRing, need, u32_of,
+};
 
 /// Hyper-parameters of one update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,18 +31,17 @@ struct Params {
 /// A prepared update over one parameter/gradient/velocity triple; `set` changes the step's values.
 pub struct SgdCall {
     pub dispatch: Dispatch,
-    uniform: wgpu::Buffer,
+    ring: UniformRing,
     n: u32,
 }
 
 impl SgdCall {
-    pub fn set(&self, ctx: &GpuContext, s: &SgdStep) {
-        let u = self.step_update(s);
-        ctx.write(u.buffer, 0, &u.bytes);
+    pub fn set(&self, ctx: &GpuContext, s: &SgdStep) -> Result<(), KernelError> {
+        self.write_step(ctx, 0, s).map(|_| ())
     }
 
-    /// The uniform contents for one update with `s`.
-    pub fn step_update(&self, s: &SgdStep) -> UniformUpdate<'_> {
+    /// Ring block `slot` holds the update `s`; returns its dynamic offset.
+    pub fn write_step(&self, ctx: &GpuContext, slot: u64, s: &SgdStep) -> Result<u32, KernelError> {
         let p = Params {
             n: self.n,
             nesterov: u32::from(s.nesterov),
@@ -50,10 +51,7 @@ impl SgdCall {
             grad_scale: s.grad_scale,
             _pad: [0; 2],
         };
-        UniformUpdate {
-            buffer: &self.uniform,
-            bytes: bytemuck::bytes_of(&p).to_vec(),
-        }
+        self.ring.write(ctx, slot, bytemuck::bytes_of(&p))
     }
 }
 
@@ -68,7 +66,12 @@ impl Sgd {
                 ctx,
                 "sgd",
                 &[],
-                &[Slot::ReadWrite, Slot::Read, Slot::ReadWrite, Slot::Uniform],
+                &[
+                    Slot::ReadWrite,
+                    Slot::Read,
+                    Slot::ReadWrite,
+                    Slot::UniformRing(std::mem::size_of::<Params>() as u64),
+                ],
                 true,
             ),
         }
@@ -87,13 +90,19 @@ impl Sgd {
         need(K, "gradients", grad, n)?;
         need(K, "velocity", vel, n)?;
         let n32 = u32_of(K, "parameters", n)?;
-        let uniform = ctx.uniform("sgd params", &Params::zeroed_with(n32));
+        let ring = UniformRing::new(
+            ctx,
+            "sgd params",
+            std::mem::size_of::<Params>() as u64,
+            RING_SLOTS,
+        );
+        ring.write(ctx, 0, bytemuck::bytes_of(&Params::zeroed_with(n32)))?;
         let dispatch =
             self.kernel
-                .dispatch(ctx, &[theta, grad, vel, &uniform], groups_1d(n32, 256));
+                .dispatch(ctx, &[theta, grad, vel, &ring.buffer], groups_1d(n32, 256));
         Ok(SgdCall {
             dispatch,
-            uniform,
+            ring,
             n: n32,
         })
     }
@@ -152,7 +161,7 @@ mod tests {
                     nesterov,
                     grad_scale: 0.25,
                 };
-                call.set(&ctx, &s);
+                call.set(&ctx, &s).unwrap();
                 crate::run(&ctx, &[&call.dispatch]);
                 sgd_ref(&mut theta, &grad, &mut vel, &s);
             }

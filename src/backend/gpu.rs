@@ -2,10 +2,9 @@
 //!
 //! Training data is uploaded once (u8 pixels stay u8); each batch is gathered on the GPU through the
 //! epoch's permutation. Buffers, pipelines and bind groups are made once per batch size ("plans").
-//! A step records its dispatches, and its few per-step uniform values (gather offset, loss-history
-//! slot, learning rate) travel through a staging ring: one `write_buffer` per submission fills the
-//! ring, and in-encoder copies move each step's values into place just before its pass. So up to
-//! STEPS_PER_SUBMIT steps share one submission, which is what a step as small as logistic
+//! A step records its dispatches; its few per-step uniform values (gather offset, loss-history
+//! slot, learning rate) go to its own block of small uniform rings bound with dynamic offsets, so
+//! up to STEPS_PER_SUBMIT steps share one submission, which is what a step as small as logistic
 //! regression's needs. In a single-process run the host waits for the GPU only when it reads
 //! something back (logging, evaluation), and otherwise only to keep at most a few submissions in
 //! flight so that queued work stays bounded.
@@ -29,11 +28,8 @@ use crate::model::ModelSpec;
 /// Submissions allowed in flight before the host waits for the oldest.
 const MAX_IN_FLIGHT: usize = 4;
 
-/// Training steps recorded into one submission at most.
-pub const STEPS_PER_SUBMIT: usize = 16;
-
-/// Bytes of the staging ring for per-step uniform values (a step uses under 100).
-const RING: usize = 64 * 1024;
+/// Training steps recorded into one submission at most (one ring block each).
+pub const STEPS_PER_SUBMIT: usize = dptrain_kernels::RING_SLOTS as usize;
 
 /// Per-step loss sums kept on the GPU between reads (`take_step_losses`).
 pub const HISTORY: usize = 1024;
@@ -101,39 +97,9 @@ pub struct GpuBackend {
     sgd: SgdCall,
     plans: HashMap<(Pass, usize), Plan>,
     pending: Option<wgpu::CommandEncoder>,
-    /// Steps recorded into `pending`.
+    /// Steps recorded into `pending`: the next step's ring block.
     pending_steps: usize,
-    /// Staging ring: this submission's per-step uniform values, written once before it is submitted.
-    ring: wgpu::Buffer,
-    ring_data: Vec<u8>,
     in_flight: VecDeque<wgpu::SubmissionIndex>,
-}
-
-/// Stage `u` for the pending encoder: its bytes join the ring, and a copy from the ring into the
-/// uniform buffer is recorded at this point of the encoder (between passes).
-fn stage(
-    device: &wgpu::Device,
-    pending: &mut Option<wgpu::CommandEncoder>,
-    ring: &wgpu::Buffer,
-    ring_data: &mut Vec<u8>,
-    u: dptrain_kernels::UniformUpdate<'_>,
-) {
-    let enc = pending.get_or_insert_with(|| {
-        device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("step"),
-        })
-    });
-    let off = ring_data.len() as u64;
-    ring_data.extend_from_slice(&u.bytes);
-    // copies move whole 4-byte words
-    ring_data.resize(ring_data.len().div_ceil(4) * 4, 0);
-    enc.copy_buffer_to_buffer(
-        ring,
-        off,
-        u.buffer,
-        0,
-        (u.bytes.len() as u64).div_ceil(4) * 4,
-    );
 }
 
 /// Upload a dataset, compactly when its values are bytes; explain when it cannot fit.
@@ -221,8 +187,6 @@ impl GpuBackend {
             plans: HashMap::new(),
             pending: None,
             pending_steps: 0,
-            ring: ctx.storage("uniform staging ring", RING as u64)?,
-            ring_data: Vec::with_capacity(RING),
             in_flight: VecDeque::new(),
             max_rows: rows,
             theta,
@@ -390,12 +354,8 @@ impl GpuBackend {
     /// Submit whatever is recorded, keeping at most MAX_IN_FLIGHT submissions queued.
     fn submit(&mut self) -> anyhow::Result<()> {
         if let Some(enc) = self.pending.take() {
-            // the ring's contents reach the GPU before this submission's copies read them, and after
-            // every earlier submission is done with the ring (writes are ordered on the queue)
-            if !self.ring_data.is_empty() {
-                self.ctx.queue.write_buffer(&self.ring, 0, &self.ring_data);
-                self.ring_data.clear();
-            }
+            // the ring blocks written for this submission land before it runs, and the next
+            // submission's writes land only after it (queue writes and submissions are ordered)
             let idx = self.ctx.queue.submit([enc.finish()]);
             self.in_flight.push_back(idx);
         }
@@ -435,49 +395,35 @@ impl GpuBackend {
             let plan = self.build_plan(pass, rows)?;
             self.plans.insert((pass, rows), plan);
         }
-        if self.ring_data.len() + 1024 > RING {
-            self.submit()?;
-        }
         let plan = self
             .plans
             .get_mut(&(pass, rows))
             .context("plan just inserted")?;
-        let device = &self.ctx.device;
-        let u = plan.gather.offset_update(offset as u64)?;
-        stage(
-            device,
-            &mut self.pending,
-            &self.ring,
-            &mut self.ring_data,
-            u,
-        );
-        if pass == Pass::Train {
-            let u = plan
-                .reduce
-                .slot_update((self.history_len % HISTORY) as u64)?;
-            stage(
-                device,
-                &mut self.pending,
-                &self.ring,
-                &mut self.ring_data,
-                u,
-            );
+        let slot = self.pending_steps as u64;
+        let gather_at = plan.gather.write_offset(&self.ctx, slot, offset as u64)?;
+        let history_slot = if pass == Pass::Train {
             self.history_len += 1;
-        }
-        let Some(enc) = self.pending.as_mut() else {
-            anyhow::bail!("no encoder after staging");
+            ((self.history_len - 1) % HISTORY) as u64
+        } else {
+            0
         };
+        let reduce_at = plan.reduce.write_slot(&self.ctx, slot, history_slot)?;
+        let device = &self.ctx.device;
+        let enc = self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            })
+        });
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("step"),
             timestamp_writes: None,
         });
-        plan.gather.dispatch.record(&mut cpass);
-        for d in plan
-            .forward
-            .iter()
-            .chain([&plan.loss, &plan.reduce.dispatch])
-            .chain(&plan.backward)
-        {
+        plan.gather.dispatch.record_at(&mut cpass, gather_at);
+        for d in plan.forward.iter().chain([&plan.loss]) {
+            d.record(&mut cpass);
+        }
+        plan.reduce.dispatch.record_at(&mut cpass, reduce_at);
+        for d in &plan.backward {
             d.record(&mut cpass);
         }
         Ok(())
@@ -507,7 +453,7 @@ impl Backend for GpuBackend {
             .get_mut(&(Pass::Train, rows))
             .context("plan for this batch size")?;
         plan.gather.set_offset(&self.ctx, offset as u64)?;
-        self.sgd.set(&self.ctx, step);
+        self.sgd.set(&self.ctx, step)?;
         let n_layers = plan.forward.len();
         let mut list: Vec<(String, &Dispatch)> =
             vec![("gather batch".into(), &plan.gather.dispatch)];
@@ -641,23 +587,21 @@ impl Backend for GpuBackend {
     }
 
     fn update(&mut self, step: &SgdStep) -> anyhow::Result<()> {
-        let u = self.sgd.step_update(step);
-        stage(
-            &self.ctx.device,
-            &mut self.pending,
-            &self.ring,
-            &mut self.ring_data,
-            u,
-        );
-        let Some(enc) = self.pending.as_mut() else {
-            anyhow::bail!("no encoder after staging");
-        };
+        let at = self
+            .sgd
+            .write_step(&self.ctx, self.pending_steps as u64, step)?;
+        let device = &self.ctx.device;
+        let enc = self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            })
+        });
         {
             let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("update"),
                 timestamp_writes: None,
             });
-            self.sgd.dispatch.record(&mut cpass);
+            self.sgd.dispatch.record_at(&mut cpass, at);
         }
         self.pending_steps += 1;
         if self.pending_steps >= STEPS_PER_SUBMIT {
