@@ -13,11 +13,14 @@ mkdir -p "$OUT/raw"
 B=.bin/dptrain
 log="$OUT/log.txt"
 run() { echo "\$ $*" >>"$log"; timeout "${T:-150}" "$@" >>"$log" 2>&1 || echo "FAILED ($?): $*" >>"$log"; }
+# (an environment variable before `run` reaches the command: `VAR=x run cmd`)
 date -u >"$log"
 run nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
 run $B devices
 run $B bench matmul --size 4096 --iters 10 --json "$OUT/raw/matmul.json"
 run $B bench --workload seed-logreg --batch 100 --steps 300 --json "$OUT/raw/seed-logreg-b100.json"
+# what 16 steps per submission buy over one
+DPTRAIN_STEPS_PER_SUBMIT=1 run $B bench --workload seed-logreg --batch 100 --steps 300 --json "$OUT/raw/seed-logreg-b100-1step.json"
 run $B bench --workload seed-logreg --batch 65536 --json "$OUT/raw/seed-logreg-b65536.json"
 run $B bench --workload mnist-mlp --batch 1024 --json "$OUT/raw/mnist-mlp-b1024.json"
 run $B bench --workload mnist-mlp --batch 8192 --json "$OUT/raw/mnist-mlp-b8192.json"

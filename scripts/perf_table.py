@@ -49,6 +49,11 @@ def main():
             print(f"| {r['form']} | {r['size']} | {r.get('tile', 64)} | {r['ms']:.3f} | {r['tflops']:.2f} |")
         print(f"\ncuBLAS SGEMM 4096 on the same card: fp32 {torch.get('sgemm_4096_fp32_tflops', '–')} TFLOP/s, "
               f"TF32 {torch.get('sgemm_4096_tf32_tflops', '–')} TFLOP/s (target for WGSL: ≥ 40)")
+    one = load(d, "seed-logreg-b100-1step.json")
+    many = load(d, "seed-logreg-b100.json")
+    if one and many:
+        print(f"\nseed-logreg/100: {many['step_ms']*1e3:.1f} µs per step with 16 steps per submission, "
+              f"{one['step_ms']*1e3:.1f} µs with one")
     two = load(d, "mnist-mlp-b1024-2ranks.json")
     if two and two.get("exchange"):
         e = two["exchange"]

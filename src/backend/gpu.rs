@@ -99,6 +99,9 @@ pub struct GpuBackend {
     pending: Option<wgpu::CommandEncoder>,
     /// Steps recorded into `pending`: the next step's ring block.
     pending_steps: usize,
+    /// Steps per submission (STEPS_PER_SUBMIT; DPTRAIN_STEPS_PER_SUBMIT=1..16 overrides, for
+    /// measuring what batching submissions is worth on a given adapter).
+    steps_per_submit: usize,
     in_flight: VecDeque<wgpu::SubmissionIndex>,
 }
 
@@ -187,6 +190,10 @@ impl GpuBackend {
             plans: HashMap::new(),
             pending: None,
             pending_steps: 0,
+            steps_per_submit: std::env::var("DPTRAIN_STEPS_PER_SUBMIT")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(STEPS_PER_SUBMIT, |v| v.clamp(1, STEPS_PER_SUBMIT)),
             in_flight: VecDeque::new(),
             max_rows: rows,
             theta,
@@ -604,7 +611,7 @@ impl Backend for GpuBackend {
             self.sgd.dispatch.record_at(&mut cpass, at);
         }
         self.pending_steps += 1;
-        if self.pending_steps >= STEPS_PER_SUBMIT {
+        if self.pending_steps >= self.steps_per_submit {
             self.submit()?;
         }
         Ok(())
