@@ -198,13 +198,31 @@ impl ModelSpec {
         theta
     }
 
-    /// Layer `l`'s (weight offset, bias offset) in the flat buffer.
+    /// Width `i` of [inputs, hidden..., outputs], without building the list.
+    fn width(&self, i: usize) -> usize {
+        match i {
+            0 => self.inputs,
+            i if i <= self.hidden.len() => self.hidden[i - 1],
+            _ => self.outputs,
+        }
+    }
+
+    /// Layer `l`'s (fan_in, fan_out), without allocating (it is on the CPU backend's step path).
+    pub fn layer(&self, l: usize) -> (usize, usize) {
+        (self.width(l), self.width(l + 1))
+    }
+
+    /// Layer `l`'s (weight offset, bias offset) in the flat buffer: the same arithmetic as
+    /// `layout`, without building the table.
     pub fn offsets(&self, l: usize) -> (usize, usize) {
-        let layout = self.layout();
-        (
-            layout.tensors[2 * l].offset,
-            layout.tensors[2 * l + 1].offset,
-        )
+        let start: usize = (0..l)
+            .map(|j| {
+                let (fi, fo) = self.layer(j);
+                fi * fo + fo
+            })
+            .sum();
+        let (fi, fo) = self.layer(l);
+        (start, start + fi * fo)
     }
 }
 
@@ -260,6 +278,19 @@ mod tests {
         }
         assert_eq!(off, l.total);
         assert_eq!(l.total, 5 * 4 + 4 + 4 * 2 + 2 + 2 * 3 + 3);
+    }
+
+    #[test]
+    fn offsets_and_layers_agree_with_the_layout_table() {
+        let s = ModelSpec::new(ModelKind::Mlp, 7, 3, vec![5, 4, 6], Activation::Tanh).unwrap();
+        let l = s.layout();
+        for (i, (fi, fo)) in s.layers().into_iter().enumerate() {
+            assert_eq!(s.layer(i), (fi, fo));
+            assert_eq!(
+                s.offsets(i),
+                (l.tensors[2 * i].offset, l.tensors[2 * i + 1].offset)
+            );
+        }
     }
 
     #[test]

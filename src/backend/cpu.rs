@@ -43,7 +43,7 @@ fn views<'a, T>(
     theta: &'a [T],
     l: usize,
 ) -> (ArrayView2<'a, T>, ArrayView1<'a, T>) {
-    let (fi, fo) = spec.layers()[l];
+    let (fi, fo) = spec.layer(l);
     let (wo, bo) = spec.offsets(l);
     let w =
         ArrayView2::from_shape((fo, fi), &theta[wo..wo + fi * fo]).expect("layout matches spec");
@@ -57,7 +57,7 @@ pub fn forward<T: Float + LinalgScalar>(
     theta: &[T],
     x: ArrayView2<T>,
 ) -> Vec<Array2<T>> {
-    let n_layers = spec.layers().len();
+    let n_layers = spec.hidden.len() + 1;
     let mut outs: Vec<Array2<T>> = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
         let (w, b) = views(spec, theta, l);
