@@ -47,7 +47,8 @@ impl BiasGrad {
             dst_off: u32_of(K, "offset", dst_off)?,
             _pad: 0,
         };
-        let groups = params.cols.div_ceil(64);
+        // 16 columns per workgroup
+        let groups = params.cols.div_ceil(16);
         if groups > 65535 {
             return Err(KernelError::Shape {
                 kernel: K,
@@ -75,8 +76,15 @@ mod tests {
 
     #[test]
     fn column_sums_match_the_reference_at_an_offset() {
-        let ctx = ctx();
         let (rows, cols, off) = (203, 71, 9);
+        check_sums(rows, cols, off);
+        // fewer rows than the 16 lanes, and one column
+        check_sums(5, 1, 0);
+        check_sums(1000, 33, 3);
+    }
+
+    fn check_sums(rows: usize, cols: usize, off: usize) {
+        let ctx = ctx();
         let dz = random(rows * cols, 8);
         let dzb = ctx.upload("dz", &dz).unwrap();
         let gb = ctx.upload("grads", &vec![5.0f32; off + cols + 3]).unwrap();
