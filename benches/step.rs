@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the hot kernels and of one whole training step, on whatever adapter wgpu finds.
+//! Criterion benchmarks of every kernel and of one whole training step, on whatever adapter wgpu finds.
 //!
 //! Napkin math is printed beside each: a matmul of m×n×k does 2mnk FLOPs; a training step of an MLP
 //! does about 6 × batch × Σ fan_in·fan_out FLOPs.
@@ -62,6 +62,121 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
+/// The other kernels at the shapes of an mnist-mlp step at batch 1024 (1024 hidden units, 10 classes).
+fn kernels(c: &mut Criterion) {
+    use dptrain_kernels::bias_grad::BiasGrad;
+    use dptrain_kernels::gather::{DeviceData, Gather};
+    use dptrain_kernels::loss::{Loss, LossArgs, LossKind};
+    use dptrain_kernels::reduce_stats::ReduceStats;
+    use dptrain_kernels::sgd::{Sgd, SgdStep};
+    let Ok(ctx) = GpuContext::new(&AdapterChoice::default()) else {
+        return;
+    };
+    let (rows, feats, hidden, classes) = (1024u64, 784u64, 1024u64, 10u64);
+    let bytes: Vec<u8> = (0..rows * feats).map(|i| (i % 251) as u8).collect();
+    let targets: Vec<f32> = (0..rows).map(|i| (i % classes) as f32).collect();
+    let data = DeviceData::from_u8(
+        &ctx,
+        &bytes,
+        &targets,
+        &vec![0.0; feats as usize],
+        &vec![1.0 / 255.0; feats as usize],
+    )
+    .expect("data");
+    let index = ctx
+        .upload("index", &(0..rows as u32).collect::<Vec<_>>())
+        .expect("index");
+    let x = ctx.storage("x", rows * feats * 4).expect("x");
+    let t = ctx.storage("t", rows * 4).expect("t");
+    let z = ctx
+        .upload("z", &vec![0.1f32; (rows * classes) as usize])
+        .expect("z");
+    let dz = ctx.storage("dz", rows * hidden * 4).expect("dz");
+    let stats = ctx.storage("stats", rows * 8).expect("stats");
+    let totals = ReduceStats::total_buffer(&ctx).expect("totals");
+    let history = ctx.storage("history", 64).expect("history");
+    let n_params = 1_863_690u64;
+    let theta = ctx.storage("theta", n_params * 4).expect("theta");
+    let grads = ctx.storage("grads", n_params * 4).expect("grads");
+    let vel = ctx.storage("vel", n_params * 4).expect("vel");
+    let calls = [
+        (
+            format!(
+                "gather u8 {rows}x{feats}: {:.1} MB written",
+                (rows * feats * 4) as f64 / 1e6
+            ),
+            Gather::new(&ctx)
+                .prepare(&ctx, &data, &index, rows, &x, &t)
+                .expect("gather")
+                .dispatch,
+        ),
+        (
+            format!("softmax_xent {rows}x{classes}"),
+            Loss::new(&ctx, LossKind::SoftmaxXent)
+                .prepare(
+                    &ctx,
+                    &LossArgs {
+                        rows,
+                        classes,
+                        z: &z,
+                        t: &t,
+                        dz: &dz,
+                        stats: &stats,
+                    },
+                )
+                .expect("loss"),
+        ),
+        (
+            format!("reduce_stats {rows}"),
+            ReduceStats::new(&ctx)
+                .prepare(&ctx, rows, &stats, &totals, &history)
+                .expect("reduce")
+                .dispatch,
+        ),
+        (
+            format!(
+                "bias_grad {rows}x{hidden}: {:.1} MB read",
+                (rows * hidden * 4) as f64 / 1e6
+            ),
+            BiasGrad::new(&ctx)
+                .prepare(&ctx, rows, hidden, &dz, &grads, 0)
+                .expect("bias_grad"),
+        ),
+        ({
+            let call = Sgd::new(&ctx)
+                .prepare(&ctx, n_params, &theta, &grads, &vel)
+                .expect("sgd");
+            call.set(
+                &ctx,
+                &SgdStep {
+                    lr: 0.01,
+                    momentum: 0.9,
+                    weight_decay: 0.0,
+                    nesterov: false,
+                    grad_scale: 1.0 / rows as f32,
+                },
+            )
+            .expect("sgd params");
+            (
+                format!(
+                    "sgd {n_params} parameters: {:.1} MB moved",
+                    (n_params * 4 * 5) as f64 / 1e6
+                ),
+                call.dispatch,
+            )
+        }),
+    ];
+    for (name, d) in &calls {
+        eprintln!("{name}");
+        c.bench_function(name.split(':').next().unwrap_or(name), |bench| {
+            bench.iter(|| {
+                dptrain_kernels::run(&ctx, &[d]);
+                ctx.wait().expect("wait");
+            })
+        });
+    }
+}
+
 fn step(c: &mut Criterion) {
     let ds = synth::random(4096, 784, 10, 1);
     let mut cfg = TrainConfig::new(ModelKind::Mlp);
@@ -106,6 +221,6 @@ fn step(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = matmul, step
+    targets = matmul, kernels, step
 }
 criterion_main!(benches);
