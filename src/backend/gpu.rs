@@ -47,7 +47,8 @@ enum Pass {
 
 /// Everything recorded for one batch size of one pass.
 struct Plan {
-    gather: GatherCall,
+    /// None for host-fed data: the batch is uploaded instead.
+    gather: Option<GatherCall>,
     forward: Vec<Dispatch>,
     loss: Dispatch,
     reduce: ReduceCall,
@@ -74,8 +75,10 @@ pub struct GpuBackend {
     grads: wgpu::Buffer,
     vel: wgpu::Buffer,
     n_params: usize,
-    train: DeviceData,
-    test: Option<DeviceData>,
+    train: Resident,
+    test: Option<Resident>,
+    /// The epoch's order on the host too, for host-fed training data.
+    order_host: Vec<u32>,
     order: wgpu::Buffer,
     train_identity: wgpu::Buffer,
     test_identity: Option<wgpu::Buffer>,
@@ -105,28 +108,78 @@ pub struct GpuBackend {
     in_flight: VecDeque<wgpu::SubmissionIndex>,
 }
 
-/// Upload a dataset, compactly when its values are bytes; explain when it cannot fit.
-fn upload_data(ctx: &GpuContext, ds: &Dataset, norm: &Normalizer) -> anyhow::Result<DeviceData> {
+/// Where a dataset lives: on the GPU (gathered there each step), or, when it does not fit the
+/// adapter's largest binding even as bytes, on the host, normalised, each batch uploaded as it is
+/// needed (slower: one submission per step).
+enum Resident {
+    Device(DeviceData),
+    Host {
+        x: Vec<f32>,
+        y: Vec<f32>,
+        features: usize,
+    },
+}
+
+impl Resident {
+    fn samples(&self) -> u64 {
+        match self {
+            Resident::Device(d) => d.samples,
+            Resident::Host { y, .. } => y.len() as u64,
+        }
+    }
+}
+
+/// Upload a dataset, compactly when its values are bytes; keep it on the host when it cannot fit.
+/// `DPTRAIN_DEVICE_DATA_LIMIT=BYTES` lowers the limit, to exercise the host path in tests.
+fn upload_data(ctx: &GpuContext, ds: &Dataset, norm: &Normalizer) -> anyhow::Result<Resident> {
     let up = |ds: &Dataset| match &ds.x {
         Features::U8(x) => DeviceData::from_u8(ctx, x, &ds.y, &norm.shift, &norm.scale),
         Features::F32(x) => DeviceData::from_f32(ctx, x, &ds.y, &norm.shift, &norm.scale),
     };
-    match up(ds) {
-        Err(KernelError::TooLarge { .. }) if matches!(ds.x, Features::F32(_)) => {
-            let mut compact = ds.clone();
-            if compact.compact_to_u8() {
-                tracing::info!(
-                    "{}: stored as u8 on the GPU to fit its largest binding",
-                    ds.source
-                );
-                return Ok(up(&compact)?);
-            }
-            Err(up(ds).map(|_| ()).err().map_or_else(
-                || anyhow::anyhow!("upload failed"),
-                |e| anyhow::anyhow!("{}: {e}; use --device cpu or a smaller dataset", ds.source),
-            ))
+    let limit = std::env::var("DPTRAIN_DEVICE_DATA_LIMIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let bytes = |ds: &Dataset| match &ds.x {
+        Features::U8(v) => v.len() as u64,
+        Features::F32(v) => 4 * v.len() as u64,
+    };
+    let fits = |ds: &Dataset| limit.is_none_or(|l| bytes(ds) <= l);
+    let host = || {
+        tracing::warn!(
+            "{}: too large for the adapter's largest binding; batches are fed from the host (slower)",
+            ds.source
+        );
+        Resident::Host {
+            x: norm.apply_dataset(ds),
+            y: ds.y.clone(),
+            features: ds.n_features,
         }
-        r => Ok(r.with_context(|| ds.source.clone())?),
+    };
+    let result = if fits(ds) {
+        up(ds)
+    } else {
+        Err(KernelError::TooLarge {
+            what: ds.source.clone(),
+            bytes: bytes(ds),
+            limit: limit.unwrap_or(0),
+        })
+    };
+    match result {
+        Ok(d) => Ok(Resident::Device(d)),
+        Err(KernelError::TooLarge { .. }) => {
+            let mut compact = ds.clone();
+            if compact.compact_to_u8() && fits(&compact) {
+                if let Ok(d) = up(&compact) {
+                    tracing::info!(
+                        "{}: stored as u8 on the GPU to fit its largest binding",
+                        ds.source
+                    );
+                    return Ok(Resident::Device(d));
+                }
+            }
+            Ok(host())
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(ds.source.clone())),
     }
 }
 
@@ -170,6 +223,7 @@ impl GpuBackend {
         let sgd = Sgd::new(&ctx).prepare(&ctx, n_params as u64, &theta, &grads, &vel)?;
         let backend = Self {
             order: ctx.storage("epoch order", bytes(init.train.n_samples))?,
+            order_host: Vec::new(),
             train_identity: ctx.upload("train index", &identity(init.train.n_samples))?,
             test_identity: init
                 .test
@@ -228,9 +282,15 @@ impl GpuBackend {
             ),
         };
         let act = &self.act;
-        let gather = self
-            .gather
-            .prepare(ctx, data, index, r, &act.acts[0], &act.targets)?;
+        let gather = match data {
+            Resident::Device(data) => {
+                Some(
+                    self.gather
+                        .prepare(ctx, data, index, r, &act.acts[0], &act.targets)?,
+                )
+            }
+            Resident::Host { .. } => None,
+        };
         let layers = spec.layers();
         let last = layers.len() - 1;
         let mut forward = Vec::new();
@@ -402,12 +462,39 @@ impl GpuBackend {
             let plan = self.build_plan(pass, rows)?;
             self.plans.insert((pass, rows), plan);
         }
+        let data = match pass {
+            Pass::Train | Pass::EvalTrain => &self.train,
+            Pass::EvalTest => self.test.as_ref().context("no test set")?,
+        };
+        if let Resident::Host { x, y, features } = data {
+            // host-fed data: the recorded steps still read the batch buffers, so they go first
+            let idx: Vec<usize> = match pass {
+                Pass::Train => self.order_host[offset..offset + rows]
+                    .iter()
+                    .map(|&i| i as usize)
+                    .collect(),
+                _ => (offset..offset + rows).collect(),
+            };
+            let mut bx = Vec::with_capacity(rows * features);
+            for &i in &idx {
+                bx.extend_from_slice(&x[i * features..(i + 1) * features]);
+            }
+            let bt: Vec<f32> = idx.iter().map(|&i| y[i]).collect();
+            self.submit()?;
+            self.ctx
+                .write(&self.act.acts[0], 0, bytemuck::cast_slice(&bx));
+            self.ctx
+                .write(&self.act.targets, 0, bytemuck::cast_slice(&bt));
+        }
         let plan = self
             .plans
             .get_mut(&(pass, rows))
             .context("plan just inserted")?;
         let slot = self.pending_steps as u64;
-        let gather_at = plan.gather.write_offset(&self.ctx, slot, offset as u64)?;
+        let gather_at = match plan.gather.as_mut() {
+            Some(g) => Some(g.write_offset(&self.ctx, slot, offset as u64)?),
+            None => None,
+        };
         let history_slot = if pass == Pass::Train {
             self.history_len += 1;
             ((self.history_len - 1) % HISTORY) as u64
@@ -425,7 +512,9 @@ impl GpuBackend {
             label: Some("step"),
             timestamp_writes: None,
         });
-        plan.gather.dispatch.record_at(&mut cpass, gather_at);
+        if let (Some(g), Some(at)) = (&plan.gather, gather_at) {
+            g.dispatch.record_at(&mut cpass, at);
+        }
         for d in plan.forward.iter().chain([&plan.loss]) {
             d.record(&mut cpass);
         }
@@ -459,11 +548,14 @@ impl Backend for GpuBackend {
             .plans
             .get_mut(&(Pass::Train, rows))
             .context("plan for this batch size")?;
-        plan.gather.set_offset(&self.ctx, offset as u64)?;
+        let Some(gather) = plan.gather.as_mut() else {
+            // host-fed data has no gather kernel to time
+            return Ok(None);
+        };
+        gather.set_offset(&self.ctx, offset as u64)?;
         self.sgd.set(&self.ctx, step)?;
         let n_layers = plan.forward.len();
-        let mut list: Vec<(String, &Dispatch)> =
-            vec![("gather batch".into(), &plan.gather.dispatch)];
+        let mut list: Vec<(String, &Dispatch)> = vec![("gather batch".into(), &gather.dispatch)];
         for (l, d) in plan.forward.iter().enumerate() {
             let what = if l + 1 == n_layers {
                 "bias"
@@ -548,18 +640,21 @@ impl Backend for GpuBackend {
 
     fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
         anyhow::ensure!(
-            order.len() as u64 <= self.train.samples
-                && order.iter().all(|&i| u64::from(i) < self.train.samples),
+            order.len() as u64 <= self.train.samples()
+                && order.iter().all(|&i| u64::from(i) < self.train.samples()),
             "sample order indexes past the training set"
         );
         self.submit()?;
         self.ctx.write(&self.order, 0, bytemuck::cast_slice(order));
+        if matches!(self.train, Resident::Host { .. }) {
+            self.order_host = order.to_vec();
+        }
         Ok(())
     }
 
     fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
-            (offset + rows) as u64 <= self.train.samples,
+            (offset + rows) as u64 <= self.train.samples(),
             "batch past the epoch's order"
         );
         self.record(Pass::Train, offset, rows)
@@ -636,10 +731,10 @@ impl Backend for GpuBackend {
 
     fn evaluate(&mut self, split: Split, range: Range<usize>) -> anyhow::Result<Totals> {
         let (pass, n) = match split {
-            Split::Train => (Pass::EvalTrain, self.train.samples),
+            Split::Train => (Pass::EvalTrain, self.train.samples()),
             Split::Test => (
                 Pass::EvalTest,
-                self.test.as_ref().context("no test set")?.samples,
+                self.test.as_ref().context("no test set")?.samples(),
             ),
         };
         anyhow::ensure!(range.end as u64 <= n, "evaluation range past the data");
