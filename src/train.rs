@@ -912,6 +912,11 @@ pub fn train_with(
         (None, Some(e)) => e * plan.steps_per_epoch,
         (None, None) => 10 * plan.steps_per_epoch,
     };
+    tracing::info!(
+        "rank {rank}/{ranks}: {} local samples, {} steps per epoch, {total_steps} steps in all",
+        plan.local_samples(),
+        plan.steps_per_epoch
+    );
     let settings = resume_settings(cfg, setup);
     let check = |p: &std::path::Path, st: &crate::checkpoint::State| -> anyhow::Result<()> {
         crate::checkpoint::compatible(

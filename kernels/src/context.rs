@@ -169,6 +169,16 @@ impl GpuContext {
             ..Default::default()
         }))
         .map_err(|e| KernelError::RequestDevice(e.to_string()))?;
+        tracing::info!(
+            "opened {} ({:?}, {:?}): storage binding {} MiB, workgroup memory {} KiB, {} invocations, features {:?}",
+            info.name,
+            info.device_type,
+            info.backend,
+            limits.max_storage_buffer_binding_size >> 20,
+            limits.max_compute_workgroup_storage_size >> 10,
+            limits.max_compute_invocations_per_workgroup,
+            features
+        );
         let error = Arc::new(Mutex::new(None::<String>));
         let sink = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {

@@ -269,6 +269,7 @@ impl GpuBackend {
     }
 
     fn build_plan(&mut self, pass: Pass, rows: usize) -> anyhow::Result<Plan> {
+        tracing::debug!("building the {pass:?} plan for batches of {rows} rows");
         let ctx = &self.ctx;
         let spec = &self.spec;
         let r = rows as u64;
