@@ -115,11 +115,13 @@ pub mod mpi_comm {
     //! Open MPI through the `mpi` crate. MPI errors are fatal (MPI's default handler), so a failed
     //! collective ends the job rather than returning; a rank that dies makes mpirun end the job.
     //!
-    //! The stall watchdog: with a timeout, every collective is started non-blocking and polled.
-    //! Before it, each rank sends rank 0 a small "arrived at collective k" message. When a
-    //! collective has not completed within the timeout, rank 0 names the ranks whose arrival it has
-    //! not received and aborts the job; the other ranks give rank 0 a few seconds to report, then
-    //! abort too. Without a timeout the collectives are MPI's blocking ones.
+    //! The stall watchdog: with a timeout, every collective is preceded by an arrival check, a
+    //! one-word non-blocking allreduce that is polled, while each rank sends rank 0 a small "arrived
+    //! at collective k" message. When the check has not completed within the timeout, rank 0 names
+    //! the ranks whose arrival it has not received and aborts the job; the other ranks give rank 0 a
+    //! few seconds to report, then abort too. Once everyone has arrived, the data moves through MPI's
+    //! own blocking (tuned) collective, so the watchdog costs one tiny collective, not bandwidth.
+    //! Without a timeout there is no check.
 
     use std::cell::Cell;
     use std::time::{Duration, Instant};
@@ -266,28 +268,33 @@ pub mod mpi_comm {
             self.world.abort(3)
         }
 
-        /// recv = Σ over ranks of send, blocking or under the watchdog.
+        /// recv = Σ over ranks of send.
         fn sum_into<T: Equivalence>(&self, send: &[T], recv: &mut [T], ty: &str) {
+            self.arrive(|| format!("allreduce of {} {ty}", send.len()));
+            self.world
+                .all_reduce_into(send, recv, SystemOperation::sum());
+        }
+
+        /// The watchdog's arrival check before collective k (nothing without a timeout).
+        fn arrive(&self, what: impl FnOnce() -> String) {
             let k = self.next_seq();
-            match self.timeout.get() {
-                None => self
-                    .world
-                    .all_reduce_into(send, recv, SystemOperation::sum()),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    let what = format!("allreduce of {} {ty}", send.len());
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, &what, t, &k, &mut arrived, || {
-                            self.world.immediate_all_reduce_into(
-                                scope,
-                                send,
-                                recv,
-                                SystemOperation::sum(),
-                            )
-                        })
-                    });
-                }
-            }
+            let Some(t) = self.timeout.get() else {
+                return;
+            };
+            let what = what();
+            let mut arrived = vec![0u64; self.size];
+            let one = [1u64];
+            let mut all = [0u64];
+            mpi::request::scope(|scope| {
+                self.guarded(scope, &what, t, &k, &mut arrived, || {
+                    self.world.immediate_all_reduce_into(
+                        scope,
+                        &one[..],
+                        &mut all[..],
+                        SystemOperation::sum(),
+                    )
+                })
+            });
         }
 
         fn next_seq(&self) -> u64 {
@@ -326,19 +333,8 @@ pub mod mpi_comm {
             Ok(())
         }
         fn broadcast_f32(&self, buf: &mut [f32]) -> anyhow::Result<()> {
-            let k = self.next_seq();
-            match self.timeout.get() {
-                None => self.world.process_at_rank(0).broadcast_into(buf),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    let root = self.world.process_at_rank(0);
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, "broadcast", t, &k, &mut arrived, || {
-                            root.immediate_broadcast_into(scope, buf)
-                        })
-                    });
-                }
-            }
+            self.arrive(|| format!("broadcast of {} f32", buf.len()));
+            self.world.process_at_rank(0).broadcast_into(buf);
             Ok(())
         }
         fn all_gather_bytes(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -348,19 +344,8 @@ pub mod mpi_comm {
             let n = self.size;
             let mut lens = vec![0i32; n];
             let my_len = [i32::try_from(framed.len())?];
-            let k = self.next_seq();
-            match self.timeout.get() {
-                None => self.world.all_gather_into(&my_len[..], &mut lens[..]),
-                Some(t) => {
-                    let mut arrived = vec![0u64; self.size];
-                    mpi::request::scope(|scope| {
-                        self.guarded(scope, "gather of lengths", t, &k, &mut arrived, || {
-                            self.world
-                                .immediate_all_gather_into(scope, &my_len[..], &mut lens[..])
-                        })
-                    });
-                }
-            }
+            self.arrive(|| "gather".to_string());
+            self.world.all_gather_into(&my_len[..], &mut lens[..]);
             let displs: Vec<i32> = lens
                 .iter()
                 .scan(0i32, |acc, &l| {
@@ -371,24 +356,9 @@ pub mod mpi_comm {
                 .collect();
             let total: usize = lens.iter().map(|&l| l as usize).sum();
             let mut all = vec![0u8; total];
-            let k = self.next_seq();
             {
                 let mut part = PartitionMut::new(&mut all[..], &lens[..], &displs[..]);
-                match self.timeout.get() {
-                    None => self.world.all_gather_varcount_into(&framed[..], &mut part),
-                    Some(t) => {
-                        let mut arrived = vec![0u64; self.size];
-                        mpi::request::scope(|scope| {
-                            self.guarded(scope, "gather", t, &k, &mut arrived, || {
-                                self.world.immediate_all_gather_varcount_into(
-                                    scope,
-                                    &framed[..],
-                                    &mut part,
-                                )
-                            })
-                        });
-                    }
-                }
+                self.world.all_gather_varcount_into(&framed[..], &mut part);
             }
             Ok(lens
                 .iter()
@@ -397,15 +367,9 @@ pub mod mpi_comm {
                 .collect())
         }
         fn barrier(&self) -> anyhow::Result<()> {
-            match self.timeout.get() {
-                None => {
-                    self.next_seq();
-                    self.world.barrier();
-                    Ok(())
-                }
-                // a one-word allreduce is a barrier that the watchdog can guard
-                Some(_) => self.allreduce_sum_u64(&mut [0]),
-            }
+            self.arrive(|| "barrier".to_string());
+            self.world.barrier();
+            Ok(())
         }
         fn set_collective_timeout(&self, t: Option<Duration>) {
             self.timeout.set(t);
