@@ -570,7 +570,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         );
     }
     let plan = train::StepPlan::new(cfg.shard, setup.total_train, cfg.batch_size, 0, comm.size());
-    let total = cfg.steps.unwrap_or(a.epochs * plan.steps_per_epoch);
+    let total = cfg.total_steps(plan.steps_per_epoch);
     let pb = if comm.is_root() {
         progress_bar(total)
     } else {

@@ -112,6 +112,15 @@ impl TrainConfig {
         }
     }
 
+    /// The run's length in optimiser steps: --steps, else --epochs (10 when neither is set).
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * steps_per_epoch,
+            (None, None) => 10 * steps_per_epoch,
+        }
+    }
+
     /// Refuse values that cannot train, each with a one-line reason.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(
@@ -379,16 +388,8 @@ pub fn evaluate(
     } else {
         backend.evaluate(split, range)?
     };
-    let mut f = [local.loss_sum];
-    let mut u = [local.correct, local.count];
-    comm.allreduce_sum_f64(&mut f)?;
-    comm.allreduce_sum_u64(&mut u)?;
     Ok(EvalReport::from_totals(
-        &Totals {
-            loss_sum: f[0],
-            correct: u[0],
-            count: u[1],
-        },
+        &allreduce_totals(comm, &local)?,
         regression,
     ))
 }
@@ -398,7 +399,6 @@ pub struct Outcome {
     pub params: Vec<f32>,
     pub reports: Vec<EpochReport>,
     pub steps: u64,
-    pub phases: PhaseTimes,
 }
 
 /// Initial parameters: from `--init` or seeded.
@@ -511,12 +511,6 @@ pub fn epoch_order(cfg: &TrainConfig, plan: &StepPlan, epoch: u64, rank: usize) 
         ShardMode::Split => ((rank as u64 + 1) << 32) | (1000 + epoch),
     };
     Rng::derive(cfg.seed, stream).permutation(plan.local_samples())
-}
-
-fn add_totals(a: &mut Totals, b: &Totals) {
-    a.loss_sum += b.loss_sum;
-    a.correct += b.correct;
-    a.count += b.count;
 }
 
 /// Sum totals over ranks.
@@ -907,11 +901,7 @@ pub fn train_with(
         setup.train.n_samples,
         plan.local_samples()
     );
-    let total_steps = match (cfg.steps, cfg.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => e * plan.steps_per_epoch,
-        (None, None) => 10 * plan.steps_per_epoch,
-    };
+    let total_steps = cfg.total_steps(plan.steps_per_epoch);
     tracing::info!(
         "rank {rank}/{ranks}: {} local samples, {} steps per epoch, {total_steps} steps in all",
         plan.local_samples(),
@@ -952,7 +942,6 @@ pub fn train_with(
         }
     };
     let mut reports = Vec::new();
-    let mut phases = PhaseTimes::default();
     let mut rollbacks = 0;
     loop {
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total, ranks);
@@ -970,7 +959,6 @@ pub fn train_with(
             &mut on_epoch,
             &mut on_step,
         );
-        add_phases(&mut phases, &stepper.phases);
         match result {
             Ok(()) => break,
             Err(Halt::Error(e)) => return Err(e),
@@ -1016,17 +1004,7 @@ pub fn train_with(
         params,
         reports,
         steps: pos.step,
-        phases,
     })
-}
-
-fn add_phases(a: &mut PhaseTimes, b: &PhaseTimes) {
-    a.record += b.record;
-    a.readback += b.readback;
-    a.allreduce += b.allreduce;
-    a.upload += b.upload;
-    a.update += b.update;
-    a.average += b.average;
 }
 
 /// The position a checkpoint records, in this run's steps. With another world size (global
@@ -1102,7 +1080,7 @@ fn flush(
         })
         .min_by_key(|(s, _)| *s);
     let global = allreduce_totals(comm, &local)?;
-    add_totals(epoch_totals, &global);
+    epoch_totals.add(&global);
     match first {
         Some((step, loss)) => Err(Halt::NotFinite { step, loss }),
         None => Ok(()),
@@ -1152,7 +1130,7 @@ fn run_from(
                         loss: t.loss_sum,
                     });
                 }
-                add_totals(&mut epoch_totals, &t);
+                epoch_totals.add(&t);
             }
             pos.step += 1;
             s += 1;

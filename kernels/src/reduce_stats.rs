@@ -53,6 +53,13 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Add another batch's or rank's totals into these.
+    pub fn add(&mut self, other: &Totals) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.count += other.count;
+    }
+
     /// Decode the four words of a total buffer.
     pub fn from_words(w: &[u32]) -> Self {
         Self {

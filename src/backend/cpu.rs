@@ -204,12 +204,6 @@ impl CpuBackend {
     }
 }
 
-fn add(a: &mut Totals, b: &Totals) {
-    a.loss_sum += b.loss_sum;
-    a.correct += b.correct;
-    a.count += b.count;
-}
-
 fn same_len(what: &str, got: usize, want: usize) -> anyhow::Result<()> {
     anyhow::ensure!(got == want, "{what}: {got} values for {want} parameters");
     Ok(())
@@ -257,11 +251,8 @@ impl Backend for CpuBackend {
         let (g, tot) = loss_and_grad(&self.spec, &self.theta, x.view(), &t);
         self.grads = g;
         self.step_losses.push(tot.loss_sum as f32);
-        add(&mut self.totals, &tot);
+        self.totals.add(&tot);
         Ok(())
-    }
-    fn grads(&mut self) -> anyhow::Result<Vec<f32>> {
-        Ok(self.grads.clone())
     }
     fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
         same_len("gradients", out.len(), self.grads.len())?;
@@ -300,7 +291,7 @@ impl Backend for CpuBackend {
                 outs[outs.len() - 1].view(),
                 &t[start..end],
             );
-            add(&mut tot, &b);
+            tot.add(&b);
         }
         Ok(tot)
     }

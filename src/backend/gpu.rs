@@ -661,10 +661,6 @@ impl Backend for GpuBackend {
         self.record(Pass::Train, offset, rows)
     }
 
-    fn grads(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.flush_and_read(|s| &s.grads, self.n_params)
-    }
-
     fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
         anyhow::ensure!(out.len() == self.n_params, "gradient count mismatch");
         // one staging copy: gradients then the 4 total words, read in one wait; totals zeroed after

@@ -2,7 +2,7 @@
 //!
 //! A training step is, in phase order:
 //!   `forward_backward` (gather the batch, forward, loss, backward: per-sample gradient sums into the
-//!   flat gradient buffer) → the gradient exchange between ranks, if any (`grads` / `set_grads`) →
+//!   flat gradient buffer) → the gradient exchange between ranks, if any (`grads_with_totals` / `set_grads`) →
 //!   `update` (SGD over the flat buffer, scaled by 1/global samples).
 //! Training statistics accumulate on the backend and are read only at logging points.
 
@@ -45,8 +45,6 @@ pub trait Backend {
     /// Gradient sums over the samples order[offset .. offset + rows] into the gradient buffer; the
     /// batch's loss and correct count join the running training totals.
     fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()>;
-    /// The gradient buffer on the host (waits for the GPU).
-    fn grads(&mut self) -> anyhow::Result<Vec<f32>>;
     /// The gradients into `out` and the training totals since the last take (then reset), in one
     /// wait: what a rank contributes to the fused allreduce.
     fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals>;
