@@ -1,4 +1,5 @@
-// bias_grad.wgsl — the bias gradient: column sums of dZ[rows, cols] written into the flat gradient buffer.
+// bias_grad.wgsl — the bias gradient: column sums of dZ[rows, cols] written (or added) into the flat
+// gradient buffer.
 //
 // A workgroup of 16×16 threads owns 16 columns: thread (x, y) sums column x over the rows y, y+16,
 // y+32, ..., then the 16 partial sums of each column are added in workgroup memory in a fixed order.
@@ -9,8 +10,8 @@
 struct Params {
     rows: u32,
     cols: u32,
-    dst_off: u32,  // element offset of this bias inside the flat gradient buffer
-    _pad: u32,
+    dst_off: u32,     // element offset of this bias inside the flat gradient buffer
+    accumulate: u32,  // 1: add to the gradient already there (micro-batches of one update)
 }
 
 @group(0) @binding(0) var<storage, read> dz: array<f32>;
@@ -40,6 +41,10 @@ fn main(
         workgroupBarrier();
     }
     if (lid.y == 0u && j < p.cols) {
-        grads[p.dst_off + j] = partial[lid.x];
+        if (p.accumulate != 0u) {
+            grads[p.dst_off + j] += partial[lid.x];
+        } else {
+            grads[p.dst_off + j] = partial[lid.x];
+        }
     }
 }

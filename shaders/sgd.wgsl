@@ -1,10 +1,11 @@
 // sgd.wgsl — SGD with momentum, Nesterov and weight decay over the flat parameter buffer (PyTorch's rule).
 //
-//   g = grad · grad_scale + weight_decay · θ
+//   g = grad · grad_scale · clip[0] + weight_decay · θ
 //   v = momentum · v + g                      (v starts at 0, no dampening)
 //   step = g + momentum · v  if Nesterov, else v   (momentum = 0 gives plain SGD)
 //   θ = θ - lr · step
-// grad_scale is 1 / (samples in the global batch): gradients arrive as per-sample sums.
+// grad_scale is 1 / (samples in the global batch): gradients arrive as per-sample sums. clip[0] is the
+// global-norm clipping factor (grad_norm.wgsl), 1 without clipping.
 // One thread per parameter; the 2-D grid is flattened for more than 16 M parameters.
 
 struct Params {
@@ -21,7 +22,8 @@ struct Params {
 @group(0) @binding(0) var<storage, read_write> theta: array<f32>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> vel: array<f32>;
-@group(0) @binding(3) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> clip: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -30,7 +32,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let w = theta[i];
-    let g = grad[i] * p.grad_scale + p.weight_decay * w;
+    let g = grad[i] * p.grad_scale * clip[0] + p.weight_decay * w;
     let v = p.momentum * vel[i] + g;
     vel[i] = v;
     let step = select(v, g + p.momentum * v, p.nesterov != 0u);

@@ -8,8 +8,15 @@ struct Params {
     rows: u32,
     cols: u32,
     dst_off: u32,
-    _pad: u32,
+    accumulate: u32,
 }
+
+crate::params_layout!(Params {
+    rows,
+    cols,
+    dst_off,
+    accumulate
+});
 
 pub struct BiasGrad {
     kernel: Kernel,
@@ -28,7 +35,8 @@ impl BiasGrad {
         }
     }
 
-    /// grads[dst_off + j] = Σ_r dz[r, j].
+    /// grads[dst_off + j] = Σ_r dz[r, j], or += with `accumulate` (micro-batches of one update).
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
         ctx: &GpuContext,
@@ -37,6 +45,7 @@ impl BiasGrad {
         dz: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         dst_off: u64,
+        accumulate: bool,
     ) -> Result<Dispatch, KernelError> {
         const K: &str = "bias_grad";
         need(K, "dz", dz, rows * cols)?;
@@ -45,7 +54,7 @@ impl BiasGrad {
             rows: u32_of(K, "rows", rows)?,
             cols: u32_of(K, "cols", cols)?,
             dst_off: u32_of(K, "offset", dst_off)?,
-            _pad: 0,
+            accumulate: u32::from(accumulate),
         };
         // 16 columns per workgroup
         let groups = params.cols.div_ceil(16);
@@ -84,21 +93,22 @@ mod tests {
     }
 
     fn check_sums(rows: usize, cols: usize, off: usize) {
-        let ctx = ctx();
-        let dz = random(rows * cols, 8);
-        let dzb = ctx.upload("dz", &dz).unwrap();
-        let gb = ctx.upload("grads", &vec![5.0f32; off + cols + 3]).unwrap();
-        let d = BiasGrad::new(&ctx)
-            .prepare(&ctx, rows as u64, cols as u64, &dzb, &gb, off as u64)
-            .unwrap();
-        crate::run(&ctx, &[&d]);
-        let g: Vec<f32> = ctx.read(&gb, 0, off + cols + 3).unwrap();
-        assert!(g[..off].iter().chain(&g[off + cols..]).all(|&v| v == 5.0));
-        assert_close(
-            &g[off..off + cols],
-            &bias_grad_ref(&dz, rows, cols),
-            1e-5,
-            "db",
-        );
+        for accumulate in [false, true] {
+            let ctx = ctx();
+            let dz = random(rows * cols, 8);
+            let dzb = ctx.upload("dz", &dz).unwrap();
+            let gb = ctx.upload("grads", &vec![5.0f32; off + cols + 3]).unwrap();
+            let d = BiasGrad::new(&ctx)
+                .prepare(&ctx, rows as u64, cols as u64, &dzb, &gb, off as u64, accumulate)
+                .unwrap();
+            crate::run(&ctx, &[&d]);
+            let g: Vec<f32> = ctx.read(&gb, 0, off + cols + 3).unwrap();
+            assert!(g[..off].iter().chain(&g[off + cols..]).all(|&v| v == 5.0));
+            let mut want = bias_grad_ref(&dz, rows, cols);
+            if accumulate {
+                want.iter_mut().for_each(|v| *v += 5.0);
+            }
+            assert_close(&g[off..off + cols], &want, 1e-5, "db");
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::KernelError;
+use crate::{DType, Dispatch, KernelError};
 
 /// Which adapter to open.
 #[derive(Clone, Debug, Default)]
@@ -232,27 +232,6 @@ impl GpuContext {
         }
     }
 
-    /// A compute pipeline with an automatic layout and the given override constants.
-    pub fn pipeline(
-        &self,
-        module: &wgpu::ShaderModule,
-        entry: &str,
-        constants: &[(&str, f64)],
-    ) -> wgpu::ComputePipeline {
-        self.device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(entry),
-                layout: None,
-                module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            })
-    }
-
     /// Largest single storage binding in bytes.
     pub fn max_binding(&self) -> u64 {
         self.limits
@@ -278,6 +257,11 @@ impl GpuContext {
                 | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         }))
+    }
+
+    /// A storage buffer of `n` elements of type `dtype`, zero-initialised.
+    pub fn array(&self, label: &str, dtype: DType, n: u64) -> Result<wgpu::Buffer, KernelError> {
+        self.storage(label, dtype.bytes(n))
     }
 
     /// A storage buffer holding `data`.
@@ -317,6 +301,56 @@ impl GpuContext {
         });
         self.queue.write_buffer(&buf, 0, bytes);
         buf
+    }
+
+    /// The GPU time in seconds of each dispatch, each recorded in a pass of its own between two
+    /// timestamps, in one submission; None when the adapter has no timestamp queries.
+    pub fn time_dispatches(&self, list: &[&Dispatch]) -> Result<Option<Vec<f64>>, KernelError> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) || list.is_empty() {
+            return Ok(None);
+        }
+        let count = u32::try_from(2 * list.len())
+            .map_err(|_| KernelError::Device("too many dispatches to time".into()))?;
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let bytes = u64::from(count) * 8;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamp resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let out = self.storage("timestamps", bytes)?;
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("timestamps"),
+            });
+        for (i, d) in list.iter().enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(d.name),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &queries,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            d.record(&mut pass);
+        }
+        enc.resolve_query_set(&queries, 0..count, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let ticks: Vec<u64> = self.read(&out, 0, 2 * list.len())?;
+        let period_s = f64::from(self.queue.get_timestamp_period()) * 1e-9;
+        Ok(Some(
+            ticks
+                .chunks_exact(2)
+                .map(|t| t[1].saturating_sub(t[0]) as f64 * period_s)
+                .collect(),
+        ))
     }
 
     /// Copy `count` elements of type T from `buf` (starting at element `start`) to the host, waiting for the GPU.

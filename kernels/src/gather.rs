@@ -14,6 +14,12 @@ struct Params {
     _pad: u32,
 }
 
+crate::params_layout!(Params {
+    rows,
+    features,
+    offset
+});
+
 /// A dataset resident on the GPU.
 pub struct DeviceData {
     /// f32 words, or u8 packed four to a word.

@@ -5,24 +5,52 @@
 //! range), the reference computes the same thing in f64 on the host, and a test compares the two at
 //! sizes that are not multiples of the kernel's tile.
 
+pub mod adam;
 pub mod bias_grad;
 pub mod context;
+pub mod dropout;
+pub mod dtype;
 pub mod gather;
+pub mod grad_norm;
 pub mod loss;
 pub mod matmul;
+pub mod optimizer;
 pub mod reduce_stats;
 pub mod sgd;
 #[cfg(test)]
 pub(crate) mod testutil;
 
 pub use context::{AdapterChoice, AdapterReport, GpuContext, ShaderChecks, list_adapters};
+pub use dtype::{DType, Element, F32};
 
-/// Every shader, by file stem, for validation and for tools.
+/// Snippets that kernels share, prepended to a kernel's own file when its module is built. Each is
+/// valid WGSL on its own (the naga test validates it alone and with every kernel that uses it).
+pub const SNIPPETS: &[(&str, &str)] = &[(
+    "matmul_common",
+    include_str!("../../shaders/matmul_common.wgsl"),
+)];
+
+/// Every kernel by file stem, with its whole source (shared snippets first), for building and tools.
 pub const SHADERS: &[(&str, &str)] = &[
+    ("adam", include_str!("../../shaders/adam.wgsl")),
     ("bias_grad", include_str!("../../shaders/bias_grad.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("gather", include_str!("../../shaders/gather.wgsl")),
-    ("matmul", include_str!("../../shaders/matmul.wgsl")),
-    ("matmul128", include_str!("../../shaders/matmul128.wgsl")),
+    ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
+    (
+        "matmul",
+        concat!(
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul.wgsl")
+        ),
+    ),
+    (
+        "matmul128",
+        concat!(
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul128.wgsl")
+        ),
+    ),
     ("mse", include_str!("../../shaders/mse.wgsl")),
     (
         "reduce_stats",
@@ -297,23 +325,49 @@ pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
     ctx.queue.submit([enc.finish()]);
 }
 
-/// Fail with a shape error unless `buf` holds at least `elems` 4-byte elements.
+/// Fail with a shape error unless `buf` holds at least `elems` f32 elements.
 pub(crate) fn need(
     kernel: &'static str,
     what: &str,
     buf: &wgpu::Buffer,
     elems: u64,
 ) -> Result<(), KernelError> {
-    if buf.size() < elems * 4 {
+    need_of(kernel, what, buf, F32, elems)
+}
+
+/// Fail with a shape error unless `buf` holds at least `elems` elements of type `dtype`.
+pub(crate) fn need_of(
+    kernel: &'static str,
+    what: &str,
+    buf: &wgpu::Buffer,
+    dtype: DType,
+    elems: u64,
+) -> Result<(), KernelError> {
+    if buf.size() < dtype.bytes(elems) {
         return Err(KernelError::Shape {
             kernel,
             msg: format!(
                 "{what} needs {elems} elements but its buffer holds {}",
-                buf.size() / 4
+                dtype.count(buf.size())
             ),
         });
     }
     Ok(())
+}
+
+/// `params_layout!(Params { field, ... })` gives a launcher's uniform struct a test-only description
+/// (size and each named field's offset), which a test compares with the WGSL struct it feeds.
+#[macro_export]
+macro_rules! params_layout {
+    ($t:ty { $($f:ident),* $(,)? }) => {
+        #[cfg(test)]
+        pub(crate) fn params_layout() -> (usize, Vec<(&'static str, usize)>) {
+            (
+                std::mem::size_of::<$t>(),
+                vec![$((stringify!($f), std::mem::offset_of!($t, $f))),*],
+            )
+        }
+    };
 }
 
 /// Fail with a shape error unless `v` fits in u32 (WGSL indexes with u32).
@@ -322,4 +376,70 @@ pub(crate) fn u32_of(kernel: &'static str, what: &str, v: u64) -> Result<u32, Ke
         kernel,
         msg: format!("{what} = {v} exceeds the 32-bit indexing of WGSL"),
     })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    //! Every launcher's `Params` against the WGSL struct it feeds, read from naga's module: the same
+    //! size, and each named field at the same offset (padding fields are named `_…` on both sides).
+
+    type Layout = fn() -> (usize, Vec<(&'static str, usize)>);
+
+    const LAYOUTS: &[(&str, Layout)] = &[
+        ("adam", crate::adam::params_layout),
+        ("bias_grad", crate::bias_grad::params_layout),
+        ("dropout", crate::dropout::params_layout),
+        ("gather", crate::gather::params_layout),
+        ("grad_norm", crate::grad_norm::params_layout),
+        ("matmul", crate::matmul::params_layout),
+        ("matmul128", crate::matmul::params_layout),
+        ("mse", crate::loss::params_layout),
+        ("reduce_stats", crate::reduce_stats::params_layout),
+        ("sgd", crate::sgd::params_layout),
+        ("sigmoid_bce", crate::loss::params_layout),
+        ("softmax_xent", crate::loss::params_layout),
+    ];
+
+    #[test]
+    fn every_params_struct_matches_its_wgsl_layout() {
+        for (stem, src) in crate::SHADERS {
+            let (_, layout) = LAYOUTS
+                .iter()
+                .find(|(s, _)| s == stem)
+                .unwrap_or_else(|| panic!("{stem}: no Params layout registered in LAYOUTS"));
+            let (size, fields) = layout();
+            let module = naga::front::wgsl::parse_str(src).expect("parses");
+            let (members, span) = module
+                .types
+                .iter()
+                .find_map(|(_, t)| match (&t.name, &t.inner) {
+                    (Some(n), naga::TypeInner::Struct { members, span }) if n == "Params" => {
+                        Some((members.clone(), *span))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{stem}: no struct Params"));
+            assert_eq!(span as usize, size, "{stem}: Params size");
+            for m in &members {
+                let name = m.name.clone().unwrap_or_default();
+                if name.starts_with('_') {
+                    continue;
+                }
+                let rust = fields.iter().find(|(f, _)| *f == name);
+                assert_eq!(
+                    rust.map(|(_, o)| *o),
+                    Some(m.offset as usize),
+                    "{stem}: field {name}"
+                );
+            }
+            assert_eq!(
+                fields.len(),
+                members
+                    .iter()
+                    .filter(|m| !m.name.as_deref().unwrap_or("_").starts_with('_'))
+                    .count(),
+                "{stem}: the Rust struct names a field the WGSL one lacks"
+            );
+        }
+    }
 }

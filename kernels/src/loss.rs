@@ -2,6 +2,8 @@
 //!
 //! Each writes the gradient of the per-sample loss into dz and a (loss, correct) pair per row.
 
+use num_traits::Float;
+
 use crate::context::groups_1d;
 use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
 
@@ -34,6 +36,8 @@ struct Params {
     _pad0: u32,
     _pad1: u32,
 }
+
+crate::params_layout!(Params { rows, classes });
 
 /// Shapes and buffers of one loss evaluation.
 #[derive(Clone, Copy)]
@@ -110,6 +114,51 @@ impl Loss {
     }
 }
 
+/// One row of the loss, as the kernels compute it: writes the gradient of the row's loss with
+/// respect to its outputs `z` into `dz`, and returns (loss, correct). Generic over the float type:
+/// the reference below runs it in f64, the CPU backend in f32 (training) and f64 (finite differences).
+pub fn loss_row<T: Float>(kind: LossKind, z: &[T], y: T, dz: &mut [T]) -> (T, bool) {
+    match kind {
+        LossKind::SoftmaxXent => {
+            let label = y.to_usize().unwrap_or(0).min(z.len() - 1);
+            let (mut arg, mut m) = (0, z[0]);
+            for (j, &v) in z.iter().enumerate() {
+                if v > m {
+                    m = v;
+                    arg = j;
+                }
+            }
+            let s = z.iter().fold(T::zero(), |s, &v| s + (v - m).exp());
+            for (j, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
+                let onehot = if j == label { T::one() } else { T::zero() };
+                *d = (v - m).exp() / s - onehot;
+            }
+            (m + s.ln() - z[label], arg == label)
+        }
+        LossKind::SigmoidBce => {
+            let v = z[0];
+            // sigmoid from one exp of -|v|: stable for either sign
+            let e = (-v.abs()).exp();
+            let sig = if v >= T::zero() {
+                T::one() / (T::one() + e)
+            } else {
+                e / (T::one() + e)
+            };
+            dz[0] = sig - y;
+            let half = T::from(0.5).unwrap_or_else(T::zero);
+            (
+                v.max(T::zero()) - v * y + e.ln_1p(),
+                (v > T::zero()) == (y > half),
+            )
+        }
+        LossKind::Mse => {
+            let d = z[0] - y;
+            dz[0] = d + d;
+            (d * d, false)
+        }
+    }
+}
+
 /// CPU reference in f64: (dz, per-row loss, per-row correct).
 pub fn loss_ref(
     kind: LossKind,
@@ -121,43 +170,18 @@ pub fn loss_ref(
     let mut dz = vec![0f32; rows * classes];
     let mut loss = Vec::with_capacity(rows);
     let mut correct = Vec::with_capacity(rows);
+    let mut d64 = vec![0f64; classes];
     for r in 0..rows {
         let zr: Vec<f64> = z[r * classes..(r + 1) * classes]
             .iter()
             .map(|&v| f64::from(v))
             .collect();
-        let y = f64::from(t[r]);
-        match kind {
-            LossKind::SoftmaxXent => {
-                let label = y as usize;
-                let (mut arg, mut m) = (0, zr[0]);
-                for (j, &v) in zr.iter().enumerate() {
-                    if v > m {
-                        m = v;
-                        arg = j;
-                    }
-                }
-                let s: f64 = zr.iter().map(|v| (v - m).exp()).sum();
-                for j in 0..classes {
-                    let onehot = if j == label { 1.0 } else { 0.0 };
-                    dz[r * classes + j] = ((zr[j] - m).exp() / s - onehot) as f32;
-                }
-                loss.push(m + s.ln() - zr[label]);
-                correct.push(if arg == label { 1.0 } else { 0.0 });
-            }
-            LossKind::SigmoidBce => {
-                let v = zr[0];
-                dz[r] = (1.0 / (1.0 + (-v).exp()) - y) as f32;
-                loss.push(v.max(0.0) - v * y + (-v.abs()).exp().ln_1p());
-                correct.push(if (v > 0.0) == (y > 0.5) { 1.0 } else { 0.0 });
-            }
-            LossKind::Mse => {
-                let d = zr[0] - y;
-                dz[r] = (2.0 * d) as f32;
-                loss.push(d * d);
-                correct.push(0.0);
-            }
+        let (l, c) = loss_row(kind, &zr, f64::from(t[r]), &mut d64);
+        for (o, &v) in dz[r * classes..(r + 1) * classes].iter_mut().zip(&d64) {
+            *o = v as f32;
         }
+        loss.push(l);
+        correct.push(if c { 1.0 } else { 0.0 });
     }
     (dz, loss, correct)
 }

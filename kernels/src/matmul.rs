@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use num_traits::Float;
+
 use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
 
 /// What happens to each output element after the product.
@@ -17,6 +19,8 @@ pub enum Epilogue {
     DRelu,
     DTanh,
     DSigmoid,
+    /// C += the product: gradients summed over the micro-batches of one update.
+    Accumulate,
 }
 
 impl Epilogue {
@@ -46,6 +50,17 @@ struct Params {
     bias_off: u32,
     aux_off: u32,
 }
+
+crate::params_layout!(Params {
+    m,
+    n,
+    k,
+    a_off,
+    b_off,
+    c_off,
+    bias_off,
+    aux_off
+});
 
 /// A buffer and the element offset where the operand starts in it.
 #[derive(Clone, Copy)]
@@ -219,17 +234,35 @@ impl Matmul {
     }
 }
 
-/// The activation functions shared by forward epilogues and the CPU backends.
-pub fn activate(ep: Epilogue, v: f64) -> f64 {
+/// The forward epilogues' activation of `v` (bias already added): the one scalar definition that
+/// the reference and the CPU backend share (generic, so the CPU backend can run it in f64).
+pub fn activate<T: Float>(ep: Epilogue, v: T) -> T {
     match ep {
-        Epilogue::BiasRelu => v.max(0.0),
+        Epilogue::BiasRelu => v.max(T::zero()),
         Epilogue::BiasTanh => v.tanh(),
-        Epilogue::BiasSigmoid => 1.0 / (1.0 + (-v).exp()),
+        Epilogue::BiasSigmoid => T::one() / (T::one() + (-v).exp()),
         _ => v,
     }
 }
 
-/// CPU reference in f64: the same operand layouts and epilogues as the shader.
+/// The derivative epilogues' factor f'(x), computed from the activation's output y = f(x).
+pub fn derivative<T: Float>(ep: Epilogue, y: T) -> T {
+    match ep {
+        Epilogue::DRelu => {
+            if y > T::zero() {
+                T::one()
+            } else {
+                T::zero()
+            }
+        }
+        Epilogue::DTanh => T::one() - y * y,
+        Epilogue::DSigmoid => y * (T::one() - y),
+        _ => T::one(),
+    }
+}
+
+/// CPU reference in f64: the same operand layouts and epilogues as the shader (for `Accumulate` it
+/// returns the product alone; the caller adds the old C).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ref(
     a: &[f32],
@@ -255,20 +288,15 @@ pub fn matmul_ref(
             let bv = bias.map_or(0.0, |b| f64::from(b[j]));
             let y = aux.map_or(0.0, |x| f64::from(x[i * n + j]));
             c[i * n + j] = match epilogue {
-                Epilogue::None => s,
+                // the caller adds the old C
+                Epilogue::None | Epilogue::Accumulate => s,
                 Epilogue::Bias
                 | Epilogue::BiasRelu
                 | Epilogue::BiasTanh
                 | Epilogue::BiasSigmoid => activate(epilogue, s + bv),
-                Epilogue::DRelu => {
-                    if y > 0.0 {
-                        s
-                    } else {
-                        0.0
-                    }
+                Epilogue::DRelu | Epilogue::DTanh | Epilogue::DSigmoid => {
+                    s * derivative(epilogue, y)
                 }
-                Epilogue::DTanh => s * (1.0 - y * y),
-                Epilogue::DSigmoid => s * y * (1.0 - y),
             } as f32;
         }
     }
@@ -339,7 +367,11 @@ mod tests {
         let all: Vec<f32> = ctx.read(&cbuf, 0, m * n + 6).unwrap();
         assert_eq!(all[0], 9.0, "wrote before C");
         assert_eq!(all[m * n + 1], 7.0, "wrote past C");
-        let want = matmul_ref(&a, &b, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
+        let mut want = matmul_ref(&a, &b, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
+        if ep == Epilogue::Accumulate {
+            // C held -1 everywhere before the product was added
+            want.iter_mut().for_each(|v| *v -= 1.0);
+        }
         assert_close(
             &all[1..=m * n],
             &want,
@@ -365,9 +397,11 @@ mod tests {
             Epilogue::DRelu,
             Epilogue::DTanh,
             Epilogue::DSigmoid,
+            Epilogue::Accumulate,
         ] {
             check(37, 70, 19, false, true, ep);
         }
+        check(70, 37, 131, true, false, Epilogue::Accumulate);
     }
 
     #[test]

@@ -12,6 +12,8 @@ struct Params {
     _pad: [u32; 2],
 }
 
+crate::params_layout!(Params { rows, slot });
+
 /// A prepared reduction; `set_slot` picks the history entry of the next submission.
 pub struct ReduceCall {
     pub dispatch: Dispatch,

@@ -1,4 +1,5 @@
-//! Launcher for `shaders/sgd.wgsl`: the SGD update (momentum, Nesterov, weight decay), and its CPU reference.
+//! Launcher for `shaders/sgd.wgsl`: the SGD update (momentum, Nesterov, weight decay), and its CPU
+//! reference. `optimizer.rs` puts it behind the one update type the backends use.
 
 use crate::context::groups_1d;
 use crate::{
@@ -28,7 +29,17 @@ struct Params {
     _pad: [u32; 2],
 }
 
-/// A prepared update over one parameter/gradient/velocity triple; `set` changes the step's values.
+crate::params_layout!(Params {
+    n,
+    nesterov,
+    lr,
+    momentum,
+    weight_decay,
+    grad_scale
+});
+
+/// A prepared update over one parameter/gradient/velocity triple (and the clipping factor's buffer);
+/// `set` changes the step's values.
 pub struct SgdCall {
     pub dispatch: Dispatch,
     ring: UniformRing,
@@ -70,6 +81,7 @@ impl Sgd {
                     Slot::ReadWrite,
                     Slot::Read,
                     Slot::ReadWrite,
+                    Slot::Read,
                     Slot::UniformRing(std::mem::size_of::<Params>() as u64),
                 ],
                 true,
@@ -77,6 +89,7 @@ impl Sgd {
         }
     }
 
+    /// `clip` holds the clipping factor in its first element (1.0 without clipping).
     pub fn prepare(
         &self,
         ctx: &GpuContext,
@@ -84,11 +97,13 @@ impl Sgd {
         theta: &wgpu::Buffer,
         grad: &wgpu::Buffer,
         vel: &wgpu::Buffer,
+        clip: &wgpu::Buffer,
     ) -> Result<SgdCall, KernelError> {
         const K: &str = "sgd";
         need(K, "parameters", theta, n)?;
         need(K, "gradients", grad, n)?;
         need(K, "velocity", vel, n)?;
+        need(K, "clip", clip, 1)?;
         let n32 = u32_of(K, "parameters", n)?;
         let ring = UniformRing::new(
             ctx,
@@ -97,9 +112,11 @@ impl Sgd {
             RING_SLOTS,
         );
         ring.write(ctx, 0, bytemuck::bytes_of(&Params::zeroed_with(n32)))?;
-        let dispatch =
-            self.kernel
-                .dispatch(ctx, &[theta, grad, vel, &ring.buffer], groups_1d(n32, 256));
+        let dispatch = self.kernel.dispatch(
+            ctx,
+            &[theta, grad, vel, clip, &ring.buffer],
+            groups_1d(n32, 256),
+        );
         Ok(SgdCall {
             dispatch,
             ring,
@@ -122,11 +139,12 @@ impl Params {
     }
 }
 
-/// CPU reference: the same rule, in f32 as the shader computes it, element by element.
-pub fn sgd_ref(theta: &mut [f32], grad: &[f32], vel: &mut [f32], s: &SgdStep) {
+/// CPU reference: the same rule, in f32 as the shader computes it, element by element; `clip` is the
+/// clipping factor (1.0 without clipping).
+pub fn sgd_ref(theta: &mut [f32], grad: &[f32], vel: &mut [f32], s: &SgdStep, clip: f32) {
     for i in 0..theta.len() {
         let w = theta[i];
-        let g = grad[i] * s.grad_scale + s.weight_decay * w;
+        let g = grad[i] * s.grad_scale * clip + s.weight_decay * w;
         let v = s.momentum * vel[i] + g;
         vel[i] = v;
         let step = if s.nesterov { g + s.momentum * v } else { v };
@@ -150,8 +168,9 @@ mod tests {
             let tb = ctx.upload("theta", &theta).unwrap();
             let gb = ctx.upload("grad", &grad).unwrap();
             let vb = ctx.upload("vel", &vel).unwrap();
+            let clip = ctx.upload("clip", &[0.75f32]).unwrap();
             let call = Sgd::new(&ctx)
-                .prepare(&ctx, n as u64, &tb, &gb, &vb)
+                .prepare(&ctx, n as u64, &tb, &gb, &vb, &clip)
                 .unwrap();
             for step in 0..3 {
                 let s = SgdStep {
@@ -163,7 +182,7 @@ mod tests {
                 };
                 call.set(&ctx, &s).unwrap();
                 crate::run(&ctx, &[&call.dispatch]);
-                sgd_ref(&mut theta, &grad, &mut vel, &s);
+                sgd_ref(&mut theta, &grad, &mut vel, &s, 0.75);
             }
             assert_close(&ctx.read::<f32>(&tb, 0, n).unwrap(), &theta, 1e-6, "theta");
             assert_close(&ctx.read::<f32>(&vb, 0, n).unwrap(), &vel, 1e-6, "velocity");
