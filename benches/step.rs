@@ -5,13 +5,13 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use dptrain::backend::gpu::GpuBackend;
-use dptrain::backend::{Backend, BackendInit};
+use dptrain::backend::{Backend, BackendInit, Batch};
 use dptrain::data::{NormKind, synth};
 use dptrain::model::{Activation, ModelKind};
-use dptrain::optim::{Schedule, SgdConfig};
+use dptrain::optim::OptimConfig;
 use dptrain::train::{self, TrainConfig};
 use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
-use dptrain_kernels::{AdapterChoice, GpuContext};
+use dptrain_kernels::{AdapterChoice, F32, GpuContext};
 
 fn matmul(c: &mut Criterion) {
     let Ok(ctx) = GpuContext::new(&AdapterChoice::default()) else {
@@ -24,7 +24,7 @@ fn matmul(c: &mut Criterion) {
     let b = ctx
         .upload("b", &vec![0.25f32; (n * n) as usize])
         .expect("b");
-    let out = ctx.storage("c", n * n * 4).expect("c");
+    let out = ctx.array("c", F32, n * n).expect("c");
     let mut mm = Matmul::new(&ctx).expect("matmul");
     for (name, ta, tb) in [
         ("nn", false, false),
@@ -86,19 +86,20 @@ fn kernels(c: &mut Criterion) {
     let index = ctx
         .upload("index", &(0..rows as u32).collect::<Vec<_>>())
         .expect("index");
-    let x = ctx.storage("x", rows * feats * 4).expect("x");
-    let t = ctx.storage("t", rows * 4).expect("t");
+    let x = ctx.array("x", F32, rows * feats).expect("x");
+    let t = ctx.array("t", F32, rows).expect("t");
     let z = ctx
         .upload("z", &vec![0.1f32; (rows * classes) as usize])
         .expect("z");
-    let dz = ctx.storage("dz", rows * hidden * 4).expect("dz");
-    let stats = ctx.storage("stats", rows * 8).expect("stats");
+    let dz = ctx.array("dz", F32, rows * hidden).expect("dz");
+    let stats = ctx.array("stats", F32, rows * 2).expect("stats");
     let totals = ReduceStats::total_buffer(&ctx).expect("totals");
-    let history = ctx.storage("history", 64).expect("history");
+    let history = ctx.array("history", F32, 16).expect("history");
     let n_params = 1_863_690u64;
-    let theta = ctx.storage("theta", n_params * 4).expect("theta");
-    let grads = ctx.storage("grads", n_params * 4).expect("grads");
-    let vel = ctx.storage("vel", n_params * 4).expect("vel");
+    let theta = ctx.array("theta", F32, n_params).expect("theta");
+    let grads = ctx.array("grads", F32, n_params).expect("grads");
+    let vel = ctx.array("vel", F32, n_params).expect("vel");
+    let clip = ctx.upload("clip", &[1.0f32]).expect("clip");
     let calls = [
         (
             format!(
@@ -139,12 +140,12 @@ fn kernels(c: &mut Criterion) {
                 (rows * hidden * 4) as f64 / 1e6
             ),
             BiasGrad::new(&ctx)
-                .prepare(&ctx, rows, hidden, &dz, &grads, 0)
+                .prepare(&ctx, rows, hidden, &dz, &grads, 0, false)
                 .expect("bias_grad"),
         ),
         ({
             let call = Sgd::new(&ctx)
-                .prepare(&ctx, n_params, &theta, &grads, &vel)
+                .prepare(&ctx, n_params, &theta, &grads, &vel, &clip)
                 .expect("sgd");
             call.set(
                 &ctx,
@@ -193,6 +194,9 @@ fn step(c: &mut Criterion) {
         test: None,
         norm: &setup.norm,
         max_rows: cfg.batch_size,
+        rule: cfg.optim.rule(),
+        seed: 0,
+        sample_base: 0,
     };
     let Ok(mut gpu) = GpuBackend::new(&init, &AdapterChoice::default()) else {
         return;
@@ -201,18 +205,25 @@ fn step(c: &mut Criterion) {
     gpu.set_params(&theta).expect("params");
     let order: Vec<u32> = (0..4096).collect();
     gpu.set_order(&order).expect("order");
-    let sgd = SgdConfig {
+    let sgd = OptimConfig {
         momentum: 0.9,
-        nesterov: false,
-        weight_decay: 0.0,
+        ..OptimConfig::default()
     };
-    let sched = Schedule::constant(0.01);
+    let batch = Batch {
+        offset: 0,
+        rows: 256,
+        step: 0,
+        accumulate: false,
+    };
     let flops = 6.0 * 256.0 * setup.spec.macs_per_sample() as f64;
     eprintln!("mlp 784-256-10 step, batch 256: {:.3} GFLOP", flops / 1e9);
     c.bench_function("mlp_step_b256", |bench| {
         bench.iter(|| {
-            gpu.forward_backward(0, 256).expect("step");
-            gpu.update(&sgd.step(&sched, 0, 256)).expect("update");
+            gpu.gather(&batch).expect("gather");
+            gpu.forward().expect("forward");
+            gpu.loss().expect("loss");
+            gpu.backward().expect("backward");
+            gpu.update(&sgd.update(0.01, 0, 256)).expect("update");
             gpu.take_train_totals().expect("sync");
         })
     });

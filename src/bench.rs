@@ -198,18 +198,6 @@ impl Workload {
             classes,
         })
     }
-
-    /// Σ fan_in·fan_out: a training step costs 6 × batch × this in FLOPs.
-    pub fn macs_per_sample(&self) -> usize {
-        let mut w = vec![self.features];
-        w.extend(&self.hidden);
-        w.push(if self.model == crate::model::ModelKind::Logreg {
-            1
-        } else {
-            self.classes
-        });
-        w.windows(2).map(|p| p[0] * p[1]).sum()
-    }
 }
 
 /// Datasheet fp32 peaks (TFLOP/s, FMA = 2 FLOPs) of cards we compare on, by adapter name.
@@ -258,22 +246,13 @@ pub struct StepBenchResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fp32_peak_share: Option<f64>,
     /// Host time per step in each phase (ms); with one rank the GPU runs behind the host.
-    pub phases_ms: PhaseMs,
+    pub phases_ms: crate::train::PhaseTimes,
     /// GPU time per kernel of one step (ms), from timestamp queries where the adapter has them.
     pub kernels_ms: Vec<(String, f64)>,
     pub gpu_step_ms: Option<f64>,
     /// Under mpirun: raw MPI allreduce of the same bytes, the step's exchange, and their ratio.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exchange: Option<ExchangeReport>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct PhaseMs {
-    pub record: f64,
-    pub readback: f64,
-    pub allreduce: f64,
-    pub upload: f64,
-    pub update: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -314,6 +293,7 @@ fn time_steps(
     }
     backend.take_train_totals()?;
     stepper.phases = Default::default();
+    stepper.exchange.times = Default::default();
     let mut times = Vec::with_capacity(cfg.repeats);
     for _ in 0..cfg.repeats {
         comm.barrier()?;
@@ -333,7 +313,7 @@ pub fn step_bench(
     cfg: &StepBenchConfig,
     comm: &dyn Communicator,
 ) -> anyhow::Result<StepBenchResult> {
-    use crate::backend::BackendInit;
+    use crate::backend::{self, BackendInit, Batch};
     use crate::train::{self, ShardMode, StepPlan, Stepper, SyncMode, TrainConfig};
     ensure!(
         cfg.batch >= 1 && cfg.steps >= 1 && cfg.repeats >= 1,
@@ -363,42 +343,38 @@ pub fn step_bench(
         test: None,
         norm: &setup.norm,
         max_rows: cfg.batch,
+        rule: tc.optim.rule(),
+        seed: tc.seed,
+        sample_base: 0,
     };
-    let mut backend = train::make_backend(cfg.device, cfg.gpu, comm.local_rank(), &init)?;
+    let mut backend = backend::open(cfg.device, cfg.gpu, comm.local_rank(), &init)?;
     let theta = setup.spec.init(1);
     let n_params = theta.len();
     backend.set_params(&theta)?;
     backend.set_order(&(0..n as u32).collect::<Vec<_>>())?;
-    let plan = StepPlan::new(ShardMode::Global, n, cfg.batch, comm.rank(), ranks);
+    let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
     let total = cfg.warmup + cfg.steps * cfg.repeats as u64 + 1;
-    let mut stepper = Stepper::new(&tc, plan, total, n_params, ranks);
+    let mut stepper = Stepper::new(&tc, plan, total, n_params);
     let mut times = time_steps(&mut stepper, backend.as_mut(), comm, cfg)?;
     let repeats = times.clone();
     let step_s = median(&mut times);
     let per_step = (cfg.steps * cfg.repeats as u64) as f64;
-    let ph = stepper.phases;
-    let ms = |v: f64| v / per_step * 1e3;
-    let phases_ms = PhaseMs {
-        record: ms(ph.record),
-        readback: ms(ph.readback),
-        allreduce: ms(ph.allreduce),
-        upload: ms(ph.upload),
-        update: ms(ph.update),
-    };
+    let phases_ms = stepper.phases.scaled(1e3 / per_step);
+    let exchange_ms = stepper.exchange.times.scaled(1e3 / per_step);
     let (offset, rows) = plan.mine(0);
-    let sgd = crate::optim::SgdConfig {
-        momentum: 0.0,
-        nesterov: false,
-        weight_decay: 0.0,
+    let batch = Batch {
+        offset,
+        rows,
+        step: 0,
+        accumulate: false,
     };
+    let update = tc.optim.update(tc.lr, 0, n as u64);
     let mut kernels_ms = Vec::new();
     let mut gpu_step_ms = None;
     // median of five profiled steps, kernel by kernel
     let mut profiles = Vec::new();
     for _ in 0..5 {
-        if let Some(p) =
-            backend.profile_step(offset, rows, &sgd.step(&stepper.schedule, 0, n as u64))?
-        {
+        if let Some(p) = backend.profile_step(&batch, &update)? {
             profiles.push(p);
         }
     }
@@ -419,7 +395,6 @@ pub fn step_bench(
             StepPlan::new(ShardMode::Global, n, cfg.batch, 0, 1),
             total,
             n_params,
-            1,
         );
         let mut local = time_steps(
             &mut alone,
@@ -431,10 +406,10 @@ pub fn step_bench(
         Some(ExchangeReport {
             bytes,
             raw_allreduce_ms: raw_ms,
-            step_allreduce_ms: phases_ms.allreduce,
-            overhead_vs_raw: phases_ms.allreduce / raw_ms - 1.0,
-            readback_ms: phases_ms.readback,
-            upload_ms: phases_ms.upload,
+            step_allreduce_ms: exchange_ms.allreduce,
+            overhead_vs_raw: exchange_ms.allreduce / raw_ms - 1.0,
+            readback_ms: exchange_ms.readback,
+            upload_ms: exchange_ms.upload,
             local_step_ms: local_ms,
             scaling_efficiency: local_ms / (step_s * 1e3),
         })
@@ -489,8 +464,8 @@ impl StepBenchResult {
         }
         let p = &self.phases_ms;
         s += &format!(
-            "\n  host phases per step (ms): record {:.3}  readback {:.3}  allreduce {:.3}  upload {:.3}  update {:.3}",
-            p.record, p.readback, p.allreduce, p.upload, p.update
+            "\n  host phases per step (ms): gather {:.3}  forward {:.3}  loss {:.3}  backward {:.3}  exchange {:.3}  update {:.3}",
+            p.gather, p.forward, p.loss, p.backward, p.exchange, p.update
         );
         if let Some(g) = self.gpu_step_ms {
             s += &format!("\n  GPU time of one step: {g:.3} ms");
@@ -612,8 +587,13 @@ fn matmul_row(
         );
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
-            let t = if timestamps {
-                timed_dispatch(ctx, &d)?
+            let timed = if timestamps {
+                ctx.time_dispatches(&[(&d, 0)])?
+            } else {
+                None
+            };
+            let t = if let Some(t) = timed {
+                t[0]
             } else {
                 let t0 = Instant::now();
                 dptrain_kernels::run(ctx, &[&d]);
@@ -632,44 +612,4 @@ fn matmul_row(
             tflops: 2.0 * (size as f64).powi(3) / secs / 1e12,
         })
     }
-}
-
-/// GPU time of one dispatch between timestamps at the start and end of its pass.
-fn timed_dispatch(
-    ctx: &dptrain_kernels::GpuContext,
-    d: &dptrain_kernels::Dispatch,
-) -> anyhow::Result<f64> {
-    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-        label: Some("timer"),
-        ty: wgpu::QueryType::Timestamp,
-        count: 2,
-    });
-    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("timer resolve"),
-        size: 16,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    let out = ctx.storage("timer out", 16)?;
-    let mut enc = ctx
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("timer"),
-        });
-    {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("timed"),
-            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                query_set: &qs,
-                beginning_of_pass_write_index: Some(0),
-                end_of_pass_write_index: Some(1),
-            }),
-        });
-        d.record(&mut pass);
-    }
-    enc.resolve_query_set(&qs, 0..2, &resolve, 0);
-    enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, 16);
-    ctx.queue.submit([enc.finish()]);
-    let t: Vec<u64> = ctx.read(&out, 0, 2)?;
-    Ok(t[1].saturating_sub(t[0]) as f64 * f64::from(ctx.queue.get_timestamp_period()) * 1e-9)
 }

@@ -1,9 +1,13 @@
 //! Checkpoints: everything a run needs to continue exactly where it stopped.
 //!
-//! A checkpoint is a safetensors file with two flat f32 tensors, `params` and `velocity` (the SGD
-//! momentum buffers), and metadata: `dptrain.format`, `dptrain.state` (JSON: position in the run and
-//! in the epoch's data order, partial epoch totals, the settings that must match on resume, world
-//! size, model spec, normaliser) and `dptrain.checksum` (CRC-32 of the state text and both tensors).
+//! A checkpoint is a safetensors file with flat f32 tensors: `params`, and the optimizer's state
+//! tensors under their own names (`optim.momentum_buffer` for SGD, `optim.exp_avg` and
+//! `optim.exp_avg_sq` for Adam), stored without knowing which optimizer made them. Metadata:
+//! `dptrain.format`, `dptrain.state` (JSON: position in the run and in the epoch's data order,
+//! partial epoch totals, the optimizer's name, the settings that must match on resume, world size,
+//! model spec, normaliser), `dptrain.optim` (the state tensors' names, in checksum order) and
+//! `dptrain.checksum` (CRC-32 of the state text and every tensor). Files of the first format
+//! (`params` and `velocity`, always SGD) are still read: their velocity is SGD's momentum buffer.
 //! The epoch's order is derived from (seed, epoch, rank), so the seed and position are the whole RNG
 //! state. Files are written atomically (temporary file, fsync, rename) as `ckpt-<step>.safetensors`,
 //! and only the newest K are kept.
@@ -18,7 +22,9 @@ use crate::data::Normalizer;
 use crate::model::ModelSpec;
 use crate::modelfile::write_atomic;
 
-pub const FORMAT: &str = "dptrain-checkpoint-1";
+pub const FORMAT: &str = "dptrain-checkpoint-2";
+/// The first format: SGD only, its momentum buffers stored as `velocity`.
+const FORMAT_1: &str = "dptrain-checkpoint-1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -51,6 +57,9 @@ pub struct State {
     pub partial_count: u64,
     /// Multiplier on the learning rate from NaN rollbacks (1 when none).
     pub lr_scale: f64,
+    /// The optimizer whose state the file holds (files of the first format: SGD).
+    #[serde(default = "sgd_name")]
+    pub optimizer: String,
     pub world_size: usize,
     /// The settings that must match for an exact resume (see `compatible`).
     pub settings: serde_json::Value,
@@ -58,19 +67,26 @@ pub struct State {
     pub norm: Normalizer,
 }
 
+fn sgd_name() -> String {
+    "sgd".into()
+}
+
 /// A checkpoint read back and verified.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub state: State,
     pub params: Vec<f32>,
-    pub velocity: Vec<f32>,
+    /// The optimizer's state tensors by name, in the optimizer's order.
+    pub optim: Vec<(String, Vec<f32>)>,
 }
 
-fn checksum(state: &str, params: &[u8], velocity: &[u8]) -> String {
+/// CRC-32 of the state text and the tensors, in order.
+fn checksum<'a>(state: &str, tensors: impl IntoIterator<Item = &'a [f32]>) -> String {
     let mut h = crc32fast::Hasher::new();
     h.update(state.as_bytes());
-    h.update(params);
-    h.update(velocity);
+    for t in tensors {
+        h.update(bytemuck::cast_slice(t));
+    }
     format!("{:08x}", h.finalize())
 }
 
@@ -88,23 +104,23 @@ pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, Checkpo
     std::fs::create_dir_all(dir).map_err(|e| werr(dir, e.to_string()))?;
     let path = dir.join(file_name(ck.state.step));
     let state = serde_json::to_string(&ck.state).map_err(|e| werr(&path, e.to_string()))?;
-    let pb: &[u8] = bytemuck::cast_slice(&ck.params);
-    let vb: &[u8] = bytemuck::cast_slice(&ck.velocity);
-    let sum = checksum(&state, pb, vb);
-    let tensors = [
-        ("params", pb, ck.params.len()),
-        ("velocity", vb, ck.velocity.len()),
-    ]
-    .into_iter()
-    .map(|(name, bytes, len)| {
-        TensorView::new(Dtype::F32, vec![len], bytes)
-            .map(|v| (name.to_string(), v))
-            .map_err(|e| werr(&path, e.to_string()))
-    })
-    .collect::<Result<Vec<_>, _>>()?;
+    let sum = checksum(
+        &state,
+        std::iter::once(ck.params.as_slice()).chain(ck.optim.iter().map(|(_, v)| v.as_slice())),
+    );
+    let names: Vec<&str> = ck.optim.iter().map(|(n, _)| n.as_str()).collect();
+    let tensors = std::iter::once(("params".to_string(), &ck.params))
+        .chain(ck.optim.iter().map(|(n, v)| (format!("optim.{n}"), v)))
+        .map(|(name, v)| {
+            TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))
+                .map(|view| (name, view))
+                .map_err(|e| werr(&path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let meta = HashMap::from([
         ("dptrain.format".to_string(), FORMAT.to_string()),
         ("dptrain.state".to_string(), state),
+        ("dptrain.optim".to_string(), names.join(",")),
         ("dptrain.checksum".to_string(), sum),
     ]);
     let bytes =
@@ -176,15 +192,16 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    match meta.get("dptrain.format").map(String::as_str) {
-        Some(FORMAT) => {}
+    let first_format = match meta.get("dptrain.format").map(String::as_str) {
+        Some(FORMAT) => false,
+        Some(FORMAT_1) => true,
         Some(other) => {
             return Err(format(format!(
-                "format {other:?}; this dptrain reads {FORMAT:?}"
+                "format {other:?}; this dptrain reads {FORMAT:?} and {FORMAT_1:?}"
             )));
         }
         None => return Err(format("no dptrain.format in its metadata".into())),
-    }
+    };
     let state_text = meta
         .get("dptrain.state")
         .ok_or_else(|| format("no dptrain.state in its metadata".into()))?;
@@ -208,11 +225,21 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
             .collect())
     };
     let params = tensor("params")?;
-    let velocity = tensor("velocity")?;
+    let optim: Vec<(String, Vec<f32>)> = if first_format {
+        vec![("momentum_buffer".to_string(), tensor("velocity")?)]
+    } else {
+        let names = meta
+            .get("dptrain.optim")
+            .ok_or_else(|| format("no dptrain.optim in its metadata".into()))?;
+        names
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| Ok((n.to_string(), tensor(&format!("optim.{n}"))?)))
+            .collect::<Result<_, CheckpointError>>()?
+    };
     let want = checksum(
         state_text,
-        bytemuck::cast_slice(&params),
-        bytemuck::cast_slice(&velocity),
+        std::iter::once(params.as_slice()).chain(optim.iter().map(|(_, v)| v.as_slice())),
     );
     if *sum != want {
         return Err(damaged(format!("checksum {sum} recorded, {want} computed")));
@@ -220,17 +247,19 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
     let state: State =
         serde_json::from_str(state_text).map_err(|e| format(format!("bad dptrain.state: {e}")))?;
     let n = state.spec.layout().total;
-    if params.len() != n || velocity.len() != n {
+    if let Some((name, v)) = std::iter::once(("params", &params))
+        .chain(optim.iter().map(|(k, v)| (k.as_str(), v)))
+        .find(|(_, v)| v.len() != n)
+    {
         return Err(damaged(format!(
-            "params and velocity hold {} and {} values, the model has {n}",
-            params.len(),
-            velocity.len()
+            "{name} holds {} values, the model has {n}",
+            v.len()
         )));
     }
     Ok(Checkpoint {
         state,
         params,
-        velocity,
+        optim,
     })
 }
 
@@ -255,20 +284,46 @@ pub fn latest(dir: &Path) -> Result<Option<(PathBuf, Checkpoint)>, CheckpointErr
     }
 }
 
-/// Check that a checkpoint can continue this run: same model and settings (the run's length may
-/// differ; the world size may differ in global sharding mode).
-pub fn compatible(
-    path: &Path,
-    ck: &State,
-    spec: &ModelSpec,
-    settings: &serde_json::Value,
-    world_size: usize,
-    global_shard: bool,
-) -> Result<(), CheckpointError> {
+/// What a run expects of the checkpoint it resumes.
+pub struct Expect<'a> {
+    pub spec: &'a ModelSpec,
+    /// The optimizer's name and the state tensors it needs.
+    pub optimizer: &'a str,
+    pub state_names: &'a [&'a str],
+    /// The settings that must match (see `train::setup::resume_settings`).
+    pub settings: &'a serde_json::Value,
+    /// What a setting that older checkpoints lack is taken to have been (its value before the
+    /// setting existed).
+    pub defaults: &'a serde_json::Value,
+    pub world_size: usize,
+    /// Global sharding lets the world size change.
+    pub global_shard: bool,
+}
+
+/// Check that a checkpoint can continue this run: same model, optimizer and settings (the run's
+/// length may differ; the world size may differ in global sharding mode).
+pub fn compatible(path: &Path, ck: &Checkpoint, want: &Expect<'_>) -> Result<(), CheckpointError> {
     let mismatch = |msg: String| CheckpointError::Mismatch {
         path: path.display().to_string(),
         msg,
     };
+    let names: Vec<&str> = ck.optim.iter().map(|(n, _)| n.as_str()).collect();
+    if ck.state.optimizer != want.optimizer || names != want.state_names {
+        return Err(mismatch(format!(
+            "it holds the state of optimizer {} ({}); this run uses {} (resume with --optimizer {})",
+            ck.state.optimizer,
+            names.join(", "),
+            want.optimizer,
+            ck.state.optimizer
+        )));
+    }
+    let (ck, spec, settings, world_size, global_shard) = (
+        &ck.state,
+        want.spec,
+        want.settings,
+        want.world_size,
+        want.global_shard,
+    );
     if ck.spec != *spec {
         return Err(mismatch(format!(
             "it holds a {:?} model of widths {:?}, this run has {:?} {:?}",
@@ -287,7 +342,10 @@ pub fn compatible(
     if let (Some(a), Some(b)) = (ck.settings.as_object(), settings.as_object()) {
         let mut diffs = Vec::new();
         for (k, v) in b {
-            let old = a.get(k).unwrap_or(&serde_json::Value::Null);
+            let old = a
+                .get(k)
+                .or_else(|| want.defaults.get(k))
+                .unwrap_or(&serde_json::Value::Null);
             if old != v {
                 diffs.push(format!("{k}: {old} then, {v} now"));
             }
@@ -317,13 +375,32 @@ mod tests {
                 partial_correct: 7,
                 partial_count: 10,
                 lr_scale: 1.0,
+                optimizer: "adam".into(),
                 world_size: 1,
                 settings: serde_json::json!({"lr": 0.1, "seed": 3}),
                 norm: Normalizer::identity(3),
                 spec: spec.clone(),
             },
             params: spec.init(1),
-            velocity: (0..n).map(|i| i as f32 * 0.5).collect(),
+            optim: vec![
+                ("exp_avg".into(), (0..n).map(|i| i as f32 * 0.5).collect()),
+                (
+                    "exp_avg_sq".into(),
+                    (0..n).map(|i| i as f32 * 0.25).collect(),
+                ),
+            ],
+        }
+    }
+
+    fn expect<'a>(ck: &'a Checkpoint, defaults: &'a serde_json::Value) -> Expect<'a> {
+        Expect {
+            spec: &ck.state.spec,
+            optimizer: "adam",
+            state_names: &["exp_avg", "exp_avg_sq"],
+            settings: &ck.state.settings,
+            defaults,
+            world_size: 1,
+            global_shard: true,
         }
     }
 
@@ -351,6 +428,58 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_of_the_first_format_is_read_as_sgd() {
+        // written as the builds before named optimizer state wrote it: params, velocity, and a
+        // checksum over the state text and both
+        let ck = sample(7);
+        let mut state = ck.state.clone();
+        state.optimizer = "sgd".into();
+        let mut text = serde_json::to_value(&state).unwrap();
+        text.as_object_mut().unwrap().remove("optimizer");
+        let text = text.to_string();
+        let velocity: Vec<f32> = (0..ck.params.len()).map(|i| i as f32).collect();
+        let sum = checksum(&text, [ck.params.as_slice(), velocity.as_slice()]);
+        let views = vec![
+            (
+                "params".to_string(),
+                TensorView::new(
+                    Dtype::F32,
+                    vec![ck.params.len()],
+                    bytemuck::cast_slice(&ck.params),
+                )
+                .unwrap(),
+            ),
+            (
+                "velocity".to_string(),
+                TensorView::new(
+                    Dtype::F32,
+                    vec![velocity.len()],
+                    bytemuck::cast_slice(&velocity),
+                )
+                .unwrap(),
+            ),
+        ];
+        let meta = HashMap::from([
+            ("dptrain.format".to_string(), FORMAT_1.to_string()),
+            ("dptrain.state".to_string(), text),
+            ("dptrain.checksum".to_string(), sum),
+        ]);
+        let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+        let old = parse(&bytes, "old").unwrap();
+        assert_eq!(old.state, state);
+        assert_eq!(old.optim, vec![("momentum_buffer".to_string(), velocity)]);
+        // and a run with Adam refuses it by name
+        let defaults = serde_json::json!({});
+        let e = compatible(Path::new("old"), &old, &expect(&ck, &defaults))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("optimizer sgd (momentum_buffer); this run uses adam"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_flipped_bit_or_a_truncation_is_caught_and_auto_falls_back() {
         let d = dir("flip");
         save(&d, &sample(1), 3).unwrap();
@@ -372,36 +501,58 @@ mod tests {
     #[test]
     fn settings_that_differ_are_named() {
         let ck = sample(3);
+        let defaults = serde_json::json!({"accumulate": 1});
+        let now = serde_json::json!({"lr": 0.2, "seed": 3});
         let e = compatible(
             Path::new("c"),
-            &ck.state,
-            &ck.state.spec,
-            &serde_json::json!({"lr": 0.2, "seed": 3}),
-            1,
-            true,
+            &ck,
+            &Expect {
+                settings: &now,
+                ..expect(&ck, &defaults)
+            },
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("lr: 0.1 then, 0.2 now"), "{e}");
+        // a setting the checkpoint predates matches its default, and only its default
+        let now = serde_json::json!({"lr": 0.1, "seed": 3, "accumulate": 1});
+        let e = Expect {
+            settings: &now,
+            ..expect(&ck, &defaults)
+        };
+        assert!(compatible(Path::new("c"), &ck, &e).is_ok());
+        let now = serde_json::json!({"lr": 0.1, "seed": 3, "accumulate": 2});
+        let e = compatible(
+            Path::new("c"),
+            &ck,
+            &Expect {
+                settings: &now,
+                ..expect(&ck, &defaults)
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("accumulate: 1 then, 2 now"), "{e}");
         let other = ModelSpec::new(ModelKind::Softmax, 3, 2, vec![], Activation::Relu).unwrap();
         let e = compatible(
             Path::new("c"),
-            &ck.state,
-            &other,
-            &ck.state.settings,
-            1,
-            true,
+            &ck,
+            &Expect {
+                spec: &other,
+                ..expect(&ck, &defaults)
+            },
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("model of widths [3, 4, 2]"), "{e}");
         let e = compatible(
             Path::new("c"),
-            &ck.state,
-            &ck.state.spec,
-            &ck.state.settings,
-            2,
-            false,
+            &ck,
+            &Expect {
+                world_size: 2,
+                global_shard: false,
+                ..expect(&ck, &defaults)
+            },
         )
         .unwrap_err()
         .to_string();

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::{BackendInit, Split};
+use crate::backend::{self, BackendInit, Split};
 use crate::comm::{Communicator, SingleProcess};
 use crate::consistency;
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
 use crate::model::{Activation, ModelKind};
-use crate::optim::ScheduleKind;
+use crate::optim::{OptimArgs, OptimConfig, ScheduleKind};
 use crate::train::{
-    self, CheckpointUnit, DeviceKind, NanPolicy, ResumeFrom, RunControl, ShardMode, SyncMode,
-    TrainConfig,
+    self, CheckpointUnit, DeviceKind, NanPolicy, ResumeFrom, RunControl, ShardMode, StepPlan,
+    SyncMode, TrainConfig,
 };
 
 #[derive(Parser, Debug)]
@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a model.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a saved model on a dataset.
     Eval(EvalArgs),
     /// Make or inspect datasets.
@@ -256,6 +256,9 @@ pub struct TrainArgs {
     /// Hidden-layer activation for --model mlp.
     #[arg(long, value_enum, default_value = "relu")]
     pub activation: Activation,
+    /// Dropout probability after each hidden layer of --model mlp (0: none; off in evaluation).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub dropout: f64,
     /// Initial parameters from a safetensors file (names and shapes as --save writes them).
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -265,21 +268,17 @@ pub struct TrainArgs {
     /// Total optimiser steps (overrides --epochs).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Samples per step (per rank under mpirun).
+    /// Samples per micro-batch (per rank under mpirun).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Micro-batches per optimiser step: their gradients are summed, as one batch N× larger.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: usize,
     /// Base learning rate.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub lr: f64,
-    /// SGD momentum in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
-    pub momentum: f64,
-    /// Nesterov momentum (needs --momentum > 0).
-    #[arg(long)]
-    pub nesterov: bool,
-    /// L2 weight decay, added to the gradient as PyTorch's SGD does.
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
+    #[command(flatten)]
+    pub optim: OptimArgs,
     #[arg(long, value_enum, default_value = "constant")]
     pub schedule: ScheduleKind,
     /// Linear warm-up steps.
@@ -406,13 +405,13 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         model: a.model,
         hidden: a.hidden.clone(),
         activation: a.activation,
+        dropout: a.dropout,
         epochs: Some(a.epochs),
         steps: a.steps,
         batch_size: a.batch_size,
+        accumulate: a.accumulate,
         lr: a.lr,
-        momentum: a.momentum,
-        nesterov: a.nesterov,
-        weight_decay: a.weight_decay,
+        optim: a.optim.config(),
         schedule: a.schedule,
         warmup: a.warmup,
         step_size: a.step_size,
@@ -485,27 +484,6 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The settings every rank must share, with what the data turned out to be.
-fn fingerprint(cfg: &TrainConfig, setup: &train::Setup) -> serde_json::Value {
-    let mut v = serde_json::to_value(cfg).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        // each rank may pick its own adapter and backend; --init is rank 0's (broadcast)
-        for k in ["device", "gpu", "init"] {
-            o.remove(k);
-        }
-        o.insert("parameters".into(), setup.spec.layout().total.into());
-        o.insert("widths".into(), serde_json::json!(setup.spec.widths()));
-        o.insert("features".into(), setup.spec.inputs.into());
-        o.insert("classes".into(), setup.spec.outputs.into());
-        o.insert("training_samples".into(), setup.total_train.into());
-        o.insert(
-            "test_samples".into(),
-            setup.test.as_ref().map_or(0, |t| t.n_samples).into(),
-        );
-    }
-    v
-}
-
 pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     let cfg = train_config(a);
     // every failure before the first collective is shared, so no rank waits for one that quit
@@ -516,7 +494,9 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             .and_then(|_| resolve_datasets(a))
             .and_then(|(tr, te)| train::setup_rank(&cfg, tr, te, comm.rank(), comm.size())),
     )?;
-    consistency::check_same(comm, &fingerprint(&cfg, &setup))?;
+    consistency::check_same(comm, &train::fingerprint(&cfg, &setup))?;
+    // the step plan, computed once: the progress bar's length and the loop's rows
+    let plan = StepPlan::of(&cfg, setup.total_train, comm.rank(), comm.size());
     let spec = &setup.spec;
     let metrics_file = match (&a.metrics_out, comm.is_root()) {
         (Some(p), true) => Some(
@@ -526,16 +506,10 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         _ => Ok(None),
     };
     let mut metrics = consistency::agree(comm, metrics_file)?.map(std::io::BufWriter::new);
-    let init = BackendInit {
-        spec,
-        train: &setup.train,
-        test: setup.test.as_ref(),
-        norm: &setup.norm,
-        max_rows: cfg.batch_size,
-    };
+    let init = setup.backend_init(&cfg, &plan);
     let mut backend = consistency::agree(
         comm,
-        train::make_backend(cfg.device, cfg.gpu, comm.local_rank(), &init),
+        backend::open(cfg.device, cfg.gpu, comm.local_rank(), &init),
     )?;
     if comm.size() > 1 {
         // one write, so that mpirun does not interleave the ranks' lines
@@ -569,7 +543,6 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             }
         );
     }
-    let plan = train::StepPlan::new(cfg.shard, setup.total_train, cfg.batch_size, 0, comm.size());
     let total = cfg.total_steps(plan.steps_per_epoch);
     let pb = if comm.is_root() {
         progress_bar(total)
@@ -597,6 +570,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         &cfg,
         &ctl,
         &setup,
+        &plan,
         backend.as_mut(),
         comm,
         |r| {
@@ -670,8 +644,11 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         test: None,
         norm: &norm,
         max_rows: a.batch_size.min(ds.n_samples).max(1),
+        rule: OptimConfig::default().rule(),
+        seed: 0,
+        sample_base: 0,
     };
-    let mut backend = train::make_backend(a.device, a.gpu, 0, &init)?;
+    let mut backend = backend::open(a.device, a.gpu, 0, &init)?;
     backend.set_params(&theta)?;
     let r = train::evaluate(
         backend.as_mut(),

@@ -2,11 +2,11 @@
 
 use dptrain::backend::cpu::CpuBackend;
 use dptrain::backend::gpu::GpuBackend;
-use dptrain::backend::{Backend, BackendInit, Split};
+use dptrain::backend::{self, Backend, Split};
 use dptrain::comm::SingleProcess;
 use dptrain::data::{self, CsvOptions, NormKind, synth};
 use dptrain::model::{Activation, ModelKind};
-use dptrain::train::{self, DeviceKind, TrainConfig};
+use dptrain::train::{self, DeviceKind, StepPlan, TrainConfig};
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let num = a
@@ -32,17 +32,12 @@ fn gpu_and_cpu_agree(
     cfg.steps = Some(100);
     cfg.batch_size = bs;
     cfg.lr = 0.05;
-    cfg.momentum = 0.9;
-    cfg.weight_decay = 1e-4;
+    cfg.optim.momentum = 0.9;
+    cfg.optim.weight_decay = 1e-4;
     cfg.seed = 5;
     let setup = train::setup(&cfg, ds, None).unwrap();
-    let init = BackendInit {
-        spec: &setup.spec,
-        train: &setup.train,
-        test: None,
-        norm: &setup.norm,
-        max_rows: cfg.batch_size,
-    };
+    let plan = StepPlan::of(&cfg, setup.total_train, 0, 1);
+    let init = setup.backend_init(&cfg, &plan);
     let mut gpu = GpuBackend::new(&init, &Default::default()).unwrap();
     let mut cpu = CpuBackend::new(&init).unwrap();
     let g = train::train(&cfg, &setup, &mut gpu, &SingleProcess, |_| {}, |_| {}).unwrap();
@@ -113,14 +108,8 @@ fn linear_regression_recovers_the_true_weights() {
         cfg.lr = 0.05;
         cfg.device = device;
         let setup = train::setup(&cfg, ds, None).unwrap();
-        let init = BackendInit {
-            spec: &setup.spec,
-            train: &setup.train,
-            test: None,
-            norm: &setup.norm,
-            max_rows: cfg.batch_size,
-        };
-        let mut be = train::make_backend(device, None, 0, &init).unwrap();
+        let plan = StepPlan::of(&cfg, setup.total_train, 0, 1);
+        let mut be = backend::open(device, None, 0, &setup.backend_init(&cfg, &plan)).unwrap();
         let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess, |_| {}, |_| {}).unwrap();
         // layout: weight [1, 6] then bias [1]
         for (j, (got, want)) in out.params.iter().zip(&w).enumerate() {

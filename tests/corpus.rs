@@ -19,8 +19,8 @@ fn variants(good: &Path, dir: &Path) {
     flipped[n - 5] ^= 0x01;
     std::fs::write(dir.join("flipped.safetensors"), flipped).unwrap();
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    assert!(text.contains("dptrain-checkpoint-1"));
-    let version = bytes_replace(&bytes, b"dptrain-checkpoint-1", b"dptrain-checkpoint-9");
+    assert!(text.contains("dptrain-checkpoint-2"));
+    let version = bytes_replace(&bytes, b"dptrain-checkpoint-2", b"dptrain-checkpoint-9");
     std::fs::write(dir.join("version.safetensors"), version).unwrap();
 }
 

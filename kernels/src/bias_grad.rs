@@ -99,7 +99,15 @@ mod tests {
             let dzb = ctx.upload("dz", &dz).unwrap();
             let gb = ctx.upload("grads", &vec![5.0f32; off + cols + 3]).unwrap();
             let d = BiasGrad::new(&ctx)
-                .prepare(&ctx, rows as u64, cols as u64, &dzb, &gb, off as u64, accumulate)
+                .prepare(
+                    &ctx,
+                    rows as u64,
+                    cols as u64,
+                    &dzb,
+                    &gb,
+                    off as u64,
+                    accumulate,
+                )
                 .unwrap();
             crate::run(&ctx, &[&d]);
             let g: Vec<f32> = ctx.read(&gb, 0, off + cols + 3).unwrap();

@@ -303,9 +303,13 @@ impl GpuContext {
         buf
     }
 
-    /// The GPU time in seconds of each dispatch, each recorded in a pass of its own between two
-    /// timestamps, in one submission; None when the adapter has no timestamp queries.
-    pub fn time_dispatches(&self, list: &[&Dispatch]) -> Result<Option<Vec<f64>>, KernelError> {
+    /// The GPU time in seconds of each dispatch (with its uniform ring offset), each recorded in a
+    /// pass of its own between two timestamps, in one submission; None when the adapter has no
+    /// timestamp queries.
+    pub fn time_dispatches(
+        &self,
+        list: &[(&Dispatch, u32)],
+    ) -> Result<Option<Vec<f64>>, KernelError> {
         if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) || list.is_empty() {
             return Ok(None);
         }
@@ -329,7 +333,7 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("timestamps"),
             });
-        for (i, d) in list.iter().enumerate() {
+        for (i, (d, at)) in list.iter().enumerate() {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(d.name),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
@@ -338,7 +342,7 @@ impl GpuContext {
                     end_of_pass_write_index: Some(2 * i as u32 + 1),
                 }),
             });
-            d.record(&mut pass);
+            d.record_at(&mut pass, *at);
         }
         enc.resolve_query_set(&queries, 0..count, &resolve, 0);
         enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, bytes);

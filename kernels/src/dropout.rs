@@ -207,7 +207,13 @@ impl Dropout {
 }
 
 /// CPU reference: x[r, j] · factor for rows whose global sample numbers are `samples`.
-pub fn dropout_ref(mask: &DropoutMask, step: u64, samples: &[u32], x: &[f32], cols: usize) -> Vec<f32> {
+pub fn dropout_ref(
+    mask: &DropoutMask,
+    step: u64,
+    samples: &[u32],
+    x: &[f32],
+    cols: usize,
+) -> Vec<f32> {
     x.chunks(cols)
         .zip(samples)
         .flat_map(|(row, &s)| {
@@ -241,10 +247,30 @@ mod tests {
         let ph = ctx.storage("placeholder", 4).unwrap();
         let d = Dropout::new(&ctx);
         let mut fwd = d
-            .prepare(&ctx, &mask, rows as u64, cols as u64, Some(&xb), &yb, &ib, u64::from(base), &ph)
+            .prepare(
+                &ctx,
+                &mask,
+                rows as u64,
+                cols as u64,
+                Some(&xb),
+                &yb,
+                &ib,
+                u64::from(base),
+                &ph,
+            )
             .unwrap();
         let mut bwd = d
-            .prepare(&ctx, &mask, rows as u64, cols as u64, None, &gb, &ib, u64::from(base), &ph)
+            .prepare(
+                &ctx,
+                &mask,
+                rows as u64,
+                cols as u64,
+                None,
+                &gb,
+                &ib,
+                u64::from(base),
+                &ph,
+            )
             .unwrap();
         fwd.write_step(&ctx, 0, off as u64, 77).unwrap();
         bwd.write_step(&ctx, 0, off as u64, 77).unwrap();

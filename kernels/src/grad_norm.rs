@@ -147,7 +147,11 @@ mod tests {
             let got: Vec<f32> = ctx.read(&out, 0, 2).unwrap();
             let (factor, norm) = grad_norm_ref(&g, 0.5, max_norm);
             let rel = |a: f32, b: f64| (f64::from(a) - b).abs() / b.abs().max(1e-30);
-            assert!(rel(got[1], norm) <= 1e-5, "n {n}: norm {} vs {norm}", got[1]);
+            assert!(
+                rel(got[1], norm) <= 1e-5,
+                "n {n}: norm {} vs {norm}",
+                got[1]
+            );
             assert!(
                 rel(got[0], factor) <= 1e-5,
                 "n {n}: factor {} vs {factor}",

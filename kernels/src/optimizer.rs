@@ -10,7 +10,10 @@ use crate::{Dispatch, GpuContext, KernelError};
 /// An update rule and its fixed hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Rule {
-    Sgd { momentum: f32, nesterov: bool },
+    Sgd {
+        momentum: f32,
+        nesterov: bool,
+    },
     Adam {
         beta1: f32,
         beta2: f32,
@@ -111,10 +114,12 @@ fn prepare_rule(
         });
     }
     Ok(match rule {
-        Rule::Sgd { .. } => RuleCall::Sgd(Sgd::new(ctx).prepare(ctx, n, theta, grad, state[0], clip)?),
-        Rule::Adam { .. } => RuleCall::Adam(
-            Adam::new(ctx).prepare(ctx, n, theta, grad, state[0], state[1], clip)?,
-        ),
+        Rule::Sgd { .. } => {
+            RuleCall::Sgd(Sgd::new(ctx).prepare(ctx, n, theta, grad, state[0], clip)?)
+        }
+        Rule::Adam { .. } => {
+            RuleCall::Adam(Adam::new(ctx).prepare(ctx, n, theta, grad, state[0], state[1], clip)?)
+        }
     })
 }
 

@@ -1,125 +1,77 @@
-//! The CPU reference backend (ndarray): the same mathematics as the WGSL kernels, written plainly.
+//! The CPU reference backend (ndarray): it walks the model's layers (`model::Layer`), whose
+//! mathematics are the kernels' own references, so the maths exists once beside each shader.
 //!
 //! `loss_and_grad` is generic over f32/f64: the backend trains in f32 like the GPU, and the tests run
 //! it in f64 against central finite differences.
 
 use std::ops::Range;
 
-use dptrain_kernels::loss::LossKind;
+use dptrain_kernels::loss::{LossKind, loss_row};
+use dptrain_kernels::optimizer::{Rule, UpdateStep, update_ref};
 use dptrain_kernels::reduce_stats::Totals;
-use dptrain_kernels::sgd::{SgdStep, sgd_ref};
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis, LinalgScalar};
+use ndarray::{Array2, ArrayView2, Axis, LinalgScalar};
 use num_traits::Float;
 
-use super::{Backend, BackendInit, Split};
-use crate::model::{Activation, ModelSpec};
+use super::{Backend, BackendInit, Batch, Split, state_in_order};
+use crate::model::layer::MaskContext;
+use crate::model::{Layer, ModelSpec};
 
-fn act<T: Float>(a: Activation, v: T) -> T {
-    match a {
-        Activation::Relu => v.max(T::zero()),
-        Activation::Tanh => v.tanh(),
-        Activation::Sigmoid => T::one() / (T::one() + (-v).exp()),
-    }
-}
-
-/// Derivative from the activation's output y.
-fn dact<T: Float>(a: Activation, y: T) -> T {
-    match a {
-        Activation::Relu => {
-            if y > T::zero() {
-                T::one()
-            } else {
-                T::zero()
-            }
-        }
-        Activation::Tanh => T::one() - y * y,
-        Activation::Sigmoid => y * (T::one() - y),
-    }
-}
-
-/// Layer l's weight [out, in] and bias [out] views into the flat buffer.
-fn views<'a, T>(
-    spec: &ModelSpec,
-    theta: &'a [T],
-    l: usize,
-) -> (ArrayView2<'a, T>, ArrayView1<'a, T>) {
-    let (fi, fo) = spec.layer(l);
-    let (wo, bo) = spec.offsets(l);
-    let w =
-        ArrayView2::from_shape((fo, fi), &theta[wo..wo + fi * fo]).expect("layout matches spec");
-    let b = ArrayView1::from(&theta[bo..bo + fo]);
-    (w, b)
-}
-
-/// Forward pass: every layer's output (the last one is the logits).
+/// Every layer's output in order (the last one is the logits). `train` is None in evaluation.
 pub fn forward<T: Float + LinalgScalar>(
     spec: &ModelSpec,
+    layers: &[Layer],
     theta: &[T],
     x: ArrayView2<T>,
+    train: Option<&MaskContext>,
 ) -> Vec<Array2<T>> {
-    let n_layers = spec.hidden.len() + 1;
-    let mut outs: Vec<Array2<T>> = Vec::with_capacity(n_layers);
-    for l in 0..n_layers {
-        let (w, b) = views(spec, theta, l);
-        let input = if l == 0 { x } else { outs[l - 1].view() };
-        let mut z = input.dot(&w.t()) + b;
-        if l + 1 < n_layers {
-            z.mapv_inplace(|v| act(spec.activation, v));
-        }
-        outs.push(z);
+    let mut outs: Vec<Array2<T>> = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let input = if i == 0 { x } else { outs[i - 1].view() };
+        let y = layer.forward(spec, theta, input, train);
+        outs.push(y);
     }
     outs
 }
 
-/// Per-row loss, correctness and dz for the model's loss, as the fused GPU kernels compute them.
+/// Per-row loss, correctness and the gradient at the logits, row by row through the kernels' own
+/// `loss_row`.
 pub fn loss_rows<T: Float>(kind: LossKind, z: ArrayView2<T>, t: &[T]) -> (Array2<T>, Totals) {
     let mut dz = Array2::<T>::zeros(z.raw_dim());
     let mut tot = Totals {
         count: t.len() as u64,
         ..Totals::default()
     };
-    for (r, zr) in z.outer_iter().enumerate() {
-        let y = t[r];
-        match kind {
-            LossKind::SoftmaxXent => {
-                let label = y.to_usize().unwrap_or(0);
-                let (mut arg, mut m) = (0, zr[0]);
-                for (j, &v) in zr.iter().enumerate() {
-                    if v > m {
-                        m = v;
-                        arg = j;
-                    }
-                }
-                let s = zr.iter().fold(T::zero(), |s, &v| s + (v - m).exp());
-                for (j, &v) in zr.iter().enumerate() {
-                    let onehot = if j == label { T::one() } else { T::zero() };
-                    dz[[r, j]] = (v - m).exp() / s - onehot;
-                }
-                tot.loss_sum += (m + s.ln() - zr[label]).to_f64().unwrap_or(f64::NAN);
-                tot.correct += u64::from(arg == label);
-            }
-            LossKind::SigmoidBce => {
-                let v = zr[0];
-                let e = (-v.abs()).exp();
-                let sig = if v >= T::zero() {
-                    T::one() / (T::one() + e)
-                } else {
-                    e / (T::one() + e)
-                };
-                dz[[r, 0]] = sig - y;
-                let l = v.max(T::zero()) - v * y + e.ln_1p();
-                tot.loss_sum += l.to_f64().unwrap_or(f64::NAN);
-                let half = T::from(0.5).unwrap_or(T::zero());
-                tot.correct += u64::from((v > T::zero()) == (y > half));
-            }
-            LossKind::Mse => {
-                let d = zr[0] - y;
-                dz[[r, 0]] = d + d;
-                tot.loss_sum += (d * d).to_f64().unwrap_or(f64::NAN);
-            }
-        }
+    let mut d = vec![T::zero(); z.ncols()];
+    for ((zr, mut dr), &y) in z.outer_iter().zip(dz.outer_iter_mut()).zip(t) {
+        let (l, c) = loss_row(kind, &zr.to_vec(), y, &mut d);
+        dr.assign(&ndarray::ArrayView1::from(&d));
+        tot.loss_sum += l.to_f64().unwrap_or(f64::NAN);
+        tot.correct += u64::from(c);
     }
     (dz, tot)
+}
+
+/// Backward from the gradient at the logits `dz`: parameter gradients (flat layout) from the layers'
+/// inputs `x` and outputs `outs`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float + LinalgScalar>(
+    spec: &ModelSpec,
+    layers: &[Layer],
+    theta: &[T],
+    x: ArrayView2<T>,
+    outs: &[Array2<T>],
+    dz: Array2<T>,
+    train: &MaskContext,
+    grads: &mut [T],
+) {
+    let mut dy = dz;
+    for i in (0..layers.len()).rev() {
+        let input = if i == 0 { x } else { outs[i - 1].view() };
+        match layers[i].backward(spec, theta, input, outs[i].view(), dy, train, grads, i > 0) {
+            Some(d) => dy = d,
+            None => break,
+        }
+    }
 }
 
 /// Gradient sums over the batch (flat, in the parameter layout) and the batch's totals.
@@ -128,45 +80,44 @@ pub fn loss_and_grad<T: Float + LinalgScalar>(
     theta: &[T],
     x: ArrayView2<T>,
     t: &[T],
+    train: &MaskContext,
 ) -> (Vec<T>, Totals) {
-    let outs = forward(spec, theta, x);
-    let n_layers = outs.len();
-    let (mut dz, tot) = loss_rows(spec.loss(), outs[n_layers - 1].view(), t);
+    let layers = spec.layers();
+    let outs = forward(spec, &layers, theta, x, Some(train));
+    let (dz, tot) = loss_rows(spec.loss(), outs[outs.len() - 1].view(), t);
     let mut grads = vec![T::zero(); theta.len()];
-    for l in (0..n_layers).rev() {
-        let input = if l == 0 { x } else { outs[l - 1].view() };
-        let (w, _) = views(spec, theta, l);
-        let (wo, bo) = spec.offsets(l);
-        let dw = dz.t().dot(&input);
-        let db = dz.sum_axis(Axis(0));
-        grads[wo..wo + dw.len()]
-            .iter_mut()
-            .zip(dw.iter())
-            .for_each(|(g, &v)| *g = v);
-        grads[bo..bo + db.len()]
-            .iter_mut()
-            .zip(db.iter())
-            .for_each(|(g, &v)| *g = v);
-        if l > 0 {
-            let mut dprev = dz.dot(&w);
-            dprev.zip_mut_with(&outs[l - 1], |d, &y| *d = *d * dact(spec.activation, y));
-            dz = dprev;
-        }
-    }
+    backward(spec, &layers, theta, x, &outs, dz, train, &mut grads);
     (grads, tot)
+}
+
+/// The batch being computed: its rows, their samples, and what each phase has produced.
+struct Current {
+    batch: Batch,
+    x: Array2<f32>,
+    t: Vec<f32>,
+    samples: Vec<u32>,
+    outs: Vec<Array2<f32>>,
+    dz: Option<Array2<f32>>,
 }
 
 /// The CPU backend: normalised data held as f32 matrices.
 pub struct CpuBackend {
     spec: ModelSpec,
+    layers: Vec<Layer>,
+    rule: Rule,
+    seed: u64,
+    sample_base: usize,
     theta: Vec<f32>,
-    vel: Vec<f32>,
+    state: Vec<Vec<f32>>,
     grads: Vec<f32>,
+    /// One micro-batch's gradients before they are added (gradient accumulation).
+    micro: Vec<f32>,
     train_x: Array2<f32>,
     train_t: Vec<f32>,
     test_x: Option<Array2<f32>>,
     test_t: Vec<f32>,
     order: Vec<u32>,
+    current: Option<Current>,
     totals: Totals,
     step_losses: Vec<f32>,
 }
@@ -180,14 +131,25 @@ impl CpuBackend {
         let p = init.spec.layout().total;
         Ok(Self {
             spec: init.spec.clone(),
+            layers: init.spec.layers(),
+            rule: init.rule,
+            seed: init.seed,
+            sample_base: init.sample_base,
             theta: vec![0.0; p],
-            vel: vec![0.0; p],
+            state: init
+                .rule
+                .state_names()
+                .iter()
+                .map(|_| vec![0.0; p])
+                .collect(),
             grads: vec![0.0; p],
+            micro: vec![0.0; p],
             train_x: to_matrix(init.train)?,
             train_t: init.train.y.clone(),
             test_x: init.test.map(to_matrix).transpose()?,
             test_t: init.test.map(|d| d.y.clone()).unwrap_or_default(),
             order: Vec::new(),
+            current: None,
             totals: Totals::default(),
             step_losses: Vec::new(),
         })
@@ -201,6 +163,12 @@ impl CpuBackend {
                 None => anyhow::bail!("no test set"),
             },
         }
+    }
+
+    fn current(&mut self) -> anyhow::Result<&mut Current> {
+        self.current
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("a step phase ran before gather"))
     }
 }
 
@@ -221,12 +189,20 @@ impl Backend for CpuBackend {
     fn params(&mut self) -> anyhow::Result<Vec<f32>> {
         Ok(self.theta.clone())
     }
-    fn velocity(&mut self) -> anyhow::Result<Vec<f32>> {
-        Ok(self.vel.clone())
+    fn optim_state(&mut self) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+        Ok(self
+            .rule
+            .state_names()
+            .iter()
+            .zip(&self.state)
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect())
     }
-    fn set_velocity(&mut self, v: &[f32]) -> anyhow::Result<()> {
-        same_len("velocity", v.len(), self.vel.len())?;
-        self.vel.copy_from_slice(v);
+    fn set_optim_state(&mut self, state: &[(String, Vec<f32>)]) -> anyhow::Result<()> {
+        let ordered = state_in_order(&self.rule, state, self.theta.len())?;
+        for (dst, src) in self.state.iter_mut().zip(ordered) {
+            dst.copy_from_slice(src);
+        }
         Ok(())
     }
     fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
@@ -237,35 +213,105 @@ impl Backend for CpuBackend {
         self.order = order.to_vec();
         Ok(())
     }
-    fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()> {
+    fn gather(&mut self, batch: &Batch) -> anyhow::Result<()> {
         anyhow::ensure!(
-            offset + rows <= self.order.len(),
+            batch.offset + batch.rows <= self.order.len(),
             "batch past the epoch's order"
         );
-        let idx: Vec<usize> = self.order[offset..offset + rows]
+        let idx: Vec<usize> = self.order[batch.offset..batch.offset + batch.rows]
             .iter()
             .map(|&i| i as usize)
             .collect();
-        let x = self.train_x.select(Axis(0), &idx);
-        let t: Vec<f32> = idx.iter().map(|&i| self.train_t[i]).collect();
-        let (g, tot) = loss_and_grad(&self.spec, &self.theta, x.view(), &t);
-        self.grads = g;
+        let base = u32::try_from(self.sample_base)?;
+        self.current = Some(Current {
+            batch: *batch,
+            x: self.train_x.select(Axis(0), &idx),
+            t: idx.iter().map(|&i| self.train_t[i]).collect(),
+            samples: idx.iter().map(|&i| i as u32 + base).collect(),
+            outs: Vec::new(),
+            dz: None,
+        });
+        Ok(())
+    }
+    fn forward(&mut self) -> anyhow::Result<()> {
+        let (spec, layers, theta, seed) = (&self.spec, &self.layers, &self.theta, self.seed);
+        let c = self
+            .current
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("forward before gather"))?;
+        let ctx = MaskContext {
+            seed,
+            step: c.batch.step,
+            samples: &c.samples,
+        };
+        c.outs = forward(spec, layers, theta, c.x.view(), Some(&ctx));
+        Ok(())
+    }
+    fn loss(&mut self) -> anyhow::Result<()> {
+        let kind = self.spec.loss();
+        let c = self.current()?;
+        let logits = c
+            .outs
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("loss before forward"))?;
+        let (dz, tot) = loss_rows(kind, logits.view(), &c.t);
+        c.dz = Some(dz);
         self.step_losses.push(tot.loss_sum as f32);
         self.totals.add(&tot);
         Ok(())
     }
-    fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
-        same_len("gradients", out.len(), self.grads.len())?;
-        out.copy_from_slice(&self.grads);
-        Ok(std::mem::take(&mut self.totals))
-    }
-    fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()> {
-        same_len("gradients", g.len(), self.grads.len())?;
-        self.grads.copy_from_slice(g);
+    fn backward(&mut self) -> anyhow::Result<()> {
+        let c = self
+            .current
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("backward before gather"))?;
+        let dz =
+            c.dz.ok_or_else(|| anyhow::anyhow!("backward before loss"))?;
+        let ctx = MaskContext {
+            seed: self.seed,
+            step: c.batch.step,
+            samples: &c.samples,
+        };
+        let grads = if c.batch.accumulate {
+            &mut self.micro
+        } else {
+            &mut self.grads
+        };
+        backward(
+            &self.spec,
+            &self.layers,
+            &self.theta,
+            c.x.view(),
+            &c.outs,
+            dz,
+            &ctx,
+            grads,
+        );
+        if c.batch.accumulate {
+            for (g, m) in self.grads.iter_mut().zip(&self.micro) {
+                *g += m;
+            }
+        }
         Ok(())
     }
-    fn update(&mut self, step: &SgdStep) -> anyhow::Result<()> {
-        sgd_ref(&mut self.theta, &self.grads, &mut self.vel, step);
+    fn read_grads(
+        &mut self,
+        range: Range<usize>,
+        out: &mut [f32],
+        totals: bool,
+    ) -> anyhow::Result<Option<Totals>> {
+        same_len("gradients", out.len(), range.len())?;
+        out.copy_from_slice(&self.grads[range]);
+        Ok(totals.then(|| std::mem::take(&mut self.totals)))
+    }
+    fn write_grads(&mut self, range: Range<usize>, g: &[f32]) -> anyhow::Result<()> {
+        same_len("gradients", g.len(), range.len())?;
+        self.grads[range].copy_from_slice(g);
+        Ok(())
+    }
+    fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()> {
+        anyhow::ensure!(step.rule == self.rule, "optimizer changed mid-run");
+        update_ref(step, &mut self.theta, &self.grads, &mut self.state);
         Ok(())
     }
     fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>> {
@@ -283,8 +329,10 @@ impl Backend for CpuBackend {
             let end = (start + 4096).min(range.end);
             let outs = forward(
                 &self.spec,
+                &self.layers,
                 &self.theta,
                 x.slice(ndarray::s![start..end, ..]),
+                None,
             );
             let (_, b) = loss_rows(
                 self.spec.loss(),
@@ -300,16 +348,8 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelKind;
+    use crate::model::{Activation, ModelKind};
     use crate::rng::Rng;
-
-    /// Total loss in f64 for finite differences.
-    fn total_loss(spec: &ModelSpec, theta: &[f64], x: ArrayView2<f64>, t: &[f64]) -> f64 {
-        let outs = forward(spec, theta, x);
-        loss_rows(spec.loss(), outs[outs.len() - 1].view(), t)
-            .1
-            .loss_sum
-    }
 
     fn check_against_finite_differences(spec: &ModelSpec, classes: usize) {
         let mut rng = Rng::new(42);
@@ -326,22 +366,36 @@ mod tests {
             .iter()
             .map(|&v| f64::from(v) + 0.1 * rng.normal())
             .collect();
-        let (g, _) = loss_and_grad(spec, &theta, x.view(), &t);
+        let samples: Vec<u32> = (0..n as u32).map(|i| 3 * i + 1).collect();
+        let ctx = MaskContext {
+            seed: 9,
+            step: 4,
+            samples: &samples,
+        };
+        let layers = spec.layers();
+        let total_loss = |p: &[f64]| {
+            let outs = forward(spec, &layers, p, x.view(), Some(&ctx));
+            loss_rows(spec.loss(), outs[outs.len() - 1].view(), &t)
+                .1
+                .loss_sum
+        };
+        let (g, _) = loss_and_grad(spec, &theta, x.view(), &t, &ctx);
         let h = 1e-6;
         let mut worst: f64 = 0.0;
         for i in 0..theta.len() {
             let mut p = theta.clone();
             p[i] += h;
-            let up = total_loss(spec, &p, x.view(), &t);
+            let up = total_loss(&p);
             p[i] -= 2.0 * h;
-            let down = total_loss(spec, &p, x.view(), &t);
+            let down = total_loss(&p);
             let fd = (up - down) / (2.0 * h);
             worst = worst.max((fd - g[i]).abs() / (1.0 + fd.abs()));
         }
         assert!(
             worst < 1e-6,
-            "{:?}: worst relative gradient error {worst:e}",
-            spec.kind
+            "{:?} dropout {}: worst relative gradient error {worst:e}",
+            spec.kind,
+            spec.dropout
         );
     }
 
@@ -356,6 +410,7 @@ mod tests {
         for a in [Activation::Relu, Activation::Tanh, Activation::Sigmoid] {
             let mlp = ModelSpec::new(ModelKind::Mlp, 4, 3, vec![6, 5], a).unwrap();
             check_against_finite_differences(&mlp, 3);
+            check_against_finite_differences(&mlp.with_dropout(0.4).unwrap(), 3);
         }
     }
 }

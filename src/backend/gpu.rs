@@ -1,37 +1,39 @@
-//! The WGSL backend: every part of the step on the GPU, one command encoder per step.
+//! The WGSL backend: every phase of the step on the GPU, recorded into one command encoder.
 //!
 //! Training data is uploaded once (u8 pixels stay u8); each batch is gathered on the GPU through the
-//! epoch's permutation. Buffers, pipelines and bind groups are made once per batch size ("plans").
-//! A step records its dispatches; its few per-step uniform values (gather offset, loss-history
-//! slot, learning rate) go to its own block of small uniform rings bound with dynamic offsets, so
-//! up to STEPS_PER_SUBMIT steps share one submission, which is what a step as small as logistic
-//! regression's needs. In a single-process run the host waits for the GPU only when it reads
-//! something back (logging, evaluation), and otherwise only to keep at most a few submissions in
-//! flight so that queued work stays bounded.
+//! epoch's permutation. For each batch size the model's layers are compiled once into a plan of
+//! dispatches ("plans", `build_plan`), fusing each dense layer's bias and activation into its matrix
+//! product, and its activation's derivative into the product that computes the gradient at its
+//! output. Per-step uniform values (gather offset, loss-history slot, dropout step, learning rate)
+//! go to their own block of small uniform rings bound with dynamic offsets, so several steps share
+//! one submission, which is what a step as small as logistic regression's needs. In a
+//! single-process run the host waits for the GPU only when it reads something back (logging,
+//! evaluation), and otherwise only to keep at most a few submissions in flight.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use anyhow::Context;
 use dptrain_kernels::bias_grad::BiasGrad;
+use dptrain_kernels::dropout::{Dropout, DropoutCall};
 use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
 use dptrain_kernels::loss::{Loss, LossArgs};
 use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
+use dptrain_kernels::optimizer::{OptimizerCall, Rule, UpdateStep};
 use dptrain_kernels::reduce_stats::{ReduceCall, ReduceStats, Totals};
-use dptrain_kernels::sgd::{Sgd, SgdCall, SgdStep};
-use dptrain_kernels::{AdapterChoice, Dispatch, GpuContext, KernelError};
+use dptrain_kernels::{AdapterChoice, Dispatch, F32, GpuContext, KernelError, RING_SLOTS};
 
-use super::{Backend, BackendInit, Split};
+use super::{Backend, BackendInit, Batch, Split, state_in_order};
 use crate::data::{Dataset, Features, Normalizer};
-use crate::model::ModelSpec;
+use crate::model::{Layer, ModelSpec};
 
 /// Submissions allowed in flight before the host waits for the oldest.
 const MAX_IN_FLIGHT: usize = 4;
 
-/// Training steps recorded into one submission at most (one ring block each).
-pub const STEPS_PER_SUBMIT: usize = dptrain_kernels::RING_SLOTS as usize;
+/// Training steps recorded into one submission at most.
+pub const STEPS_PER_SUBMIT: usize = RING_SLOTS as usize;
 
-/// Per-step loss sums kept on the GPU between reads (`take_step_losses`).
+/// Per-batch loss sums kept on the GPU between reads (`take_step_losses`).
 pub const HISTORY: usize = 1024;
 
 /// What a recorded pass does.
@@ -45,24 +47,53 @@ enum Pass {
     EvalTest,
 }
 
+/// A plan's key: the pass, the batch's rows, and whether backward adds to the gradients.
+type PlanKey = (Pass, usize, bool);
+
+/// One recorded dispatch of a plan.
+enum Op {
+    /// Bound once; the same every step.
+    Fixed(Dispatch),
+    /// Dropout, whose per-step block (batch offset, step) is written at `gather`.
+    Dropout(DropoutCall),
+}
+
+impl Op {
+    fn dispatch(&self) -> &Dispatch {
+        match self {
+            Op::Fixed(d) => d,
+            Op::Dropout(c) => &c.dispatch,
+        }
+    }
+}
+
 /// Everything recorded for one batch size of one pass.
 struct Plan {
     /// None for host-fed data: the batch is uploaded instead.
     gather: Option<GatherCall>,
-    forward: Vec<Dispatch>,
+    forward: Vec<(String, Op)>,
     loss: Dispatch,
     reduce: ReduceCall,
-    backward: Vec<Dispatch>,
-    /// What each backward dispatch computes, for profiles.
-    backward_labels: Vec<String>,
+    backward: Vec<(String, Op)>,
+}
+
+/// The batch being recorded: its plan and the uniform-ring offsets its dispatches read.
+struct Current {
+    key: PlanKey,
+    gather_at: Option<u32>,
+    reduce_at: u32,
+    /// The ring offset of each dropout op, forward ops first, then backward ops.
+    dropout_at: Vec<u32>,
 }
 
 /// Device-side activations for up to `max_rows` rows.
 struct Activations {
-    /// acts[0] is the gathered batch, acts[l + 1] layer l's output (the last: logits).
+    /// acts[0] is the gathered batch, acts[i + 1] layer i's output (the last: logits).
     acts: Vec<wgpu::Buffer>,
-    /// dacts[l + 1] is the loss gradient at layer l's output (dacts[0] is unused).
+    /// Gradient buffers; grad_of[j] picks the one that holds the loss gradient at tensor j (a dense
+    /// layer's pre-activation gradient; a dropout's input shares its output's buffer).
     dacts: Vec<wgpu::Buffer>,
+    grad_of: Vec<usize>,
     targets: wgpu::Buffer,
     stats: wgpu::Buffer,
 }
@@ -70,10 +101,15 @@ struct Activations {
 pub struct GpuBackend {
     ctx: GpuContext,
     spec: ModelSpec,
+    layers: Vec<Layer>,
+    rule: Rule,
+    seed: u64,
+    sample_base: u64,
     max_rows: usize,
     theta: wgpu::Buffer,
     grads: wgpu::Buffer,
-    vel: wgpu::Buffer,
+    /// The optimizer's state tensors, in `rule.state_names()` order.
+    state: Vec<wgpu::Buffer>,
     n_params: usize,
     train: Resident,
     test: Option<Resident>,
@@ -85,22 +121,28 @@ pub struct GpuBackend {
     act: Activations,
     train_totals: wgpu::Buffer,
     eval_totals: wgpu::Buffer,
-    /// Gradients followed by the training totals, copied together for the exchange.
+    /// A gradient bucket followed by the training totals, copied together for the exchange.
     exchange: wgpu::Buffer,
     /// Loss sum of each training batch since the last `take_step_losses` (a ring of HISTORY).
     history: wgpu::Buffer,
     history_len: usize,
     /// Evaluation batches write their losses here, never read.
     eval_history: wgpu::Buffer,
+    /// Bound where a kernel's optional input is unused.
+    placeholder: wgpu::Buffer,
     matmul: Matmul,
     gather: Gather,
     loss: Loss,
     bias_grad: BiasGrad,
+    dropout: Dropout,
     reduce: ReduceStats,
-    sgd: SgdCall,
-    plans: HashMap<(Pass, usize), Plan>,
+    optimizer: OptimizerCall,
+    plans: HashMap<PlanKey, Plan>,
+    current: Option<Current>,
     pending: Option<wgpu::CommandEncoder>,
-    /// Steps recorded into `pending`: the next step's ring block.
+    /// Uniform-ring blocks used in `pending`: the next micro-batch's or update's block.
+    slot: u64,
+    /// Updates recorded into `pending`.
     pending_steps: usize,
     /// Steps per submission (STEPS_PER_SUBMIT; DPTRAIN_STEPS_PER_SUBMIT=1..16 overrides, for
     /// measuring what batching submissions is worth on a given adapter).
@@ -141,7 +183,7 @@ fn upload_data(ctx: &GpuContext, ds: &Dataset, norm: &Normalizer) -> anyhow::Res
         .and_then(|v| v.parse::<u64>().ok());
     let bytes = |ds: &Dataset| match &ds.x {
         Features::U8(v) => v.len() as u64,
-        Features::F32(v) => 4 * v.len() as u64,
+        Features::F32(v) => F32.bytes(v.len() as u64),
     };
     let fits = |ds: &Dataset| limit.is_none_or(|l| bytes(ds) <= l);
     let host = || {
@@ -191,25 +233,30 @@ impl GpuBackend {
 
     pub fn with_context(ctx: GpuContext, init: &BackendInit<'_>) -> anyhow::Result<Self> {
         let spec = init.spec.clone();
+        let layers = spec.layers();
         let n_params = spec.layout().total;
-        let bytes = |n: usize| (n as u64) * 4;
-        let widths = spec.widths();
-        let rows = init.max_rows.max(1);
-        let mut acts = Vec::new();
-        let mut dacts = Vec::new();
-        for (l, &w) in widths.iter().enumerate() {
-            acts.push(ctx.storage(&format!("activation {l}"), bytes(rows * w))?);
-            dacts.push(if l == 0 {
-                ctx.storage("unused", 4)?
-            } else {
-                ctx.storage(&format!("activation gradient {l}"), bytes(rows * w))?
-            });
+        let rows = init.max_rows.max(1) as u64;
+        let n = n_params as u64;
+        let mut acts = vec![ctx.array("activation 0", F32, rows * spec.inputs as u64)?];
+        let mut dacts = vec![ctx.array("unused", F32, 1)?];
+        for (i, layer) in layers.iter().enumerate() {
+            let w = rows * layer.width() as u64;
+            acts.push(ctx.array(&format!("activation {}", i + 1), F32, w)?);
+            dacts.push(ctx.array(&format!("activation gradient {}", i + 1), F32, w)?);
+        }
+        // a dropout's input gradient is its output gradient scaled in place
+        let mut grad_of: Vec<usize> = (0..=layers.len()).collect();
+        for i in (1..layers.len()).rev() {
+            if matches!(layers[i], Layer::Dropout { .. }) {
+                grad_of[i] = grad_of[i + 1];
+            }
         }
         let act = Activations {
             acts,
             dacts,
-            targets: ctx.storage("batch targets", bytes(rows))?,
-            stats: ctx.storage("row stats", bytes(2 * rows))?,
+            grad_of,
+            targets: ctx.array("batch targets", F32, rows)?,
+            stats: ctx.array("row stats", F32, 2 * rows)?,
         };
         let train = upload_data(&ctx, init.train, init.norm)?;
         let test = init
@@ -217,12 +264,22 @@ impl GpuBackend {
             .map(|t| upload_data(&ctx, t, init.norm))
             .transpose()?;
         let identity = |n: usize| (0..n as u32).collect::<Vec<u32>>();
-        let theta = ctx.storage("parameters", bytes(n_params))?;
-        let grads = ctx.storage("gradients", bytes(n_params))?;
-        let vel = ctx.storage("velocity", bytes(n_params))?;
-        let sgd = Sgd::new(&ctx).prepare(&ctx, n_params as u64, &theta, &grads, &vel)?;
+        let theta = ctx.array("parameters", F32, n)?;
+        let grads = ctx.array("gradients", F32, n)?;
+        let state = init
+            .rule
+            .state_names()
+            .iter()
+            .map(|name| ctx.array(name, F32, n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let state_refs: Vec<&wgpu::Buffer> = state.iter().collect();
+        let optimizer = OptimizerCall::prepare(&ctx, &init.rule, n, &theta, &grads, &state_refs)?;
         let backend = Self {
-            order: ctx.storage("epoch order", bytes(init.train.n_samples))?,
+            order: ctx.array(
+                "epoch order",
+                dptrain_kernels::DType::U32,
+                init.train.n_samples as u64,
+            )?,
             order_host: Vec::new(),
             train_identity: ctx.upload("train index", &identity(init.train.n_samples))?,
             test_identity: init
@@ -231,32 +288,40 @@ impl GpuBackend {
                 .transpose()?,
             train_totals: ReduceStats::total_buffer(&ctx)?,
             eval_totals: ReduceStats::total_buffer(&ctx)?,
-            exchange: ctx.storage("exchange", bytes(n_params + 4))?,
-            history: ctx.storage("loss history", bytes(HISTORY))?,
+            exchange: ctx.array("exchange", F32, n + 4)?,
+            history: ctx.array("loss history", F32, HISTORY as u64)?,
             history_len: 0,
-            eval_history: ctx.storage("eval loss history", 4)?,
+            eval_history: ctx.array("eval loss history", F32, 1)?,
+            placeholder: ctx.array("placeholder", F32, 1)?,
             matmul: Matmul::new(&ctx)?,
             gather: Gather::new(&ctx),
             loss: Loss::new(&ctx, spec.loss()),
             bias_grad: BiasGrad::new(&ctx),
+            dropout: Dropout::new(&ctx),
             reduce: ReduceStats::new(&ctx),
-            sgd,
+            optimizer,
             plans: HashMap::new(),
+            current: None,
             pending: None,
+            slot: 0,
             pending_steps: 0,
             steps_per_submit: std::env::var("DPTRAIN_STEPS_PER_SUBMIT")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(STEPS_PER_SUBMIT, |v| v.clamp(1, STEPS_PER_SUBMIT)),
             in_flight: VecDeque::new(),
-            max_rows: rows,
+            rule: init.rule,
+            seed: init.seed,
+            sample_base: init.sample_base as u64,
+            max_rows: rows as usize,
             theta,
             grads,
-            vel,
+            state,
             n_params,
             train,
             test,
             act,
+            layers,
             spec,
             ctx,
         };
@@ -268,11 +333,14 @@ impl GpuBackend {
         &self.ctx
     }
 
-    fn build_plan(&mut self, pass: Pass, rows: usize) -> anyhow::Result<Plan> {
+    /// Compile the layer list into dispatches for batches of `rows` rows.
+    fn build_plan(&mut self, (pass, rows, accumulate): PlanKey) -> anyhow::Result<Plan> {
         tracing::debug!("building the {pass:?} plan for batches of {rows} rows");
         let ctx = &self.ctx;
         let spec = &self.spec;
+        let layers = &self.layers;
         let r = rows as u64;
+        let train = pass == Pass::Train;
         let (data, index) = match pass {
             // training batches go through the epoch's permutation, evaluation reads in file order
             Pass::Train => (&self.train, &self.order),
@@ -283,6 +351,17 @@ impl GpuBackend {
             ),
         };
         let act = &self.act;
+        // which buffer holds tensor j: in evaluation a dropout passes its input through
+        let mut tensor: Vec<usize> = (0..=layers.len()).collect();
+        if !train {
+            for (i, l) in layers.iter().enumerate() {
+                if matches!(l, Layer::Dropout { .. }) {
+                    tensor[i + 1] = tensor[i];
+                }
+            }
+        }
+        let t = |j: usize| &act.acts[tensor[j]];
+        let g = |j: usize| &act.dacts[act.grad_of[j]];
         let gather = match data {
             Resident::Device(data) => {
                 Some(
@@ -292,120 +371,191 @@ impl GpuBackend {
             }
             Resident::Host { .. } => None,
         };
-        let layers = spec.layers();
-        let last = layers.len() - 1;
         let mut forward = Vec::new();
-        for (l, &(fi, fo)) in layers.iter().enumerate() {
-            let (wo, bo) = spec.offsets(l);
-            forward.push(self.matmul.prepare(
-                ctx,
-                &MatmulArgs {
-                    m: r,
-                    n: fo as u64,
-                    k: fi as u64,
-                    trans_a: false,
-                    trans_b: true,
-                    epilogue: if l == last {
-                        Epilogue::Bias
-                    } else {
-                        spec.activation.forward()
-                    },
-                    a: At::start(&act.acts[l]),
-                    b: At {
-                        buf: &self.theta,
-                        off: wo as u64,
-                    },
-                    c: At::start(&act.acts[l + 1]),
-                    bias: Some(At {
-                        buf: &self.theta,
-                        off: bo as u64,
-                    }),
-                    aux: None,
-                },
-            )?);
-        }
-        let classes = spec.outputs as u64;
-        let loss = self.loss.prepare(
-            ctx,
-            &LossArgs {
-                rows: r,
-                classes,
-                z: &act.acts[last + 1],
-                t: &act.targets,
-                dz: &act.dacts[last + 1],
-                stats: &act.stats,
-            },
-        )?;
-        let totals = if pass == Pass::Train {
-            &self.train_totals
-        } else {
-            &self.eval_totals
-        };
-        let history = if pass == Pass::Train {
-            &self.history
-        } else {
-            &self.eval_history
-        };
-        let reduce = self.reduce.prepare(ctx, r, &act.stats, totals, history)?;
-        let mut backward = Vec::new();
-        let mut backward_labels = Vec::new();
-        if pass == Pass::Train {
-            for (l, &(fi, fo)) in layers.iter().enumerate().rev() {
-                let (wo, bo) = spec.offsets(l);
-                // dW = dZᵀ·X: [out, in] from dZ [rows, out] and X [rows, in]
-                backward.push(self.matmul.prepare(
-                    ctx,
-                    &MatmulArgs {
-                        m: fo as u64,
-                        n: fi as u64,
-                        k: r,
-                        trans_a: true,
-                        trans_b: false,
-                        epilogue: Epilogue::None,
-                        a: At::start(&act.dacts[l + 1]),
-                        b: At::start(&act.acts[l]),
-                        c: At {
-                            buf: &self.grads,
-                            off: wo as u64,
-                        },
-                        bias: None,
-                        aux: None,
-                    },
-                )?);
-                backward_labels.push(format!("layer {l} weight gradient (matmul TN)"));
-                backward_labels.push(format!("layer {l} bias gradient"));
-                backward.push(self.bias_grad.prepare(
-                    ctx,
-                    r,
-                    fo as u64,
-                    &act.dacts[l + 1],
-                    &self.grads,
-                    bo as u64,
-                )?);
-                if l > 0 {
-                    backward_labels.push(format!(
-                        "layer {l} input gradient (matmul NN + activation')"
-                    ));
-                    // dX = (dZ·W) ⊙ f'(X), X being the previous layer's activation output
-                    backward.push(self.matmul.prepare(
+        for (i, layer) in layers.iter().enumerate() {
+            match *layer {
+                Layer::Dense {
+                    index: l,
+                    fan_in,
+                    fan_out,
+                    activation,
+                } => {
+                    let (wo, bo) = spec.offsets(l);
+                    let d = self.matmul.prepare(
                         ctx,
                         &MatmulArgs {
                             m: r,
-                            n: fi as u64,
-                            k: fo as u64,
+                            n: fan_out as u64,
+                            k: fan_in as u64,
                             trans_a: false,
-                            trans_b: false,
-                            epilogue: spec.activation.backward(),
-                            a: At::start(&act.dacts[l + 1]),
+                            trans_b: true,
+                            epilogue: activation.map_or(Epilogue::Bias, |a| a.forward()),
+                            a: At::start(t(i)),
                             b: At {
                                 buf: &self.theta,
                                 off: wo as u64,
                             },
-                            c: At::start(&act.dacts[l]),
-                            bias: None,
-                            aux: Some(At::start(&act.acts[l])),
+                            c: At::start(t(i + 1)),
+                            bias: Some(At {
+                                buf: &self.theta,
+                                off: bo as u64,
+                            }),
+                            aux: None,
                         },
-                    )?);
+                    )?;
+                    let what = match activation {
+                        Some(a) => format!("bias + {a:?}"),
+                        None => "bias".into(),
+                    };
+                    forward.push((
+                        format!("layer {l} forward (matmul NT + {what})"),
+                        Op::Fixed(d),
+                    ));
+                }
+                Layer::Dropout {
+                    index: k, width, ..
+                } if train => {
+                    let mask = layer.mask(self.seed).context("dropout mask")?;
+                    let c = self.dropout.prepare(
+                        ctx,
+                        &mask,
+                        r,
+                        width as u64,
+                        Some(t(i)),
+                        t(i + 1),
+                        index,
+                        self.sample_base,
+                        &self.placeholder,
+                    )?;
+                    forward.push((format!("dropout {k} forward"), Op::Dropout(c)));
+                }
+                Layer::Dropout { .. } => {}
+            }
+        }
+        let last = layers.len();
+        let loss = self.loss.prepare(
+            ctx,
+            &LossArgs {
+                rows: r,
+                classes: spec.outputs as u64,
+                z: t(last),
+                t: &act.targets,
+                dz: g(last),
+                stats: &act.stats,
+            },
+        )?;
+        let (totals, history) = if train {
+            (&self.train_totals, &self.history)
+        } else {
+            (&self.eval_totals, &self.eval_history)
+        };
+        let reduce = self.reduce.prepare(ctx, r, &act.stats, totals, history)?;
+        let mut backward = Vec::new();
+        for (i, layer) in layers.iter().enumerate().rev().filter(|_| train) {
+            match *layer {
+                Layer::Dense {
+                    index: l,
+                    fan_in,
+                    fan_out,
+                    ..
+                } => {
+                    let (wo, bo) = spec.offsets(l);
+                    // dW = dZᵀ·X: [out, in] from dZ [rows, out] and X [rows, in]
+                    let dw = self.matmul.prepare(
+                        ctx,
+                        &MatmulArgs {
+                            m: fan_out as u64,
+                            n: fan_in as u64,
+                            k: r,
+                            trans_a: true,
+                            trans_b: false,
+                            epilogue: if accumulate {
+                                Epilogue::Accumulate
+                            } else {
+                                Epilogue::None
+                            },
+                            a: At::start(g(i + 1)),
+                            b: At::start(t(i)),
+                            c: At {
+                                buf: &self.grads,
+                                off: wo as u64,
+                            },
+                            bias: None,
+                            aux: None,
+                        },
+                    )?;
+                    backward.push((
+                        format!("layer {l} weight gradient (matmul TN)"),
+                        Op::Fixed(dw),
+                    ));
+                    let db = self.bias_grad.prepare(
+                        ctx,
+                        r,
+                        fan_out as u64,
+                        g(i + 1),
+                        &self.grads,
+                        bo as u64,
+                        accumulate,
+                    )?;
+                    backward.push((format!("layer {l} bias gradient"), Op::Fixed(db)));
+                    if i == 0 {
+                        continue;
+                    }
+                    // dX = (dZ·W) ⊙ f'(Y) for the dense layer Y = f(..) that produced X, found
+                    // through any dropouts between (their masks are applied after, in place)
+                    let producer = (0..i)
+                        .rev()
+                        .find(|&j| matches!(layers[j], Layer::Dense { .. }));
+                    let (epilogue, aux) = match producer.map(|j| (j, layers[j])) {
+                        Some((
+                            j,
+                            Layer::Dense {
+                                activation: Some(a),
+                                ..
+                            },
+                        )) => (a.backward(), Some(At::start(t(j + 1)))),
+                        _ => (Epilogue::None, None),
+                    };
+                    let dx = self.matmul.prepare(
+                        ctx,
+                        &MatmulArgs {
+                            m: r,
+                            n: fan_in as u64,
+                            k: fan_out as u64,
+                            trans_a: false,
+                            trans_b: false,
+                            epilogue,
+                            a: At::start(g(i + 1)),
+                            b: At {
+                                buf: &self.theta,
+                                off: wo as u64,
+                            },
+                            c: At::start(g(i)),
+                            bias: None,
+                            aux,
+                        },
+                    )?;
+                    backward.push((
+                        format!("layer {l} input gradient (matmul NN + activation')"),
+                        Op::Fixed(dx),
+                    ));
+                }
+                Layer::Dropout {
+                    index: k, width, ..
+                } => {
+                    let mask = layer.mask(self.seed).context("dropout mask")?;
+                    let c = self.dropout.prepare(
+                        ctx,
+                        &mask,
+                        r,
+                        width as u64,
+                        None,
+                        g(i + 1),
+                        index,
+                        self.sample_base,
+                        &self.placeholder,
+                    )?;
+                    backward.push((format!("dropout {k} backward"), Op::Dropout(c)));
                 }
             }
         }
@@ -415,7 +565,6 @@ impl GpuBackend {
             loss,
             reduce,
             backward,
-            backward_labels,
         })
     }
 
@@ -428,6 +577,7 @@ impl GpuBackend {
             self.in_flight.push_back(idx);
         }
         self.pending_steps = 0;
+        self.slot = 0;
         while self.in_flight.len() > MAX_IN_FLIGHT {
             if let Some(oldest) = self.in_flight.pop_front() {
                 self.ctx
@@ -443,6 +593,15 @@ impl GpuBackend {
         Ok(())
     }
 
+    /// A ring block for the next recorded use, submitting first when every block is taken.
+    fn next_slot(&mut self) -> anyhow::Result<u64> {
+        if self.slot >= RING_SLOTS {
+            self.submit()?;
+        }
+        self.slot += 1;
+        Ok(self.slot - 1)
+    }
+
     fn flush_and_read<T: bytemuck::Pod>(
         &mut self,
         which: fn(&Self) -> &wgpu::Buffer,
@@ -453,15 +612,19 @@ impl GpuBackend {
         Ok(self.ctx.read(which(self), 0, count)?)
     }
 
-    fn record(&mut self, pass: Pass, offset: usize, rows: usize) -> anyhow::Result<()> {
+    /// Make the batch current: its plan (built on first use), host-fed rows uploaded, and its
+    /// ring blocks written. Records nothing.
+    fn begin(&mut self, pass: Pass, batch: &Batch) -> anyhow::Result<()> {
+        let (offset, rows) = (batch.offset, batch.rows);
         anyhow::ensure!(
             rows >= 1 && rows <= self.max_rows,
             "batch of {rows} rows exceeds the {} the backend was sized for",
             self.max_rows
         );
-        if !self.plans.contains_key(&(pass, rows)) {
-            let plan = self.build_plan(pass, rows)?;
-            self.plans.insert((pass, rows), plan);
+        let key = (pass, rows, batch.accumulate && pass == Pass::Train);
+        if !self.plans.contains_key(&key) {
+            let plan = self.build_plan(key)?;
+            self.plans.insert(key, plan);
         }
         let data = match pass {
             Pass::Train | Pass::EvalTrain => &self.train,
@@ -487,43 +650,109 @@ impl GpuBackend {
             self.ctx
                 .write(&self.act.targets, 0, bytemuck::cast_slice(&bt));
         }
-        let plan = self
-            .plans
-            .get_mut(&(pass, rows))
-            .context("plan just inserted")?;
-        let slot = self.pending_steps as u64;
-        let gather_at = match plan.gather.as_mut() {
-            Some(g) => Some(g.write_offset(&self.ctx, slot, offset as u64)?),
-            None => None,
-        };
+        let slot = self.next_slot()?;
         let history_slot = if pass == Pass::Train {
             self.history_len += 1;
             ((self.history_len - 1) % HISTORY) as u64
         } else {
             0
         };
+        let plan = self.plans.get_mut(&key).context("plan just inserted")?;
+        let gather_at = match plan.gather.as_mut() {
+            Some(g) => Some(g.write_offset(&self.ctx, slot, offset as u64)?),
+            None => None,
+        };
         let reduce_at = plan.reduce.write_slot(&self.ctx, slot, history_slot)?;
+        let mut dropout_at = Vec::new();
+        for (_, op) in plan.forward.iter_mut().chain(plan.backward.iter_mut()) {
+            if let Op::Dropout(c) = op {
+                dropout_at.push(c.write_step(&self.ctx, slot, offset as u64, batch.step)?);
+            }
+        }
+        self.current = Some(Current {
+            key,
+            gather_at,
+            reduce_at,
+            dropout_at,
+        });
+        Ok(())
+    }
+
+    /// Record one phase of the current batch into the pending encoder, in a compute pass of its own.
+    fn record(&mut self, phase: Phase) -> anyhow::Result<()> {
+        let cur = self
+            .current
+            .as_ref()
+            .context("a step phase was recorded before gather")?;
+        let plan = self
+            .plans
+            .get(&cur.key)
+            .context("plan of the current batch")?;
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             })
         });
-        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("step"),
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(phase.name()),
             timestamp_writes: None,
         });
-        if let (Some(g), Some(at)) = (&plan.gather, gather_at) {
-            g.dispatch.record_at(&mut cpass, at);
-        }
-        for d in plan.forward.iter().chain([&plan.loss]) {
-            d.record(&mut cpass);
-        }
-        plan.reduce.dispatch.record_at(&mut cpass, reduce_at);
-        for d in &plan.backward {
-            d.record(&mut cpass);
+        let n_forward_drops = plan
+            .forward
+            .iter()
+            .filter(|(_, op)| matches!(op, Op::Dropout(_)))
+            .count();
+        let ops = |list: &[(String, Op)], drops: &[u32], pass: &mut wgpu::ComputePass<'_>| {
+            let mut k = 0;
+            for (_, op) in list {
+                match op {
+                    Op::Fixed(d) => d.record(pass),
+                    Op::Dropout(c) => {
+                        c.dispatch.record_at(pass, drops[k]);
+                        k += 1;
+                    }
+                }
+            }
+        };
+        match phase {
+            Phase::Gather => {
+                if let (Some(g), Some(at)) = (&plan.gather, cur.gather_at) {
+                    g.dispatch.record_at(&mut pass, at);
+                }
+            }
+            Phase::Forward => ops(&plan.forward, &cur.dropout_at, &mut pass),
+            Phase::Loss => {
+                plan.loss.record(&mut pass);
+                plan.reduce.dispatch.record_at(&mut pass, cur.reduce_at);
+            }
+            Phase::Backward => ops(
+                &plan.backward,
+                &cur.dropout_at[n_forward_drops..],
+                &mut pass,
+            ),
         }
         Ok(())
+    }
+}
+
+/// The recorded phases of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Gather,
+    Forward,
+    Loss,
+    Backward,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Gather => "gather",
+            Phase::Forward => "forward",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+        }
     }
 }
 
@@ -534,85 +763,63 @@ impl Backend for GpuBackend {
 
     fn profile_step(
         &mut self,
-        offset: usize,
-        rows: usize,
-        step: &SgdStep,
+        batch: &Batch,
+        update: &UpdateStep,
     ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
         if !self.ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             return Ok(None);
         }
         // build the plan through an ordinary step, then time one more with a pass per kernel
-        self.forward_backward(offset, rows)?;
-        self.update(step)?;
+        self.gather(batch)?;
+        self.forward()?;
+        self.loss()?;
+        self.backward()?;
+        self.update(update)?;
         self.submit()?;
+        // every ring-bound dispatch reads block 0, written for this batch
+        self.begin(Pass::Train, batch)?;
+        self.submit()?;
+        let cur = self.current.take().context("current batch")?;
         let plan = self
             .plans
-            .get_mut(&(Pass::Train, rows))
+            .get(&cur.key)
             .context("plan for this batch size")?;
-        let Some(gather) = plan.gather.as_mut() else {
+        let (Some(gather), Some(gather_at)) = (plan.gather.as_ref(), cur.gather_at) else {
             // host-fed data has no gather kernel to time
             return Ok(None);
         };
-        gather.set_offset(&self.ctx, offset as u64)?;
-        self.sgd.set(&self.ctx, step)?;
-        let n_layers = plan.forward.len();
-        let mut list: Vec<(String, &Dispatch)> = vec![("gather batch".into(), &gather.dispatch)];
-        for (l, d) in plan.forward.iter().enumerate() {
-            let what = if l + 1 == n_layers {
-                "bias"
-            } else {
-                "bias + activation"
+        let mut list: Vec<(String, &Dispatch, u32)> =
+            vec![("gather batch".into(), &gather.dispatch, gather_at)];
+        let mut drops = cur.dropout_at.iter();
+        for (label, op) in plan.forward.iter() {
+            let at = match op {
+                Op::Dropout(_) => *drops.next().context("dropout block")?,
+                Op::Fixed(_) => 0,
             };
-            list.push((format!("layer {l} forward (matmul NT + {what})"), d));
+            list.push((label.clone(), op.dispatch(), at));
         }
-        list.push(("loss + its gradient".into(), &plan.loss));
-        list.push(("loss totals".into(), &plan.reduce.dispatch));
-        for (label, d) in plan.backward_labels.iter().zip(&plan.backward) {
-            list.push((label.clone(), d));
+        list.push(("loss + its gradient".into(), &plan.loss, 0));
+        list.push(("loss totals".into(), &plan.reduce.dispatch, cur.reduce_at));
+        for (label, op) in plan.backward.iter() {
+            let at = match op {
+                Op::Dropout(_) => *drops.next().context("dropout block")?,
+                Op::Fixed(_) => 0,
+            };
+            list.push((label.clone(), op.dispatch(), at));
         }
-        list.push(("SGD update".into(), &self.sgd.dispatch));
-        let count = u32::try_from(2 * list.len())?;
-        let queries = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("profile"),
-            ty: wgpu::QueryType::Timestamp,
-            count,
-        });
-        let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("profile resolve"),
-            size: u64::from(count) * 8,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let out = self.ctx.storage("profile", u64::from(count) * 8)?;
-        let mut enc = self
-            .ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("profile"),
-            });
-        for (i, (_, d)) in list.iter().enumerate() {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("profile"),
-                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                    query_set: &queries,
-                    beginning_of_pass_write_index: Some(2 * i as u32),
-                    end_of_pass_write_index: Some(2 * i as u32 + 1),
-                }),
-            });
-            d.record(&mut pass);
+        for (d, at) in self.optimizer.prepared(&self.ctx, 0, update)? {
+            list.push((format!("update ({})", d.name), d, at));
         }
-        enc.resolve_query_set(&queries, 0..count, &resolve, 0);
-        enc.copy_buffer_to_buffer(&resolve, 0, &out, 0, u64::from(count) * 8);
-        self.ctx.queue.submit([enc.finish()]);
-        let ticks: Vec<u64> = self.ctx.read(&out, 0, count as usize)?;
-        let period_s = f64::from(self.ctx.queue.get_timestamp_period()) * 1e-9;
+        let timed: Vec<(&Dispatch, u32)> = list.iter().map(|(_, d, at)| (*d, *at)).collect();
+        let Some(secs) = self.ctx.time_dispatches(&timed)? else {
+            return Ok(None);
+        };
+        // the timed pass wrote the loss history and totals once more: leave them as they were
+        self.history_len -= 1;
         Ok(Some(
-            list.iter()
-                .enumerate()
-                .map(|(i, (label, _))| {
-                    let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
-                    (label.clone(), dt as f64 * period_s)
-                })
+            list.into_iter()
+                .zip(secs)
+                .map(|((label, _, _), s)| (label, s))
                 .collect(),
         ))
     }
@@ -628,14 +835,22 @@ impl Backend for GpuBackend {
         self.flush_and_read(|s| &s.theta, self.n_params)
     }
 
-    fn velocity(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.flush_and_read(|s| &s.vel, self.n_params)
+    fn optim_state(&mut self) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+        self.submit()?;
+        self.in_flight.clear();
+        let mut out = Vec::new();
+        for (name, buf) in self.rule.state_names().iter().zip(&self.state) {
+            out.push((name.to_string(), self.ctx.read(buf, 0, self.n_params)?));
+        }
+        Ok(out)
     }
 
-    fn set_velocity(&mut self, v: &[f32]) -> anyhow::Result<()> {
-        anyhow::ensure!(v.len() == self.n_params, "velocity count mismatch");
+    fn set_optim_state(&mut self, state: &[(String, Vec<f32>)]) -> anyhow::Result<()> {
+        let ordered = state_in_order(&self.rule, state, self.n_params)?;
         self.submit()?;
-        self.ctx.write(&self.vel, 0, bytemuck::cast_slice(v));
+        for (buf, v) in self.state.iter().zip(ordered) {
+            self.ctx.write(buf, 0, bytemuck::cast_slice(v));
+        }
         Ok(())
     }
 
@@ -653,42 +868,79 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    fn forward_backward(&mut self, offset: usize, rows: usize) -> anyhow::Result<()> {
+    fn gather(&mut self, batch: &Batch) -> anyhow::Result<()> {
         anyhow::ensure!(
-            (offset + rows) as u64 <= self.train.samples(),
+            (batch.offset + batch.rows) as u64 <= self.train.samples(),
             "batch past the epoch's order"
         );
-        self.record(Pass::Train, offset, rows)
+        self.begin(Pass::Train, batch)?;
+        self.record(Phase::Gather)
     }
 
-    fn grads_with_totals(&mut self, out: &mut [f32]) -> anyhow::Result<Totals> {
-        anyhow::ensure!(out.len() == self.n_params, "gradient count mismatch");
-        // one staging copy: gradients then the 4 total words, read in one wait; totals zeroed after
+    fn forward(&mut self) -> anyhow::Result<()> {
+        self.record(Phase::Forward)
+    }
+
+    fn loss(&mut self) -> anyhow::Result<()> {
+        self.record(Phase::Loss)
+    }
+
+    fn backward(&mut self) -> anyhow::Result<()> {
+        self.record(Phase::Backward)?;
+        self.current = None;
+        Ok(())
+    }
+
+    fn read_grads(
+        &mut self,
+        range: Range<usize>,
+        out: &mut [f32],
+        totals: bool,
+    ) -> anyhow::Result<Option<Totals>> {
+        anyhow::ensure!(
+            out.len() == range.len() && range.end <= self.n_params,
+            "gradient range mismatch"
+        );
+        // one staging copy: the bucket then the 4 total words, read in one wait; totals zeroed after
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             })
         });
-        let gbytes = (self.n_params as u64) * 4;
-        enc.copy_buffer_to_buffer(&self.grads, 0, &self.exchange, 0, gbytes);
-        enc.copy_buffer_to_buffer(&self.train_totals, 0, &self.exchange, gbytes, 16);
-        enc.clear_buffer(&self.train_totals, 0, None);
-        let words: Vec<u32> = self.flush_and_read(|s| &s.exchange, self.n_params + 4)?;
-        out.copy_from_slice(bytemuck::cast_slice(&words[..self.n_params]));
-        Ok(Totals::from_words(&words[self.n_params..]))
+        let gbytes = F32.bytes(range.len() as u64);
+        enc.copy_buffer_to_buffer(
+            &self.grads,
+            F32.bytes(range.start as u64),
+            &self.exchange,
+            0,
+            gbytes,
+        );
+        let words = range.len() + if totals { 4 } else { 0 };
+        if totals {
+            enc.copy_buffer_to_buffer(&self.train_totals, 0, &self.exchange, gbytes, 16);
+            enc.clear_buffer(&self.train_totals, 0, None);
+        }
+        let words: Vec<u32> = self.flush_and_read(|s| &s.exchange, words)?;
+        out.copy_from_slice(bytemuck::cast_slice(&words[..range.len()]));
+        Ok(totals.then(|| Totals::from_words(&words[range.len()..])))
     }
 
-    fn set_grads(&mut self, g: &[f32]) -> anyhow::Result<()> {
-        anyhow::ensure!(g.len() == self.n_params, "gradient count mismatch");
-        self.ctx.write(&self.grads, 0, bytemuck::cast_slice(g));
+    fn write_grads(&mut self, range: Range<usize>, g: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            g.len() == range.len() && range.end <= self.n_params,
+            "gradient range mismatch"
+        );
+        self.ctx.write(
+            &self.grads,
+            F32.bytes(range.start as u64),
+            bytemuck::cast_slice(g),
+        );
         Ok(())
     }
 
-    fn update(&mut self, step: &SgdStep) -> anyhow::Result<()> {
-        let at = self
-            .sgd
-            .write_step(&self.ctx, self.pending_steps as u64, step)?;
+    fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()> {
+        let slot = self.next_slot()?;
         let device = &self.ctx.device;
         let enc = self.pending.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -700,7 +952,7 @@ impl Backend for GpuBackend {
                 label: Some("update"),
                 timestamp_writes: None,
             });
-            self.sgd.dispatch.record_at(&mut cpass, at);
+            self.optimizer.record(&self.ctx, &mut cpass, slot, step)?;
         }
         self.pending_steps += 1;
         if self.pending_steps >= self.steps_per_submit {
@@ -713,7 +965,7 @@ impl Backend for GpuBackend {
         let n = self.history_len;
         anyhow::ensure!(
             n <= HISTORY,
-            "{n} steps since the loss history was last read; it holds {HISTORY}"
+            "{n} batches since the loss history was last read; it holds {HISTORY}"
         );
         let v = self.flush_and_read(|s| &s.history, n)?;
         self.history_len = 0;
@@ -740,9 +992,17 @@ impl Backend for GpuBackend {
         let mut start = range.start;
         while start < range.end {
             let rows = (range.end - start).min(self.max_rows);
-            self.record(pass, start, rows)?;
-            // each chunk rewrites the gather offset, so each is its own submission
-            self.submit()?;
+            let batch = Batch {
+                offset: start,
+                rows,
+                step: 0,
+                accumulate: false,
+            };
+            self.begin(pass, &batch)?;
+            for phase in [Phase::Gather, Phase::Forward, Phase::Loss] {
+                self.record(phase)?;
+            }
+            self.current = None;
             start += rows;
         }
         let words: Vec<u32> = self.flush_and_read(|s| &s.eval_totals, 4)?;

@@ -1,8 +1,15 @@
-//! Model description: the spec (kind, widths, activation), the flat parameter layout, and seeded initialisation.
+//! What a model is: the spec (kind, widths, activation, dropout) that a file stores, the list of
+//! layers plus a loss that both backends walk (`layer.rs`), the flat parameter layout, and seeded
+//! initialisation.
 //!
-//! Every model here is a stack of fully connected layers: logistic, softmax and linear regression are
-//! one layer, an MLP has hidden layers. All parameters live in one flat f32 buffer; the layout table
-//! names each tensor as PyTorch's `nn.Linear` does (`layers.0.weight` shaped [out, in], `layers.0.bias`).
+//! Logistic, softmax and linear regression are one dense layer; an MLP has hidden dense layers, each
+//! followed by its activation and, with `--dropout`, a dropout layer. All parameters live in one flat
+//! f32 buffer; the layout table names each tensor as PyTorch's `nn.Linear` does (`layers.0.weight`
+//! shaped [out, in], `layers.0.bias`), numbering the dense layers only.
+
+pub mod layer;
+
+pub use layer::Layer;
 
 use dptrain_kernels::loss::LossKind;
 use dptrain_kernels::matmul::Epilogue;
@@ -59,6 +66,13 @@ pub struct ModelSpec {
     pub hidden: Vec<usize>,
     pub outputs: usize,
     pub activation: Activation,
+    /// Dropout probability after each hidden layer (0: none). Absent in files of older builds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +85,10 @@ pub enum ModelError {
     NoFeatures,
     #[error("{0}")]
     Classes(String),
+    #[error("--dropout must be in [0, 1) (got {0})")]
+    Dropout(f64),
+    #[error("--dropout is only for --model mlp with --hidden layers")]
+    DropoutWithoutHidden,
 }
 
 impl ModelSpec {
@@ -116,7 +134,43 @@ impl ModelSpec {
             hidden,
             outputs,
             activation,
+            dropout: 0.0,
         })
+    }
+
+    /// The same model with dropout probability `p` after each hidden layer.
+    pub fn with_dropout(mut self, p: f64) -> Result<Self, ModelError> {
+        if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+            return Err(ModelError::Dropout(p));
+        }
+        if p > 0.0 && self.hidden.is_empty() {
+            return Err(ModelError::DropoutWithoutHidden);
+        }
+        self.dropout = p;
+        Ok(self)
+    }
+
+    /// The layers in order, from the input to the logits (the loss follows).
+    pub fn layers(&self) -> Vec<Layer> {
+        let mut v = Vec::new();
+        let dense = self.linears();
+        let last = dense.len() - 1;
+        for (index, (fan_in, fan_out)) in dense.into_iter().enumerate() {
+            v.push(Layer::Dense {
+                index,
+                fan_in,
+                fan_out,
+                activation: (index < last).then_some(self.activation),
+            });
+            if index < last && self.dropout > 0.0 {
+                v.push(Layer::Dropout {
+                    index,
+                    width: fan_out,
+                    p: self.dropout,
+                });
+            }
+        }
+        v
     }
 
     pub fn loss(&self) -> LossKind {
@@ -139,20 +193,20 @@ impl ModelSpec {
         w
     }
 
-    /// (fan_in, fan_out) per layer.
-    pub fn layers(&self) -> Vec<(usize, usize)> {
+    /// (fan_in, fan_out) of each dense layer.
+    pub fn linears(&self) -> Vec<(usize, usize)> {
         self.widths().windows(2).map(|w| (w[0], w[1])).collect()
     }
 
     /// Multiply-adds per sample in the forward pass (training costs about 3× this, i.e. 6 FLOPs each).
     pub fn macs_per_sample(&self) -> usize {
-        self.layers().iter().map(|(i, o)| i * o).sum()
+        self.linears().iter().map(|(i, o)| i * o).sum()
     }
 
     pub fn layout(&self) -> Layout {
         let mut tensors = Vec::new();
         let mut off = 0;
-        for (l, (fi, fo)) in self.layers().into_iter().enumerate() {
+        for (l, (fi, fo)) in self.linears().into_iter().enumerate() {
             tensors.push(TensorSlot {
                 name: format!("layers.{l}.weight"),
                 shape: vec![fo, fi],
@@ -178,7 +232,7 @@ impl ModelSpec {
         let layout = self.layout();
         let mut theta = vec![0f32; layout.total];
         let mut rng = Rng::derive(seed, 0x1A17);
-        let layers = self.layers();
+        let layers = self.linears();
         for (l, &(fi, fo)) in layers.iter().enumerate() {
             let w = &layout.tensors[2 * l];
             let slice = &mut theta[w.offset..w.offset + fi * fo];
@@ -207,21 +261,21 @@ impl ModelSpec {
         }
     }
 
-    /// Layer `l`'s (fan_in, fan_out), without allocating (it is on the CPU backend's step path).
-    pub fn layer(&self, l: usize) -> (usize, usize) {
+    /// Dense layer `l`'s (fan_in, fan_out), without allocating (it is on the CPU backend's step path).
+    pub fn linear(&self, l: usize) -> (usize, usize) {
         (self.width(l), self.width(l + 1))
     }
 
-    /// Layer `l`'s (weight offset, bias offset) in the flat buffer: the same arithmetic as
+    /// Dense layer `l`'s (weight offset, bias offset) in the flat buffer: the same arithmetic as
     /// `layout`, without building the table.
     pub fn offsets(&self, l: usize) -> (usize, usize) {
         let start: usize = (0..l)
             .map(|j| {
-                let (fi, fo) = self.layer(j);
+                let (fi, fo) = self.linear(j);
                 fi * fo + fo
             })
             .sum();
-        let (fi, fo) = self.layer(l);
+        let (fi, fo) = self.linear(l);
         (start, start + fi * fo)
     }
 }
@@ -284,8 +338,8 @@ mod tests {
     fn offsets_and_layers_agree_with_the_layout_table() {
         let s = ModelSpec::new(ModelKind::Mlp, 7, 3, vec![5, 4, 6], Activation::Tanh).unwrap();
         let l = s.layout();
-        for (i, (fi, fo)) in s.layers().into_iter().enumerate() {
-            assert_eq!(s.layer(i), (fi, fo));
+        for (i, (fi, fo)) in s.linears().into_iter().enumerate() {
+            assert_eq!(s.linear(i), (fi, fo));
             assert_eq!(
                 s.offsets(i),
                 (l.tensors[2 * i].offset, l.tensors[2 * i + 1].offset)

@@ -1,6 +1,6 @@
-//! Learning-rate schedules (constant, step, cosine, with linear warm-up) and the optimiser's settings.
+//! Learning-rate schedules (constant, step, cosine, with linear warm-up), and `LearningRate`: the one
+//! place where the rate of a step is computed, the same value that the update uses and the report shows.
 
-use dptrain_kernels::sgd::SgdStep;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -62,24 +62,25 @@ impl Schedule {
     }
 }
 
-/// SGD's settings besides the learning rate (PyTorch's `torch.optim.SGD` semantics, no dampening).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SgdConfig {
-    pub momentum: f64,
-    pub nesterov: bool,
-    pub weight_decay: f64,
+/// The learning rate of every step: the schedule times a scale that NaN rollbacks lower.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearningRate {
+    pub schedule: Schedule,
+    /// Multiplier on the schedule (1 unless a rollback lowered it).
+    pub scale: f64,
 }
 
-impl SgdConfig {
-    /// The update for `step` over a global batch of `samples`.
-    pub fn step(&self, schedule: &Schedule, step: u64, samples: u64) -> SgdStep {
-        SgdStep {
-            lr: schedule.lr_at(step) as f32,
-            momentum: self.momentum as f32,
-            weight_decay: self.weight_decay as f32,
-            nesterov: self.nesterov,
-            grad_scale: 1.0 / samples.max(1) as f32,
+impl LearningRate {
+    pub fn new(schedule: Schedule) -> Self {
+        Self {
+            schedule,
+            scale: 1.0,
         }
+    }
+
+    /// The rate of (0-based) step `step`.
+    pub fn at(&self, step: u64) -> f64 {
+        self.schedule.lr_at(step) * self.scale
     }
 }
 

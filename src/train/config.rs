@@ -1,0 +1,155 @@
+//! What decides a training run apart from the data: `TrainConfig`, its defaults (the CLI's), and
+//! its checks.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure};
+use serde::Serialize;
+
+pub use crate::backend::DeviceKind;
+use crate::data::NormKind;
+use crate::model::{Activation, ModelKind};
+use crate::optim::{OptimConfig, ScheduleKind};
+
+/// Everything that decides a training run apart from the data.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainConfig {
+    pub model: ModelKind,
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    /// Dropout probability after each hidden layer.
+    pub dropout: f64,
+    pub epochs: Option<u64>,
+    pub steps: Option<u64>,
+    /// Rows per micro-batch (per rank under mpirun).
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step: the gradients of `accumulate` batches are summed, so a
+    /// step sees batch_size × accumulate rows per rank.
+    pub accumulate: usize,
+    pub lr: f64,
+    #[serde(flatten)]
+    pub optim: OptimConfig,
+    pub schedule: ScheduleKind,
+    pub warmup: u64,
+    /// Epochs between decays of the step schedule.
+    pub step_size: u64,
+    pub gamma: f64,
+    pub min_lr: f64,
+    pub seed: u64,
+    pub normalize: NormKind,
+    pub init: Option<PathBuf>,
+    pub device: DeviceKind,
+    pub gpu: Option<usize>,
+    pub shard: ShardMode,
+    pub sync: SyncMode,
+    /// Local steps between parameter averages for `SyncMode::Params`.
+    pub sync_every: u64,
+}
+
+/// How the training set is divided between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardMode {
+    /// Every rank holds the whole training set and draws the same permutation each epoch; rank r
+    /// takes the r-th slice of each global batch, so N ranks with batch b train exactly like one
+    /// rank with batch N·b.
+    Global,
+    /// Each rank keeps only its contiguous 1/N of the training set (sizes may differ by one) and
+    /// shuffles it on its own: for data larger than one GPU.
+    Split,
+}
+
+/// What ranks exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Allreduce the gradients every step (synchronous data-parallel SGD).
+    Grads,
+    /// Local SGD: `--sync-every` local steps, then θ = Σ nᵢθᵢ / Σ nᵢ weighted by samples seen.
+    Params,
+}
+
+impl TrainConfig {
+    /// Defaults for `model`: the values the CLI uses.
+    pub fn new(model: ModelKind) -> Self {
+        Self {
+            model,
+            hidden: Vec::new(),
+            activation: Activation::Relu,
+            dropout: 0.0,
+            epochs: Some(10),
+            steps: None,
+            batch_size: 64,
+            accumulate: 1,
+            lr: 0.1,
+            optim: OptimConfig::default(),
+            schedule: ScheduleKind::Constant,
+            warmup: 0,
+            step_size: 10,
+            gamma: 0.1,
+            min_lr: 0.0,
+            seed: 0,
+            normalize: NormKind::Standard,
+            init: None,
+            device: DeviceKind::Auto,
+            gpu: None,
+            shard: ShardMode::Global,
+            sync: SyncMode::Grads,
+            sync_every: 1,
+        }
+    }
+
+    /// The run's length in optimiser steps: --steps, else --epochs (10 when neither is set).
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * steps_per_epoch,
+            (None, None) => 10 * steps_per_epoch,
+        }
+    }
+
+    /// Rows each rank trains on per optimiser step.
+    pub fn rows_per_step(&self) -> usize {
+        self.batch_size * self.accumulate
+    }
+
+    /// Refuse values that cannot train, each with a one-line reason.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "--lr must be a positive number (got {})",
+            self.lr
+        );
+        self.optim.validate()?;
+        ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
+        ensure!(self.accumulate >= 1, "--accumulate must be at least 1");
+        ensure!(
+            self.epochs != Some(0) && self.steps != Some(0),
+            "--epochs and --steps must be at least 1"
+        );
+        ensure!(
+            self.gamma.is_finite() && self.gamma > 0.0,
+            "--gamma must be positive (got {})",
+            self.gamma
+        );
+        ensure!(self.step_size >= 1, "--step-size must be at least 1");
+        ensure!(self.sync_every >= 1, "--sync-every must be at least 1");
+        ensure!(
+            self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "--min-lr must be in [0, --lr] (got {})",
+            self.min_lr
+        );
+        ensure!(
+            self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout),
+            "--dropout must be in [0, 1) (got {})",
+            self.dropout
+        );
+        if self.hidden.contains(&0) {
+            bail!(
+                "--hidden: layer widths must be at least 1 (got {:?})",
+                self.hidden
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+//! The trainer, named after what it does. The step is `step.rs`: one paragraph, in phase order.
+//!
+//! - `config.rs`: `TrainConfig` and its checks.
+//! - `setup.rs`: data → model → initial parameters; the settings record ranks agree on and
+//!   checkpoints are matched against.
+//! - `plan.rs`: steps per epoch, shards, micro-batches, the epoch's order.
+//! - `step.rs`: THE STEP — gather, forward, loss, backward, exchange, update.
+//! - `exchange.rs`: gradients and totals summed over ranks in buckets; parameter averaging.
+//! - `report.rs`: evaluation and each epoch's figures.
+//! - `resume.rs`: checkpoints, resuming, rollback.
+//! - `run.rs`: the loop around the step.
+
+pub mod config;
+pub mod exchange;
+pub mod plan;
+pub mod report;
+pub mod resume;
+pub mod run;
+pub mod setup;
+pub mod step;
+
+pub use config::{DeviceKind, ShardMode, SyncMode, TrainConfig};
+pub use plan::{StepPlan, epoch_order, shard_range};
+pub use report::{EpochReport, EvalReport, evaluate};
+pub use resume::{CheckpointUnit, NanPolicy, ResumeFrom, RunControl};
+pub use run::{Outcome, train, train_with};
+pub use setup::{Setup, fingerprint, initial_params, resume_settings, setup, setup_rank};
+pub use step::{PhaseTimes, Stepper};

@@ -1,0 +1,255 @@
+//! Checkpoints around the loop: where the run stands (`Position`), writing it, finding and
+//! broadcasting the one to resume from, and what to do when the loss stops being finite.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use dptrain_kernels::reduce_stats::Totals;
+use serde::Serialize;
+
+use super::config::{ShardMode, TrainConfig};
+use super::plan::StepPlan;
+use super::setup::Setup;
+use crate::backend::Backend;
+use crate::checkpoint;
+use crate::comm::Communicator;
+
+/// What to do when the training loss stops being finite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    /// Stop with an error naming the step.
+    #[default]
+    Stop,
+    /// Go back to the newest checkpoint and lower the learning rate (up to --max-rollbacks times).
+    Rollback,
+}
+
+/// Checkpoint counting unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointUnit {
+    Step,
+    #[default]
+    Epoch,
+}
+
+/// Where to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// This checkpoint file.
+    Path(PathBuf),
+    /// The newest intact checkpoint in the checkpoint folder; a fresh start when there is none.
+    Auto,
+}
+
+/// Checkpointing, resuming and failure handling around the training loop.
+#[derive(Clone, Debug)]
+pub struct RunControl {
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N units (0: only at the end).
+    pub checkpoint_every: u64,
+    pub checkpoint_unit: CheckpointUnit,
+    /// Checkpoints kept in the folder.
+    pub keep: usize,
+    pub resume: Option<ResumeFrom>,
+    pub on_nan: NanPolicy,
+    pub max_rollbacks: u32,
+    /// Learning-rate factor applied at each rollback.
+    pub rollback_lr_factor: f64,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self {
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            checkpoint_unit: CheckpointUnit::Epoch,
+            keep: 3,
+            resume: None,
+            on_nan: NanPolicy::Stop,
+            max_rollbacks: 3,
+            rollback_lr_factor: 0.5,
+        }
+    }
+}
+
+/// Where the run stands: what a checkpoint records.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Position {
+    pub step: u64,
+    pub epochs_done: u64,
+    pub steps_in_epoch: u64,
+    pub totals: Totals,
+    pub lr_scale: f64,
+}
+
+/// What this run's checkpoints hold and what a checkpoint must match to be resumed.
+pub(super) struct Checkpoints<'a> {
+    pub ctl: &'a RunControl,
+    pub setup: &'a Setup,
+    /// The settings that must match (`setup::resume_settings`), and the values of settings that
+    /// older checkpoints predate.
+    pub settings: serde_json::Value,
+    pub defaults: serde_json::Value,
+    pub optimizer: &'static str,
+    pub state_names: &'static [&'static str],
+    pub global_shard: bool,
+}
+
+impl Checkpoints<'_> {
+    /// Rank 0 reads a checkpoint (or finds the newest) and checks it against this run; every rank
+    /// gets it; errors reach every rank.
+    pub fn fetch(
+        &self,
+        comm: &dyn Communicator,
+        from: &ResumeFrom,
+    ) -> anyhow::Result<Option<checkpoint::Checkpoint>> {
+        let expect = checkpoint::Expect {
+            spec: &self.setup.spec,
+            optimizer: self.optimizer,
+            state_names: self.state_names,
+            settings: &self.settings,
+            defaults: &self.defaults,
+            world_size: comm.size(),
+            global_shard: self.global_shard,
+        };
+        let found: anyhow::Result<Option<(PathBuf, checkpoint::Checkpoint)>> = if comm.is_root() {
+            (|| {
+                let found = match from {
+                    ResumeFrom::Path(p) => Some((p.clone(), checkpoint::load(p)?)),
+                    ResumeFrom::Auto => {
+                        let dir = self
+                            .ctl
+                            .checkpoint_dir
+                            .as_deref()
+                            .context("--resume auto needs --checkpoint-dir")?;
+                        checkpoint::latest(dir)?
+                    }
+                };
+                if let Some((p, ck)) = &found {
+                    checkpoint::compatible(p, ck, &expect)?;
+                }
+                Ok(found)
+            })()
+        } else {
+            Ok(None)
+        };
+        let found = crate::consistency::agree(comm, found)?;
+        // rank 0's state text to everyone, then the tensors
+        let text = found
+            .as_ref()
+            .map(|(_, ck)| serde_json::to_string(&ck.state).unwrap_or_default())
+            .unwrap_or_default();
+        let all = comm.all_gather_bytes(text.as_bytes())?;
+        if all[0].is_empty() {
+            return Ok(None);
+        }
+        let state: checkpoint::State = serde_json::from_slice(&all[0])?;
+        let n = state.spec.layout().total;
+        let (mut params, mut optim) = match found {
+            Some((path, ck)) => {
+                if comm.is_root() {
+                    println!(
+                        "dptrain: resuming from {} (step {}, epoch {})",
+                        path.display(),
+                        ck.state.step,
+                        ck.state.epochs_done + 1
+                    );
+                }
+                (ck.params, ck.optim)
+            }
+            // rank 0 checked that its tensors are the ones this run's optimizer names
+            None => (
+                vec![0.0; n],
+                self.state_names
+                    .iter()
+                    .map(|k| (k.to_string(), vec![0.0; n]))
+                    .collect(),
+            ),
+        };
+        comm.broadcast_f32(&mut params)?;
+        for (_, v) in optim.iter_mut() {
+            comm.broadcast_f32(v)?;
+        }
+        Ok(Some(checkpoint::Checkpoint {
+            state,
+            params,
+            optim,
+        }))
+    }
+
+    /// Rank 0 writes the checkpoint for `pos` (parameters and optimizer state as the backend holds them).
+    pub fn write(
+        &self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        pos: &Position,
+        plan: &StepPlan,
+    ) -> anyhow::Result<()> {
+        let Some(dir) = &self.ctl.checkpoint_dir else {
+            return Ok(());
+        };
+        if !comm.is_root() {
+            return Ok(());
+        }
+        let samples_in_epoch: u64 = (0..pos.steps_in_epoch)
+            .map(|s| plan.global_rows(s) as u64)
+            .sum();
+        let ck = checkpoint::Checkpoint {
+            state: checkpoint::State {
+                step: pos.step,
+                epochs_done: pos.epochs_done,
+                samples_in_epoch,
+                steps_in_epoch: pos.steps_in_epoch,
+                partial_loss_sum: pos.totals.loss_sum,
+                partial_correct: pos.totals.correct,
+                partial_count: pos.totals.count,
+                lr_scale: pos.lr_scale,
+                optimizer: self.optimizer.to_string(),
+                world_size: comm.size(),
+                settings: self.settings.clone(),
+                spec: self.setup.spec.clone(),
+                norm: self.setup.norm.clone(),
+            },
+            params: backend.params()?,
+            optim: backend.optim_state()?,
+        };
+        let path = checkpoint::save(dir, &ck, self.ctl.keep)?;
+        tracing::info!("checkpoint {}", path.display());
+        Ok(())
+    }
+}
+
+/// The position a checkpoint records, in this run's steps. With another world size (global
+/// sharding) the global batch differs: the run restarts at the first batch boundary of this run
+/// at or after the samples already seen in the epoch.
+pub(super) fn position_of(
+    st: &checkpoint::State,
+    plan: &StepPlan,
+    cfg: &TrainConfig,
+    ranks: usize,
+) -> Position {
+    let steps_in_epoch = if st.world_size == ranks || cfg.shard == ShardMode::Split {
+        st.steps_in_epoch
+    } else {
+        st.samples_in_epoch
+            .div_ceil((cfg.rows_per_step() * ranks) as u64)
+    };
+    let (epochs_done, steps_in_epoch) = if steps_in_epoch >= plan.steps_per_epoch {
+        (st.epochs_done + 1, 0)
+    } else {
+        (st.epochs_done, steps_in_epoch)
+    };
+    Position {
+        step: st.step,
+        epochs_done,
+        steps_in_epoch,
+        totals: Totals {
+            loss_sum: st.partial_loss_sum,
+            correct: st.partial_correct,
+            count: st.partial_count,
+        },
+        lr_scale: st.lr_scale,
+    }
+}

@@ -1,0 +1,355 @@
+//! The run: resume or initialise, then epochs of steps with logging, evaluation, checkpoints, and
+//! rollback when the loss stops being finite. The step itself is `step.rs`.
+
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use dptrain_kernels::reduce_stats::Totals;
+
+use super::config::{ShardMode, TrainConfig};
+use super::exchange::sum_totals;
+use super::plan::{StepPlan, epoch_order};
+use super::report::{EpochReport, EvalReport, evaluate};
+use super::resume::{
+    CheckpointUnit, Checkpoints, NanPolicy, Position, ResumeFrom, RunControl, position_of,
+};
+use super::setup::{Setup, initial_params, resume_settings, settings_defaults};
+use super::step::Stepper;
+use crate::backend::{Backend, Split};
+use crate::comm::Communicator;
+
+/// What a finished run leaves.
+pub struct Outcome {
+    pub params: Vec<f32>,
+    pub reports: Vec<EpochReport>,
+    pub steps: u64,
+}
+
+/// Why a stretch of training stopped early.
+enum Halt {
+    /// The loss was not finite at this (1-based) step.
+    NotFinite {
+        step: u64,
+        loss: f64,
+    },
+    Error(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Halt {
+    fn from(e: anyhow::Error) -> Self {
+        Halt::Error(e)
+    }
+}
+
+/// Train with the default run control (no checkpoints, stop on a non-finite loss).
+pub fn train(
+    cfg: &TrainConfig,
+    setup: &Setup,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    on_epoch: impl FnMut(&EpochReport),
+    on_step: impl FnMut(u64),
+) -> anyhow::Result<Outcome> {
+    let plan = StepPlan::of(cfg, setup.total_train, comm.rank(), comm.size());
+    train_with(
+        cfg,
+        &RunControl::default(),
+        setup,
+        &plan,
+        backend,
+        comm,
+        on_epoch,
+        on_step,
+    )
+}
+
+/// Train one model: every rank runs this with the same configuration and its own `plan`; only rank
+/// 0's callbacks print.
+///
+/// Each step (`step.rs`): gather this rank's rows of the global batch → forward → loss → backward
+/// (per-sample gradient sums, over its micro-batches) → exchange: the gradients and totals summed
+/// over the ranks → the optimizer's update scaled by 1 / samples in the global batch. Around it:
+/// resume from a checkpoint, checkpoints every N steps or epochs and at the end, and a non-finite
+/// loss either stops the run naming the step or rolls back to the newest checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
+    cfg: &TrainConfig,
+    ctl: &RunControl,
+    setup: &Setup,
+    plan: &StepPlan,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    mut on_epoch: impl FnMut(&EpochReport),
+    mut on_step: impl FnMut(u64),
+) -> anyhow::Result<Outcome> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let plan = *plan;
+    ensure!(
+        plan.local_samples() == setup.train.n_samples,
+        "rank {rank} holds {} training samples, its shard is {}",
+        setup.train.n_samples,
+        plan.local_samples()
+    );
+    let total_steps = cfg.total_steps(plan.steps_per_epoch);
+    tracing::info!(
+        "rank {rank}/{ranks}: {} local samples, {} steps per epoch, {total_steps} steps in all",
+        plan.local_samples(),
+        plan.steps_per_epoch
+    );
+    let rule = cfg.optim.rule();
+    let cks = Checkpoints {
+        ctl,
+        setup,
+        settings: resume_settings(cfg, setup),
+        defaults: settings_defaults(),
+        optimizer: cfg.optim.optimizer.name(),
+        state_names: rule.state_names(),
+        global_shard: cfg.shard == ShardMode::Global,
+    };
+    let resumed = match &ctl.resume {
+        Some(from) => cks.fetch(comm, from)?,
+        None => None,
+    };
+    let mut pos = match resumed {
+        Some(ck) => {
+            backend.set_params(&ck.params)?;
+            backend.set_optim_state(&ck.optim)?;
+            position_of(&ck.state, &plan, cfg, ranks)
+        }
+        None => {
+            let mut theta = initial_params(cfg, &setup.spec)?;
+            // rank 0's parameters everywhere, whatever each rank's --init or seed produced
+            comm.broadcast_f32(&mut theta)?;
+            backend.set_params(&theta)?;
+            Position {
+                lr_scale: 1.0,
+                ..Position::default()
+            }
+        }
+    };
+    let mut reports = Vec::new();
+    let mut rollbacks = 0;
+    loop {
+        let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total);
+        stepper.lr.scale = pos.lr_scale;
+        let result = run_from(
+            cfg,
+            &cks,
+            backend,
+            comm,
+            &mut stepper,
+            &mut pos,
+            &mut reports,
+            &mut on_epoch,
+            &mut on_step,
+        );
+        match result {
+            Ok(()) => break,
+            Err(Halt::Error(e)) => return Err(e),
+            Err(Halt::NotFinite { step, loss }) => {
+                let can = ctl.on_nan == NanPolicy::Rollback
+                    && rollbacks < ctl.max_rollbacks
+                    && ctl.checkpoint_dir.is_some();
+                let back = if can {
+                    cks.fetch(comm, &ResumeFrom::Auto)?
+                } else {
+                    None
+                };
+                let Some(ck) = back else {
+                    return Err(crate::consistency::Agreed(format!(
+                        "training diverged: the loss is {loss} at step {step}; lower --lr{}",
+                        if ctl.on_nan == NanPolicy::Rollback {
+                            " (no checkpoint left to roll back to)"
+                        } else {
+                            " or use --on-nan rollback with --checkpoint-dir"
+                        }
+                    ))
+                    .into());
+                };
+                rollbacks += 1;
+                backend.set_params(&ck.params)?;
+                backend.set_optim_state(&ck.optim)?;
+                // discard what the failed stretch left in the backend's running totals
+                backend.take_step_losses()?;
+                backend.take_train_totals()?;
+                pos = position_of(&ck.state, &plan, cfg, ranks);
+                pos.lr_scale *= ctl.rollback_lr_factor;
+                if comm.is_root() {
+                    println!(
+                        "dptrain: the loss is {loss} at step {step}: rolled back to step {} with the learning rate × {} (rollback {rollbacks} of {})",
+                        pos.step, pos.lr_scale, ctl.max_rollbacks
+                    );
+                }
+            }
+        }
+    }
+    let params = backend.params().context("reading the trained parameters")?;
+    Ok(Outcome {
+        params,
+        reports,
+        steps: pos.step,
+    })
+}
+
+/// Move the backend's running loss record and totals into the epoch's totals (over all ranks), and
+/// find the first step whose loss was not finite. Every rank calls it at the same steps.
+fn flush(
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    exchange: bool,
+    recorded: &mut Vec<u64>,
+    epoch_totals: &mut Totals,
+) -> Result<(), Halt> {
+    let losses = backend.take_step_losses()?;
+    let local = backend.take_train_totals()?;
+    let mine = if exchange {
+        // the per-step totals travelled with the gradients and were checked then
+        None
+    } else {
+        losses
+            .iter()
+            .zip(recorded.iter())
+            .find(|(l, _)| !l.is_finite())
+            .map(|(l, s)| (*s + 1, f64::from(*l)))
+    };
+    recorded.clear();
+    if exchange {
+        return Ok(());
+    }
+    // the first non-finite step over all ranks, so that every rank halts the same way
+    let bytes = mine.map_or_else(Vec::new, |(s, l)| format!("{s} {l}").into_bytes());
+    let all = comm.all_gather_bytes(&bytes)?;
+    let first = all
+        .iter()
+        .filter_map(|b| {
+            let t = String::from_utf8_lossy(b);
+            let mut it = t.split(' ');
+            Some((
+                it.next()?.parse::<u64>().ok()?,
+                it.next()?.parse::<f64>().ok()?,
+            ))
+        })
+        .min_by_key(|(s, _)| *s);
+    let global = sum_totals(comm, &local)?;
+    epoch_totals.add(&global);
+    match first {
+        Some((step, loss)) => Err(Halt::NotFinite { step, loss }),
+        None => Ok(()),
+    }
+}
+
+/// Train from `pos` to the end of the run (or until a non-finite loss).
+#[allow(clippy::too_many_arguments)]
+fn run_from(
+    cfg: &TrainConfig,
+    cks: &Checkpoints<'_>,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    stepper: &mut Stepper,
+    pos: &mut Position,
+    reports: &mut Vec<EpochReport>,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+    on_step: &mut dyn FnMut(u64),
+) -> Result<(), Halt> {
+    use crate::backend::gpu::HISTORY;
+    let (ctl, setup) = (cks.ctl, cks.setup);
+    let rank = comm.rank();
+    let plan = stepper.plan;
+    let total_steps = stepper.lr.schedule.total_steps;
+    let regression = setup.spec.is_regression();
+    let start = Instant::now();
+    let exchange = stepper.exchange.exchanges_gradients();
+    // the step of each training batch whose loss the backend keeps, until the next flush
+    let mut recorded: Vec<u64> = Vec::new();
+    while pos.step < total_steps {
+        let epoch = pos.epochs_done + 1;
+        backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
+        let epoch_start = Instant::now();
+        let mut epoch_totals = pos.totals;
+        let mut s = pos.steps_in_epoch;
+        while s < plan.steps_per_epoch && pos.step < total_steps {
+            let batches = plan.micro_batches(s, pos.step).len();
+            recorded.extend(std::iter::repeat_n(pos.step, batches));
+            crate::fault::before_step(rank, pos.step);
+            let got = stepper.step(backend, comm, s, pos.step)?;
+            if let Some(t) = got {
+                if !t.loss_sum.is_finite() {
+                    return Err(Halt::NotFinite {
+                        step: pos.step + 1,
+                        loss: t.loss_sum,
+                    });
+                }
+                epoch_totals.add(&t);
+            }
+            pos.step += 1;
+            s += 1;
+            let checkpoint_now = ctl.checkpoint_dir.is_some()
+                && ctl.checkpoint_unit == CheckpointUnit::Step
+                && ctl.checkpoint_every > 0
+                && pos.step.is_multiple_of(ctl.checkpoint_every)
+                && s < plan.steps_per_epoch;
+            // the backend keeps the losses of HISTORY batches: read them before the next step's
+            if recorded.len() + cfg.accumulate > HISTORY || checkpoint_now {
+                flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
+            }
+            if checkpoint_now {
+                pos.epochs_done = epoch - 1;
+                pos.steps_in_epoch = s;
+                pos.totals = epoch_totals;
+                cks.write(backend, comm, pos, &plan)?;
+            }
+            on_step(pos.step);
+        }
+        flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
+        let secs = epoch_start.elapsed().as_secs_f64();
+        let fresh = epoch_totals.count.saturating_sub(pos.totals.count);
+        let train = EvalReport::from_totals(&epoch_totals, regression);
+        let test = match &setup.test {
+            Some(t) => Some(evaluate(
+                backend,
+                comm,
+                Split::Test,
+                t.n_samples,
+                regression,
+            )?),
+            None => None,
+        };
+        let report = EpochReport {
+            epoch,
+            step: pos.step,
+            lr: stepper.last_lr,
+            train_loss: train.loss,
+            train_accuracy: train.accuracy,
+            test_loss: test.map(|t| t.loss),
+            test_accuracy: test.and_then(|t| t.accuracy),
+            test_rmse: test.and_then(|t| t.rmse),
+            samples_per_s: fresh as f64 / secs.max(1e-9),
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        on_epoch(&report);
+        reports.push(report);
+        let finished_epoch = s >= plan.steps_per_epoch;
+        if finished_epoch {
+            pos.epochs_done = epoch;
+            pos.steps_in_epoch = 0;
+            pos.totals = Totals::default();
+        } else {
+            pos.epochs_done = epoch - 1;
+            pos.steps_in_epoch = s;
+            pos.totals = epoch_totals;
+        }
+        let by_epoch = ctl.checkpoint_unit == CheckpointUnit::Epoch
+            && ctl.checkpoint_every > 0
+            && finished_epoch
+            && epoch.is_multiple_of(ctl.checkpoint_every);
+        let by_step_at_boundary = ctl.checkpoint_unit == CheckpointUnit::Step
+            && ctl.checkpoint_every > 0
+            && pos.step.is_multiple_of(ctl.checkpoint_every);
+        if ctl.checkpoint_dir.is_some()
+            && (by_epoch || by_step_at_boundary || pos.step >= total_steps)
+        {
+            cks.write(backend, comm, pos, &plan)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Set-up: the data checked against the configuration, the model derived from it, the initial
+//! parameters, and the one settings record from which ranks' agreement and resume checks are drawn.
+
+use anyhow::{bail, ensure};
+
+use super::config::{ShardMode, TrainConfig};
+use super::plan::{StepPlan, shard_range};
+use crate::backend::BackendInit;
+use crate::data::{Dataset, Normalizer};
+use crate::model::{ModelKind, ModelSpec};
+
+/// Data, normaliser and model spec, checked against each other.
+pub struct Setup {
+    pub spec: ModelSpec,
+    pub norm: Normalizer,
+    /// This rank's training samples (all of them in global mode, its shard in split mode).
+    pub train: Dataset,
+    pub test: Option<Dataset>,
+    /// Training samples over all ranks.
+    pub total_train: usize,
+}
+
+impl Setup {
+    /// What a backend needs to train this set-up with `cfg` on the rank that `plan` describes.
+    pub fn backend_init<'a>(&'a self, cfg: &TrainConfig, plan: &StepPlan) -> BackendInit<'a> {
+        BackendInit {
+            spec: &self.spec,
+            train: &self.train,
+            test: self.test.as_ref(),
+            norm: &self.norm,
+            max_rows: cfg.batch_size,
+            rule: cfg.optim.rule(),
+            seed: cfg.seed,
+            sample_base: plan.sample_base(),
+        }
+    }
+}
+
+/// Check the data against the configuration and derive the model (one process).
+pub fn setup(cfg: &TrainConfig, train: Dataset, test: Option<Dataset>) -> anyhow::Result<Setup> {
+    setup_rank(cfg, train, test, 0, 1)
+}
+
+/// As [`setup`], for rank `rank` of `ranks`: the normaliser and classes come from the whole
+/// training set so that every rank agrees; in split mode the rank then keeps only its shard.
+pub fn setup_rank(
+    cfg: &TrainConfig,
+    train: Dataset,
+    test: Option<Dataset>,
+    rank: usize,
+    ranks: usize,
+) -> anyhow::Result<Setup> {
+    cfg.validate()?;
+    ensure!(train.n_samples > 0, "{}: no training samples", train.source);
+    if let Some(t) = &test {
+        ensure!(
+            t.n_features == train.n_features,
+            "{}: {} features, but the training data has {}",
+            t.source,
+            t.n_features,
+            train.n_features
+        );
+    }
+    if cfg.shard == ShardMode::Split {
+        let smallest = train.n_samples / ranks;
+        ensure!(
+            smallest >= 1,
+            "--shard split: {} training samples cannot give each of {ranks} ranks one",
+            train.n_samples
+        );
+    }
+    let classes = if cfg.model == ModelKind::Linreg {
+        0
+    } else {
+        let counts = train.class_counts()?;
+        let present = counts.iter().filter(|&&c| c > 0).count();
+        if present < 2 {
+            bail!(
+                "{}: the training labels hold a single class; classification needs at least 2",
+                train.source
+            );
+        }
+        if let Some(t) = &test {
+            let labels = t.class_labels()?;
+            if let Some((i, l)) = labels
+                .iter()
+                .enumerate()
+                .find(|(_, l)| **l as usize >= counts.len())
+            {
+                bail!(
+                    "{}: sample {}: label {l} is out of range: the training labels run 0..{}",
+                    t.source,
+                    i + 1,
+                    counts.len() - 1
+                );
+            }
+        }
+        counts.len()
+    };
+    let spec = ModelSpec::new(
+        cfg.model,
+        train.n_features,
+        classes,
+        cfg.hidden.clone(),
+        cfg.activation,
+    )?
+    .with_dropout(cfg.dropout)?;
+    ensure!(
+        cfg.batch_size <= train.n_samples,
+        "--batch-size {} is larger than the {} training samples",
+        cfg.batch_size,
+        train.n_samples
+    );
+    let norm = Normalizer::fit(&train, cfg.normalize);
+    let total_train = train.n_samples;
+    let train = match cfg.shard {
+        ShardMode::Split if ranks > 1 => {
+            let (lo, hi) = shard_range(total_train, rank, ranks);
+            train.subset(&(lo..hi).collect::<Vec<_>>())
+        }
+        _ => train,
+    };
+    Ok(Setup {
+        spec,
+        norm,
+        train,
+        test,
+        total_train,
+    })
+}
+
+/// Initial parameters: from `--init` or seeded.
+pub fn initial_params(cfg: &TrainConfig, spec: &ModelSpec) -> anyhow::Result<Vec<f32>> {
+    match &cfg.init {
+        Some(path) => {
+            let saved = crate::modelfile::load(path)?;
+            Ok(saved.flat_params(spec, path)?)
+        }
+        None => Ok(spec.init(cfg.seed)),
+    }
+}
+
+/// The settings a checkpoint must share with the run that resumes it: everything that shapes the
+/// mathematics except the run's length and where it runs.
+pub fn resume_settings(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["device", "gpu", "init", "epochs", "steps"] {
+            o.remove(k);
+        }
+        o.insert("training_samples".into(), setup.total_train.into());
+        o.insert("features".into(), setup.spec.inputs.into());
+    }
+    v
+}
+
+/// The settings every rank must share, with what the data turned out to be.
+pub fn fingerprint(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        // each rank may pick its own adapter and backend; --init is rank 0's (broadcast)
+        for k in ["device", "gpu", "init"] {
+            o.remove(k);
+        }
+        o.insert("parameters".into(), setup.spec.layout().total.into());
+        o.insert("widths".into(), serde_json::json!(setup.spec.widths()));
+        o.insert("features".into(), setup.spec.inputs.into());
+        o.insert("classes".into(), setup.spec.outputs.into());
+        o.insert("training_samples".into(), setup.total_train.into());
+        o.insert(
+            "test_samples".into(),
+            setup.test.as_ref().map_or(0, |t| t.n_samples).into(),
+        );
+    }
+    v
+}
+
+/// The values that settings added since the first checkpoint format had before they existed: a
+/// checkpoint that lacks one matches a run that keeps it at this value.
+pub fn settings_defaults() -> serde_json::Value {
+    serde_json::json!({
+        "optimizer": "sgd",
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "clip_grad_norm": null,
+        "accumulate": 1,
+        "dropout": 0.0,
+    })
+}

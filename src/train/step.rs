@@ -1,0 +1,150 @@
+//! THE STEP. One optimiser step of one rank, read top to bottom: for each micro-batch of this
+//! rank's rows, gather → forward → loss → backward; then the exchange of the gradients between
+//! ranks; then the update; then, in local SGD, the parameter average. Timing is the `PhaseTimes`
+//! helper's business, not the paragraph's.
+
+use std::time::Instant;
+
+use dptrain_kernels::reduce_stats::Totals;
+use serde::Serialize;
+
+use super::config::TrainConfig;
+use super::exchange::Exchange;
+use super::plan::StepPlan;
+use crate::backend::Backend;
+use crate::comm::Communicator;
+use crate::optim::{LearningRate, OptimConfig, Schedule};
+
+/// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
+pub struct Stepper {
+    pub plan: StepPlan,
+    /// The one learning rate: the schedule times the rollback scale.
+    pub lr: LearningRate,
+    optim: OptimConfig,
+    pub exchange: Exchange,
+    total_steps: u64,
+    pub phases: PhaseTimes,
+    /// The rate of the last update: the value reports show.
+    pub last_lr: f64,
+}
+
+impl Stepper {
+    pub fn new(cfg: &TrainConfig, plan: StepPlan, total_steps: u64, n_params: usize) -> Self {
+        let schedule = Schedule {
+            kind: cfg.schedule,
+            base_lr: cfg.lr,
+            warmup: cfg.warmup,
+            step_size: cfg.step_size * plan.steps_per_epoch,
+            gamma: cfg.gamma,
+            min_lr: cfg.min_lr,
+            total_steps,
+        };
+        Self {
+            plan,
+            lr: LearningRate::new(schedule),
+            optim: cfg.optim,
+            exchange: Exchange::new(cfg, n_params, plan.ranks()),
+            total_steps,
+            phases: PhaseTimes::default(),
+            last_lr: 0.0,
+        }
+    }
+
+    /// Global step `step`, the `s`-th of its epoch. Returns the step's totals over all ranks when
+    /// they travelled with the gradients.
+    pub fn step(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        s: u64,
+        step: u64,
+    ) -> anyhow::Result<Option<Totals>> {
+        let t = &mut self.phases;
+        let batches = self.plan.micro_batches(s, step);
+        for b in &batches {
+            t.time(Phase::Gather, || backend.gather(b))?;
+            t.time(Phase::Forward, || backend.forward())?;
+            t.time(Phase::Loss, || backend.loss())?;
+            t.time(Phase::Backward, || backend.backward())?;
+        }
+        let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
+        let summed = t.time(Phase::Exchange, || {
+            self.exchange.gradients(backend, comm, mine, all)
+        })?;
+        self.last_lr = self.lr.at(step);
+        let update = self.optim.update(self.last_lr, step, summed.samples);
+        if summed.samples > 0 {
+            t.time(Phase::Update, || backend.update(&update))?;
+        }
+        let total = self.total_steps;
+        t.time(Phase::Average, || {
+            self.exchange.average_if_due(backend, comm, step + 1, total)
+        })?;
+        Ok(summed.totals)
+    }
+}
+
+/// The phases of a step, as timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Gather,
+    Forward,
+    Loss,
+    Backward,
+    Exchange,
+    Update,
+    Average,
+}
+
+/// Host time spent in each phase of the step, summed over a run (seconds). With one rank the GPU
+/// runs behind the host, so these measure recording, not execution (`dptrain bench` adds GPU
+/// timestamps).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseTimes {
+    pub gather: f64,
+    pub forward: f64,
+    pub loss: f64,
+    pub backward: f64,
+    /// The whole exchange (its parts are in `Exchange::times`).
+    pub exchange: f64,
+    pub update: f64,
+    /// Parameter averaging (`--sync params`).
+    pub average: f64,
+}
+
+impl PhaseTimes {
+    /// Run `f`, adding its time to `phase`.
+    pub fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = f();
+        let dt = t0.elapsed().as_secs_f64();
+        *match phase {
+            Phase::Gather => &mut self.gather,
+            Phase::Forward => &mut self.forward,
+            Phase::Loss => &mut self.loss,
+            Phase::Backward => &mut self.backward,
+            Phase::Exchange => &mut self.exchange,
+            Phase::Update => &mut self.update,
+            Phase::Average => &mut self.average,
+        } += dt;
+        out
+    }
+
+    /// Every phase multiplied by `k` (seconds summed over a run to milliseconds per step, say).
+    pub fn scaled(&self, k: f64) -> Self {
+        Self {
+            gather: self.gather * k,
+            forward: self.forward * k,
+            loss: self.loss * k,
+            backward: self.backward * k,
+            exchange: self.exchange * k,
+            update: self.update * k,
+            average: self.average * k,
+        }
+    }
+
+    /// Recording gather, forward, loss and backward.
+    pub fn record(&self) -> f64 {
+        self.gather + self.forward + self.loss + self.backward
+    }
+}
