@@ -106,6 +106,75 @@ fn n_ranks_with_batch_b_match_one_rank_with_batch_nb() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The optimizer's global work happens after the allreduce: clipping sees the summed gradient,
+/// accumulation sums micro-batches on every rank, and dropout masks follow the global sample.
+#[test]
+fn clipped_adamw_with_accumulation_and_dropout_on_n_ranks_matches_one_rank() {
+    let d = tmpdir("equiv-adamw");
+    let data = d.join("blobs.csv").display().to_string();
+    dptrain(&[
+        "data",
+        "synth",
+        "--kind",
+        "blobs",
+        "--samples",
+        "97",
+        "--features",
+        "6",
+        "--classes",
+        "3",
+        "--seed",
+        "4",
+        "--out",
+        &data,
+    ])
+    .ok();
+    for n in [2usize, 3] {
+        let common = [
+            "train",
+            "--data",
+            &data,
+            "--test-fraction",
+            "0",
+            "--model",
+            "mlp",
+            "--hidden",
+            "7",
+            "--dropout",
+            "0.2",
+            "--steps",
+            "20",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.01",
+            "--weight-decay",
+            "0.01",
+            "--clip-grad-norm",
+            "0.3",
+            "--accumulate",
+            "2",
+            "--seed",
+            "6",
+            "--device",
+            "cpu",
+        ];
+        let one = d.join(format!("one-{n}.safetensors"));
+        let many = d.join(format!("many-{n}.safetensors"));
+        let (o, m) = (one.display().to_string(), many.display().to_string());
+        let nb = (n * 4).to_string();
+        let mut a1 = common.to_vec();
+        a1.extend_from_slice(&["--batch-size", &nb, "--save", &o]);
+        dptrain(&a1).ok();
+        let mut an = common.to_vec();
+        an.extend_from_slice(&["--batch-size", "4", "--save", &m]);
+        mpirun(n, &an).ok();
+        let e = rel(&params(&many), &params(&one));
+        assert!(e <= 1e-5, "{n} ranks: relative difference {e:e}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn split_mode_with_uneven_shards_reaches_the_single_rank_bar() {
     let d = tmpdir("split");

@@ -931,6 +931,8 @@ impl Backend for GpuBackend {
             g.len() == range.len() && range.end <= self.n_params,
             "gradient range mismatch"
         );
+        // recorded work that reads the gradients runs before they change
+        self.submit()?;
         self.ctx.write(
             &self.grads,
             F32.bytes(range.start as u64),
