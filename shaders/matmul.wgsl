@@ -24,7 +24,8 @@ fn main(
         acc[i] = 0.0;
     }
 
-    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+    let k_lo = begin_k(wg.z);
+    for (var k0 = k_lo; k0 < k_end; k0 += TK) {
         // 256 threads stage 1024 elements of each tile, 4 each, in the order that is contiguous in memory.
         for (var r = 0u; r < 4u; r++) {
             let e = li + r * 256u;

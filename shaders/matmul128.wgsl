@@ -29,7 +29,8 @@ fn main(
         acc[i] = vec4<f32>(0.0);
     }
 
-    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+    let k_lo = begin_k(wg.z);
+    for (var k0 = k_lo; k0 < k_end; k0 += TK) {
         for (var r = 0u; r < 4u; r++) {
             let e = li + r * 256u;
             var am: u32;

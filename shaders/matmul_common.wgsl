@@ -11,6 +11,10 @@
 //                              stored activation output A (aux).
 // Loads outside [0,M)×[0,K) or [0,K)×[0,N) read 0 and stores outside [0,M)×[0,N) are skipped, so any
 // size works; every buffer index is in range by construction (tested with runtime checks on).
+//
+// Split-K: workgroup z multiplies only K range [z·k_chunk, (z+1)·k_chunk) and writes its partial
+// product, without epilogue, to C + z·M·N (a workspace); `matmul_splitk.wgsl` then sums the `splits`
+// partials in a fixed order and applies the epilogue. Without a split, k_chunk = K and z = 0.
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -28,6 +32,10 @@ struct Params {
     c_off: u32,
     bias_off: u32,
     aux_off: u32,
+    k_chunk: u32,  // K per workgroup along z (split-K); K when the product is not split
+    splits: u32,   // partial products that matmul_splitk.wgsl sums
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -37,8 +45,20 @@ struct Params {
 @group(0) @binding(4) var<storage, read> aux: array<f32>;
 @group(0) @binding(5) var<uniform> p: Params;
 
+// This workgroup's K range ends at k_end; its output starts c_split elements into C.
+var<private> k_end: u32;
+var<private> c_split: u32;
+
+// Set this workgroup's K range from its z index; returns where the range starts.
+fn begin_k(z: u32) -> u32 {
+    let lo = z * p.k_chunk;
+    k_end = min(p.k, lo + p.k_chunk);
+    c_split = z * p.m * p.n;
+    return lo;
+}
+
 fn load_a(row: u32, kk: u32) -> f32 {
-    if (row >= p.m || kk >= p.k) {
+    if (row >= p.m || kk >= k_end) {
         return 0.0;
     }
     if (TRANS_A) {
@@ -48,7 +68,7 @@ fn load_a(row: u32, kk: u32) -> f32 {
 }
 
 fn load_b(kk: u32, col: u32) -> f32 {
-    if (kk >= p.k || col >= p.n) {
+    if (kk >= k_end || col >= p.n) {
         return 0.0;
     }
     if (TRANS_B) {
@@ -84,6 +104,6 @@ fn epilogue(v: f32, row: u32, col: u32) -> f32 {
 // with their accumulators indexed by constants only, so that the accumulators stay in registers.
 fn store(row: u32, col: u32, v: f32) {
     if (row < p.m && col < p.n) {
-        c[p.c_off + row * p.n + col] = epilogue(v, row, col);
+        c[p.c_off + c_split + row * p.n + col] = epilogue(v, row, col);
     }
 }

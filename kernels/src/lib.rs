@@ -25,10 +25,13 @@ pub use dtype::{DType, Element, F32};
 
 /// Snippets that kernels share, prepended to a kernel's own file when its module is built. Each is
 /// valid WGSL on its own (the naga test validates it alone and with every kernel that uses it).
-pub const SNIPPETS: &[(&str, &str)] = &[(
-    "matmul_common",
-    include_str!("../../shaders/matmul_common.wgsl"),
-)];
+pub const SNIPPETS: &[(&str, &str)] = &[
+    ("enable_f16", include_str!("../../shaders/enable_f16.wgsl")),
+    (
+        "matmul_common",
+        include_str!("../../shaders/matmul_common.wgsl"),
+    ),
+];
 
 /// Every kernel by file stem, with its whole source (shared snippets first), for building and tools.
 pub const SHADERS: &[(&str, &str)] = &[
@@ -49,6 +52,28 @@ pub const SHADERS: &[(&str, &str)] = &[
         concat!(
             include_str!("../../shaders/matmul_common.wgsl"),
             include_str!("../../shaders/matmul128.wgsl")
+        ),
+    ),
+    (
+        "matmul_half",
+        concat!(
+            include_str!("../../shaders/enable_f16.wgsl"),
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul_half.wgsl")
+        ),
+    ),
+    (
+        "matmul_skinny",
+        concat!(
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul_skinny.wgsl")
+        ),
+    ),
+    (
+        "matmul_splitk",
+        concat!(
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul_splitk.wgsl")
         ),
     ),
     ("mse", include_str!("../../shaders/mse.wgsl")),
@@ -165,6 +190,23 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// As [`Kernel::new`], but a shader or pipeline that the device refuses (a feature it lacks, a
+    /// driver that cannot compile it) is an error instead of a deferred device error.
+    pub fn try_new(
+        ctx: &GpuContext,
+        stem: &'static str,
+        constants: &[(&str, f64)],
+        slots: &[Slot],
+        trusted: bool,
+    ) -> Result<Self, KernelError> {
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernel = Self::new(ctx, stem, constants, slots, trusted);
+        match pollster::block_on(scope.pop()) {
+            Some(e) => Err(KernelError::Device(format!("{stem}: {e}"))),
+            None => Ok(kernel),
+        }
+    }
+
     /// Build `stem`'s `main` entry with the given override constants. `trusted` kernels are built
     /// without runtime checks when [`ShaderChecks`] allows.
     pub fn new(
@@ -274,6 +316,7 @@ impl Kernel {
             pipeline: self.pipeline.clone(),
             bind,
             groups,
+            groups_z: 1,
             dynamic: self.slots.iter().any(|s| matches!(s, Slot::UniformRing(_))),
         }
     }
@@ -286,6 +329,8 @@ pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
     pub groups: (u32, u32),
+    /// Workgroups along z (the pieces of a split-K product).
+    pub groups_z: u32,
     /// Whether its uniform comes from a ring (then `record_at` picks the block).
     dynamic: bool,
 }
@@ -304,7 +349,7 @@ impl Dispatch {
         } else {
             pass.set_bind_group(0, &self.bind, &[]);
         }
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups_z);
     }
 }
 
@@ -393,6 +438,9 @@ mod layout_tests {
         ("grad_norm", crate::grad_norm::params_layout),
         ("matmul", crate::matmul::params_layout),
         ("matmul128", crate::matmul::params_layout),
+        ("matmul_half", crate::matmul::params_layout),
+        ("matmul_skinny", crate::matmul::params_layout),
+        ("matmul_splitk", crate::matmul::params_layout),
         ("mse", crate::loss::params_layout),
         ("reduce_stats", crate::reduce_stats::params_layout),
         ("sgd", crate::sgd::params_layout),

@@ -49,6 +49,9 @@ struct Params {
     c_off: u32,
     bias_off: u32,
     aux_off: u32,
+    k_chunk: u32,
+    splits: u32,
+    _pad: [u32; 2],
 }
 
 crate::params_layout!(Params {
@@ -59,8 +62,133 @@ crate::params_layout!(Params {
     b_off,
     c_off,
     bias_off,
-    aux_off
+    aux_off,
+    k_chunk,
+    splits
 });
+
+/// Which kernel computes a product. Every variant computes the same C; they differ in speed, and
+/// the f16 ones in precision (inputs rounded to f16, f32 accumulation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// `matmul.wgsl`: 64×64 tiles, 4×4 outputs per thread.
+    Tile64,
+    /// `matmul128.wgsl`: 128×128 tiles, 8×8 outputs per thread.
+    Tile128,
+    /// `matmul_skinny.wgsl`: 64×16 tiles for few columns, 16×64 for few rows.
+    Skinny,
+    /// `matmul_half.wgsl`: 128×128 tiles, inputs rounded to f16 in workgroup memory, f32
+    /// accumulation (needs SHADER_F16).
+    Half,
+    /// `matmul_coop.wgsl`: cooperative 16×16×16 matrices (tensor cores), f16 inputs, f32
+    /// accumulation (needs SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX).
+    Coop,
+    /// Deliberately wrong: the 64-tile kernel split in two with one partial dropped. It exists so
+    /// that a test can watch the tuner's verification reject a variant; it is never a candidate.
+    Wrong,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 6] = [
+        Variant::Tile64,
+        Variant::Tile128,
+        Variant::Skinny,
+        Variant::Half,
+        Variant::Coop,
+        Variant::Wrong,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tile64 => "tile64",
+            Self::Tile128 => "tile128",
+            Self::Skinny => "skinny",
+            Self::Half => "half",
+            Self::Coop => "coop",
+            Self::Wrong => "wrong",
+        }
+    }
+
+    fn stem(self) -> &'static str {
+        match self {
+            Self::Tile64 | Self::Wrong => "matmul",
+            Self::Tile128 => "matmul128",
+            Self::Skinny => "matmul_skinny",
+            Self::Half => "matmul_half",
+            Self::Coop => "matmul_coop",
+        }
+    }
+
+    /// Whether the variant rounds its inputs to f16.
+    pub fn is_f16(self) -> bool {
+        matches!(self, Self::Half | Self::Coop)
+    }
+
+    /// The device features the variant needs.
+    pub fn features(self) -> wgpu::Features {
+        match self {
+            Self::Half => wgpu::Features::SHADER_F16,
+            Self::Coop => {
+                wgpu::Features::SHADER_F16 | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            }
+            _ => wgpu::Features::empty(),
+        }
+    }
+
+    /// Output rows and columns per workgroup for an M×N output.
+    fn tile(self, m: u64, n: u64) -> (u64, u64) {
+        match self {
+            Self::Tile64 | Self::Wrong => (64, 64),
+            Self::Tile128 | Self::Half | Self::Coop => (128, 128),
+            // few columns: tall tiles; else wide ones
+            Self::Skinny if n <= m => (64, 16),
+            Self::Skinny => (16, 64),
+        }
+    }
+}
+
+/// A variant and how many pieces K is split into (1: no split).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Choice {
+    pub variant: Variant,
+    pub splits: u32,
+}
+
+impl Choice {
+    pub const fn new(variant: Variant, splits: u32) -> Self {
+        Self { variant, splits }
+    }
+
+    /// "tile128" or "skinny/k8": how the choice is written in caches, logs and checkpoints.
+    pub fn name(&self) -> String {
+        if self.splits > 1 {
+            format!("{}/k{}", self.variant.name(), self.splits)
+        } else {
+            self.variant.name().to_string()
+        }
+    }
+
+    /// The choice a `name` wrote.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (v, k) = match s.split_once("/k") {
+            Some((v, k)) => (v, k.parse().ok()?),
+            None => (s, 1),
+        };
+        let variant = Variant::ALL.into_iter().find(|x| x.name() == v)?;
+        (k >= 1).then_some(Self::new(variant, k))
+    }
+
+    /// The kernels' choice without tuning: 128-tiles for outputs of at least 128×128, 64-tiles
+    /// otherwise, the f16 kernel of that size when `f16`; no split.
+    pub fn default_for(m: u64, n: u64, f16: bool) -> Self {
+        let variant = match (f16, m >= BIG_TILE && n >= BIG_TILE) {
+            (true, _) => Variant::Half,
+            (false, true) => Variant::Tile128,
+            (false, false) => Variant::Tile64,
+        };
+        Self::new(variant, 1)
+    }
+}
 
 /// A buffer and the element offset where the operand starts in it.
 #[derive(Clone, Copy)]
@@ -99,36 +227,99 @@ pub const TILE: u64 = 64;
 /// Output tile edge of `matmul128.wgsl`.
 pub const BIG_TILE: u64 = 128;
 
-/// Pipelines for each form and tile, made on first use, plus a placeholder for unused bindings.
+/// A prepared product: one dispatch, or a split-K pass and its reduction.
+#[derive(Clone)]
+pub struct MatmulCall {
+    pub choice: Choice,
+    pub dispatches: Vec<Dispatch>,
+}
+
+impl MatmulCall {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for d in &self.dispatches {
+            d.record(pass);
+        }
+    }
+}
+
+/// Pipelines for each variant and form, made on first use; a placeholder for unused bindings, and
+/// the workspace that split products share (they run one after another).
 pub struct Matmul {
-    kernels: HashMap<(bool, bool, Epilogue, u64), Kernel>,
+    kernels: HashMap<(Variant, bool, bool, Epilogue, bool), Kernel>,
+    reduce: HashMap<Epilogue, Kernel>,
     placeholder: wgpu::Buffer,
-    /// Force a tile edge (64 or 128); None picks 128 when the output has at least 128 rows and
-    /// 128 columns (fewer would leave most of a large tile idle), else 64.
+    workspace: Option<wgpu::Buffer>,
+    /// Force a tile edge (64 or 128) where no choice is given, for `bench matmul --tile`.
     pub tile: Option<u64>,
 }
+
+const SLOTS: [Slot; 6] = [
+    Slot::Read,
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::Read,
+    Slot::Read,
+    Slot::Uniform,
+];
 
 impl Matmul {
     pub fn new(ctx: &GpuContext) -> Result<Self, KernelError> {
         Ok(Self {
             kernels: HashMap::new(),
+            reduce: HashMap::new(),
             placeholder: ctx.storage("matmul placeholder", 4)?,
+            workspace: None,
             tile: None,
         })
     }
 
-    /// Check every size against its buffer and bind: the returned dispatch may be recorded each step.
+    /// Prepare with the default choice (or the forced tile).
     pub fn prepare(
         &mut self,
         ctx: &GpuContext,
         args: &MatmulArgs<'_>,
-    ) -> Result<Dispatch, KernelError> {
+    ) -> Result<MatmulCall, KernelError> {
+        let choice = match self.tile {
+            Some(TILE) => Choice::new(Variant::Tile64, 1),
+            Some(BIG_TILE) => Choice::new(Variant::Tile128, 1),
+            Some(t) => {
+                return Err(KernelError::Shape {
+                    kernel: "matmul",
+                    msg: format!("no {t}×{t} tile (64 or 128)"),
+                });
+            }
+            None => Choice::default_for(args.m, args.n, false),
+        };
+        self.prepare_with(ctx, args, choice)
+    }
+
+    /// Check every size against its buffer and bind, for `choice`: the returned call may be
+    /// recorded each step. A variant the device cannot build (a missing feature, a shader the
+    /// driver refuses) is an error, not a fault.
+    pub fn prepare_with(
+        &mut self,
+        ctx: &GpuContext,
+        args: &MatmulArgs<'_>,
+        choice: Choice,
+    ) -> Result<MatmulCall, KernelError> {
         const K: &str = "matmul";
         let MatmulArgs { m, n, k, .. } = *args;
         if m == 0 || n == 0 || k == 0 {
             return Err(KernelError::Shape {
                 kernel: K,
                 msg: format!("empty product {m}×{k}·{k}×{n}"),
+            });
+        }
+        let placeholder = self.placeholder.clone();
+        let variant = choice.variant;
+        if !ctx.features.contains(variant.features()) {
+            return Err(KernelError::Shape {
+                kernel: K,
+                msg: format!(
+                    "{} needs {:?}, which this adapter lacks",
+                    variant.name(),
+                    variant.features() - ctx.features
+                ),
             });
         }
         need(K, "A", args.a.buf, args.a.off + m * k)?;
@@ -146,7 +337,7 @@ impl Matmul {
                     msg: format!("{ep:?} needs a bias"),
                 });
             }
-            (false, _) => At::start(&self.placeholder),
+            (false, _) => At::start(&placeholder),
         };
         let aux = match (ep.uses_aux(), args.aux) {
             (true, Some(a)) => {
@@ -159,8 +350,31 @@ impl Matmul {
                     msg: format!("{ep:?} needs the stored activation"),
                 });
             }
-            (false, _) => At::start(&self.placeholder),
+            (false, _) => At::start(&placeholder),
         };
+        // every flat index the shader forms must fit in u32 too
+        u32_of(K, "A extent", args.a.off + m * k)?;
+        u32_of(K, "B extent", args.b.off + k * n)?;
+        u32_of(K, "C extent", args.c.off + m * n)?;
+        // the deliberately wrong variant splits in two and drops a partial
+        let splits = if variant == Variant::Wrong {
+            2
+        } else {
+            u64::from(choice.splits.max(1)).min(k)
+        };
+        let k_chunk = k.div_ceil(splits);
+        let splits = k.div_ceil(k_chunk);
+        let (tm, tn) = variant.tile(m, n);
+        let groups = (
+            u32_of(K, "column tiles", n.div_ceil(tn))?,
+            u32_of(K, "row tiles", m.div_ceil(tm))?,
+        );
+        if groups.0 > 65535 || groups.1 > 65535 || splits > 65535 {
+            return Err(KernelError::Shape {
+                kernel: K,
+                msg: format!("{m}×{n} output needs more than 65535 tiles along one side"),
+            });
+        }
         let params = Params {
             m: u32_of(K, "M", m)?,
             n: u32_of(K, "N", n)?,
@@ -170,67 +384,97 @@ impl Matmul {
             c_off: u32_of(K, "C offset", args.c.off)?,
             bias_off: u32_of(K, "bias offset", bias.off)?,
             aux_off: u32_of(K, "aux offset", aux.off)?,
+            k_chunk: u32_of(K, "K chunk", k_chunk)?,
+            splits: u32_of(K, "splits", splits)?,
+            _pad: [0; 2],
         };
-        // every flat index the shader forms must fit in u32 too
-        u32_of(K, "A extent", args.a.off + m * k)?;
-        u32_of(K, "B extent", args.b.off + k * n)?;
-        u32_of(K, "C extent", args.c.off + m * n)?;
-        let tile = match self.tile {
-            Some(t) if t == TILE || t == BIG_TILE => t,
-            Some(t) => {
-                return Err(KernelError::Shape {
-                    kernel: K,
-                    msg: format!("no {t}×{t} tile (64 or 128)"),
-                });
+        // a split product writes raw partials to the workspace, then sums them with the epilogue
+        let core_ep = if splits > 1 { Epilogue::None } else { ep };
+        // the skinny kernel's wide form (16×64 tiles) is a pipeline of its own
+        let tall = !(variant == Variant::Skinny && tm == 16);
+        let key = (variant, args.trans_a, args.trans_b, core_ep, tall);
+        if !self.kernels.contains_key(&key) {
+            let mut constants = vec![
+                ("TRANS_A", f64::from(u8::from(args.trans_a))),
+                ("TRANS_B", f64::from(u8::from(args.trans_b))),
+                ("EPILOGUE", f64::from(core_ep.code())),
+            ];
+            if variant == Variant::Skinny {
+                constants.push(("TALL", f64::from(u8::from(tall))));
             }
-            None if m >= BIG_TILE && n >= BIG_TILE => BIG_TILE,
-            None => TILE,
-        };
-        let groups = (
-            u32_of(K, "column tiles", n.div_ceil(tile))?,
-            u32_of(K, "row tiles", m.div_ceil(tile))?,
-        );
-        if groups.0 > 65535 || groups.1 > 65535 {
-            return Err(KernelError::Shape {
-                kernel: K,
-                msg: format!("{m}×{n} output needs more than 65535 tiles along one side"),
+            let kernel = Kernel::try_new(ctx, variant.stem(), &constants, &SLOTS, true)?;
+            self.kernels.insert(key, kernel);
+        }
+        let kernel = self.kernels[&key].clone();
+        if splits == 1 {
+            let uniform = ctx.uniform("matmul params", &params);
+            let d = kernel.dispatch(
+                ctx,
+                &[args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform],
+                groups,
+            );
+            return Ok(MatmulCall {
+                choice,
+                dispatches: vec![d],
             });
         }
-        let kernel = self
-            .kernels
-            .entry((args.trans_a, args.trans_b, ep, tile))
-            .or_insert_with(|| {
-                Kernel::new(
-                    ctx,
-                    if tile == BIG_TILE {
-                        "matmul128"
-                    } else {
-                        "matmul"
-                    },
-                    &[
-                        ("TRANS_A", f64::from(u8::from(args.trans_a))),
-                        ("TRANS_B", f64::from(u8::from(args.trans_b))),
-                        ("EPILOGUE", f64::from(ep.code())),
-                    ],
-                    &[
-                        Slot::Read,
-                        Slot::Read,
-                        Slot::ReadWrite,
-                        Slot::Read,
-                        Slot::Read,
-                        Slot::Uniform,
-                    ],
-                    true,
-                )
-            });
-        let uniform = ctx.uniform("matmul params", &params);
-        Ok(kernel.dispatch(
+        // split K: partials into the shared workspace, then their sum into C
+        let ws_elems = splits * m * n;
+        let ws = self.workspace(ctx, ws_elems)?;
+        let partial = Params {
+            c_off: 0,
+            ..params
+        };
+        let pu = ctx.uniform("matmul split params", &partial);
+        let mut first = kernel.dispatch(
             ctx,
-            &[
-                args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform,
-            ],
+            &[args.a.buf, args.b.buf, &ws, bias.buf, aux.buf, &pu],
             groups,
-        ))
+        );
+        first.groups_z = u32_of(K, "splits", splits)?;
+        if !self.reduce.contains_key(&ep) {
+            let r = Kernel::try_new(
+                ctx,
+                "matmul_splitk",
+                &[("EPILOGUE", f64::from(ep.code()))],
+                &SLOTS,
+                true,
+            )?;
+            self.reduce.insert(ep, r);
+        }
+        let reduce = &self.reduce[&ep];
+        let summed = Params {
+            a_off: 0,
+            // the wrong variant forgets the last partial
+            splits: if variant == Variant::Wrong {
+                params.splits - 1
+            } else {
+                params.splits
+            },
+            ..params
+        };
+        let ru = ctx.uniform("matmul reduce params", &summed);
+        let second = reduce.dispatch(
+            ctx,
+            &[&ws, &placeholder, args.c.buf, bias.buf, aux.buf, &ru],
+            crate::context::groups_1d(u32_of(K, "M×N", m * n)?, 256),
+        );
+        Ok(MatmulCall {
+            choice,
+            dispatches: vec![first, second],
+        })
+    }
+
+    /// The shared split-K workspace, grown to at least `elems` f32.
+    fn workspace(&mut self, ctx: &GpuContext, elems: u64) -> Result<wgpu::Buffer, KernelError> {
+        match &self.workspace {
+            Some(w) if w.size() >= crate::F32.bytes(elems) => Ok(w.clone()),
+            _ => {
+                let w = ctx.array("split-K workspace", crate::F32, elems)?;
+                self.workspace = Some(w.clone());
+                Ok(w)
+            }
+        }
     }
 }
 
@@ -308,14 +552,42 @@ mod tests {
     use super::*;
     use crate::testutil::{assert_close, ctx, random};
 
+    /// Every variant this adapter can run, unsplit and split in 3.
+    fn choices(ctx: &GpuContext) -> Vec<Choice> {
+        let mut v = Vec::new();
+        for variant in [Variant::Tile64, Variant::Tile128, Variant::Skinny, Variant::Half] {
+            if ctx.features.contains(variant.features()) {
+                v.push(Choice::new(variant, 1));
+                v.push(Choice::new(variant, 3));
+            }
+        }
+        v
+    }
+
     fn check(m: usize, n: usize, k: usize, ta: bool, tb: bool, ep: Epilogue) {
-        for tile in [TILE, BIG_TILE] {
-            check_tile(m, n, k, ta, tb, ep, tile);
+        let ctx = ctx();
+        for choice in choices(&ctx) {
+            check_choice(&ctx, m, n, k, ta, tb, ep, choice);
         }
     }
 
-    fn check_tile(m: usize, n: usize, k: usize, ta: bool, tb: bool, ep: Epilogue, tile: u64) {
-        let ctx = ctx();
+    fn f16_rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+    }
+
+    /// C from one choice against the f64 reference (on f16-rounded inputs for the f16 variants,
+    /// whose only difference is that rounding), with the operands at offsets in larger buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn run_choice(
+        ctx: &GpuContext,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        ep: Epilogue,
+        choice: Choice,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let a = random(m * k, 1);
         let b = random(k * n, 2);
         let bias = random(n, 3);
@@ -340,11 +612,10 @@ mod tests {
         let biasbuf = ctx.upload("bias", &pad(&bias, 2)).unwrap();
         let auxbuf = ctx.upload("aux", &aux).unwrap();
         let cbuf = ctx.upload("c", &pad(&vec![-1.0; m * n], 1)).unwrap();
-        let mut mm = Matmul::new(&ctx).unwrap();
-        mm.tile = Some(tile);
-        let d = mm
-            .prepare(
-                &ctx,
+        let mut mm = Matmul::new(ctx).unwrap();
+        let call = mm
+            .prepare_with(
+                ctx,
                 &MatmulArgs {
                     m: m as u64,
                     n: n as u64,
@@ -361,23 +632,72 @@ mod tests {
                     }),
                     aux: Some(At::start(&auxbuf)),
                 },
+                choice,
             )
             .unwrap();
-        crate::run(&ctx, &[&d]);
+        let ds: Vec<&Dispatch> = call.dispatches.iter().collect();
+        crate::run(ctx, &ds);
         let all: Vec<f32> = ctx.read(&cbuf, 0, m * n + 6).unwrap();
-        assert_eq!(all[0], 9.0, "wrote before C");
-        assert_eq!(all[m * n + 1], 7.0, "wrote past C");
-        let mut want = matmul_ref(&a, &b, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
+        assert_eq!(all[0], 9.0, "{choice:?} wrote before C");
+        assert_eq!(all[m * n + 1], 7.0, "{choice:?} wrote past C");
+        let (ar, br) = if choice.variant.is_f16() {
+            (f16_rounded(&a), f16_rounded(&b))
+        } else {
+            (a.clone(), b.clone())
+        };
+        let mut want = matmul_ref(&ar, &br, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
+        let mut exact = matmul_ref(&a, &b, m, n, k, ta, tb, ep, Some(&bias), Some(&aux));
         if ep == Epilogue::Accumulate {
             // C held -1 everywhere before the product was added
             want.iter_mut().for_each(|v| *v -= 1.0);
+            exact.iter_mut().for_each(|v| *v -= 1.0);
         }
-        assert_close(
-            &all[1..=m * n],
-            &want,
-            1e-5,
-            &format!("{m}x{n}x{k} {ta} {tb} {ep:?}"),
-        );
+        (all[1..=m * n].to_vec(), want, exact)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_choice(
+        ctx: &GpuContext,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        ep: Epilogue,
+        choice: Choice,
+    ) {
+        let (got, want, exact) = run_choice(ctx, m, n, k, ta, tb, ep, choice);
+        let what = format!("{m}x{n}x{k} {ta} {tb} {ep:?} {}", choice.name());
+        assert_close(&got, &want, 1e-5, &what);
+        if choice.variant.is_f16() {
+            // and within f16's rounding of the unrounded product
+            assert_close(&got, &exact, 1e-2, &what);
+        }
+    }
+
+    #[test]
+    fn the_deliberately_wrong_variant_is_wrong() {
+        let ctx = ctx();
+        let (got, want, _) =
+            run_choice(&ctx, 70, 33, 50, false, true, Epilogue::None, Choice::new(Variant::Wrong, 1));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0, f32::max);
+        assert!(worst > 1e-2, "the wrong variant gave the right answer");
+    }
+
+    #[test]
+    fn choices_round_trip_through_their_names() {
+        for v in Variant::ALL {
+            for k in [1, 4] {
+                let c = Choice::new(v, k);
+                assert_eq!(Choice::parse(&c.name()), Some(c));
+            }
+        }
+        assert_eq!(Choice::parse("tile128/k0"), None);
+        assert_eq!(Choice::parse("tile256"), None);
     }
 
     #[test]
