@@ -160,12 +160,33 @@ impl GpuContext {
         let wanted = wgpu::Features::SUBGROUP
             | wgpu::Features::SHADER_F16
             | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        let features = adapter.features() & wanted;
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let mut features = adapter.features() & wanted;
+        // tensor cores from WGSL need 16×16×16 f16 × f16 → f32 fragments
+        let coop_16 = adapter.cooperative_matrix_properties().iter().any(|p| {
+            p.m_size == 16
+                && p.n_size == 16
+                && p.k_size == 16
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        });
+        if !coop_16 || std::env::var("DPTRAIN_COOP").as_deref() == Ok("off") {
+            features -= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: the one experimental feature asked for is cooperative matrices; every kernel
+            // that uses them is verified against the f32 reference on the device before a run
+            // trusts it (the autotuner), and a variant that fails is never used.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("dptrain"),
             required_features: features,
             required_limits: limits.clone(),
+            experimental_features: experimental,
             ..Default::default()
         }))
         .map_err(|e| KernelError::RequestDevice(e.to_string()))?;

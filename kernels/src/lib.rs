@@ -10,6 +10,7 @@ pub mod bias_grad;
 pub mod context;
 pub mod dropout;
 pub mod dtype;
+pub mod fused;
 pub mod gather;
 pub mod grad_norm;
 pub mod loss;
@@ -26,6 +27,7 @@ pub use dtype::{DType, Element, F32};
 /// Snippets that kernels share, prepended to a kernel's own file when its module is built. Each is
 /// valid WGSL on its own (the naga test validates it alone and with every kernel that uses it).
 pub const SNIPPETS: &[(&str, &str)] = &[
+    ("enable_coop", include_str!("../../shaders/enable_coop.wgsl")),
     ("enable_f16", include_str!("../../shaders/enable_f16.wgsl")),
     (
         "matmul_common",
@@ -38,6 +40,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("adam", include_str!("../../shaders/adam.wgsl")),
     ("bias_grad", include_str!("../../shaders/bias_grad.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("fused_linear", include_str!("../../shaders/fused_linear.wgsl")),
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
     (
@@ -52,6 +55,15 @@ pub const SHADERS: &[(&str, &str)] = &[
         concat!(
             include_str!("../../shaders/matmul_common.wgsl"),
             include_str!("../../shaders/matmul128.wgsl")
+        ),
+    ),
+    (
+        "matmul_coop",
+        concat!(
+            include_str!("../../shaders/enable_f16.wgsl"),
+            include_str!("../../shaders/enable_coop.wgsl"),
+            include_str!("../../shaders/matmul_common.wgsl"),
+            include_str!("../../shaders/matmul_coop.wgsl")
         ),
     ),
     (
@@ -434,10 +446,12 @@ mod layout_tests {
         ("adam", crate::adam::params_layout),
         ("bias_grad", crate::bias_grad::params_layout),
         ("dropout", crate::dropout::params_layout),
+        ("fused_linear", crate::fused::params_layout),
         ("gather", crate::gather::params_layout),
         ("grad_norm", crate::grad_norm::params_layout),
         ("matmul", crate::matmul::params_layout),
         ("matmul128", crate::matmul::params_layout),
+        ("matmul_coop", crate::matmul::params_layout),
         ("matmul_half", crate::matmul::params_layout),
         ("matmul_skinny", crate::matmul::params_layout),
         ("matmul_splitk", crate::matmul::params_layout),

@@ -1,0 +1,1 @@
+enable wgpu_cooperative_matrix;
