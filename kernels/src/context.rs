@@ -172,7 +172,7 @@ impl GpuContext {
                 && p.cr_type == wgpu::CooperativeScalarType::F32
         });
         if !coop_16 || std::env::var("DPTRAIN_COOP").as_deref() == Ok("off") {
-            features -= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            features.remove(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         }
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
             // SAFETY: the one experimental feature asked for is cooperative matrices; every kernel

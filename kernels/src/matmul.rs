@@ -318,7 +318,7 @@ impl Matmul {
                 msg: format!(
                     "{} needs {:?}, which this adapter lacks",
                     variant.name(),
-                    variant.features() - ctx.features
+                    variant.features().difference(ctx.features)
                 ),
             });
         }
