@@ -15,7 +15,9 @@ pub mod gather;
 pub mod grad_norm;
 pub mod loss;
 pub mod matmul;
+pub mod max_diff;
 pub mod optimizer;
+pub mod tune;
 pub mod reduce_stats;
 pub mod sgd;
 #[cfg(test)]
@@ -88,6 +90,7 @@ pub const SHADERS: &[(&str, &str)] = &[
             include_str!("../../shaders/matmul_splitk.wgsl")
         ),
     ),
+    ("max_diff", include_str!("../../shaders/max_diff.wgsl")),
     ("mse", include_str!("../../shaders/mse.wgsl")),
     (
         "reduce_stats",
@@ -455,6 +458,7 @@ mod layout_tests {
         ("matmul_half", crate::matmul::params_layout),
         ("matmul_skinny", crate::matmul::params_layout),
         ("matmul_splitk", crate::matmul::params_layout),
+        ("max_diff", crate::max_diff::params_layout),
         ("mse", crate::loss::params_layout),
         ("reduce_stats", crate::reduce_stats::params_layout),
         ("sgd", crate::sgd::params_layout),

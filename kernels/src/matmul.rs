@@ -8,7 +8,7 @@ use num_traits::Float;
 use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
 
 /// What happens to each output element after the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Epilogue {
     None,
     Bias,
