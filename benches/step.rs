@@ -55,7 +55,7 @@ fn matmul(c: &mut Criterion) {
         );
         c.bench_function(&format!("matmul_{name}_{n}"), |bench| {
             bench.iter(|| {
-                dptrain_kernels::run(&ctx, &[&d]);
+                dptrain_kernels::run(&ctx, &d.dispatches.iter().collect::<Vec<_>>());
                 ctx.wait().expect("wait");
             })
         });
@@ -64,7 +64,6 @@ fn matmul(c: &mut Criterion) {
 
 /// The other kernels at the shapes of an mnist-mlp step at batch 1024 (1024 hidden units, 10 classes).
 fn kernels(c: &mut Criterion) {
-    use dptrain_kernels::bias_grad::BiasGrad;
     use dptrain_kernels::gather::{DeviceData, Gather};
     use dptrain_kernels::loss::{Loss, LossArgs, LossKind};
     use dptrain_kernels::reduce_stats::ReduceStats;
@@ -99,7 +98,7 @@ fn kernels(c: &mut Criterion) {
     let theta = ctx.array("theta", F32, n_params).expect("theta");
     let grads = ctx.array("grads", F32, n_params).expect("grads");
     let vel = ctx.array("vel", F32, n_params).expect("vel");
-    let clip = ctx.upload("clip", &[1.0f32]).expect("clip");
+    let clip = ctx.upload("clip", &[1.0f32, 0.0, 0.0]).expect("clip");
     let calls = [
         (
             format!(
@@ -123,6 +122,7 @@ fn kernels(c: &mut Criterion) {
                         t: &t,
                         dz: &dz,
                         stats: &stats,
+                        scaler: &clip,
                     },
                 )
                 .expect("loss"),
@@ -136,12 +136,45 @@ fn kernels(c: &mut Criterion) {
         ),
         (
             format!(
-                "bias_grad {rows}x{hidden}: {:.1} MB read",
+                "bias gradient (dZᵀ·1) {rows}x{hidden}: {:.1} MB read",
                 (rows * hidden * 4) as f64 / 1e6
             ),
-            BiasGrad::new(&ctx)
-                .prepare(&ctx, rows, hidden, &dz, &grads, 0, false)
-                .expect("bias_grad"),
+            {
+                // the trainer's bias gradient: dZᵀ·1, on the default kernel for its shape
+                let ones = ctx
+                    .upload("ones", &vec![1.0f32; rows as usize])
+                    .expect("ones");
+                let p = dptrain_kernels::tune::Product {
+                    m: hidden,
+                    n: 1,
+                    k: rows,
+                    trans_a: true,
+                    trans_b: false,
+                    epilogue: Epilogue::None,
+                    f16: false,
+                };
+                let call = Matmul::new(&ctx)
+                    .expect("matmul")
+                    .prepare_with(
+                        &ctx,
+                        &MatmulArgs {
+                            m: hidden,
+                            n: 1,
+                            k: rows,
+                            trans_a: true,
+                            trans_b: false,
+                            epilogue: Epilogue::None,
+                            a: At::start(&dz),
+                            b: At::start(&ones),
+                            c: At::start(&grads),
+                            bias: None,
+                            aux: None,
+                        },
+                        p.default_choice(),
+                    )
+                    .expect("bias gradient");
+                call.dispatches[0].clone()
+            },
         ),
         ({
             let call = Sgd::new(&ctx)
@@ -197,6 +230,7 @@ fn step(c: &mut Criterion) {
         rule: cfg.optim.rule(),
         seed: 0,
         sample_base: 0,
+        precision: cfg.precision,
     };
     let Ok(mut gpu) = GpuBackend::new(&init, &AdapterChoice::default()) else {
         return;

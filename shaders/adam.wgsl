@@ -1,7 +1,8 @@
 // adam.wgsl — Adam and AdamW over the flat parameter buffer, with PyTorch's definitions.
 //
 //   g = grad · grad_scale · clip[0]           (gradients arrive as per-sample sums; clip[0] is the
-//                                             global-norm clipping factor, 1 without clipping)
+//                                             global-norm clipping factor, 1 without clipping;
+//                                             clip[2] ≠ 0 skips the step)
 //   Adam:  g += weight_decay · θ              (L2 added to the gradient)
 //   AdamW: θ  = θ · (1 - lr · weight_decay)   (decoupled weight decay)
 //   m = β1·m + (1 - β1)·g
@@ -35,7 +36,8 @@ struct Params {
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * 65535u * 256u;
-    if (i >= p.n) {
+    // clip[2]: a mixed-precision step whose gradients overflowed is skipped
+    if (i >= p.n || clip[2] != 0.0) {
         return;
     }
     var w = theta[i];

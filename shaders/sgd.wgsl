@@ -5,7 +5,7 @@
 //   step = g + momentum · v  if Nesterov, else v   (momentum = 0 gives plain SGD)
 //   θ = θ - lr · step
 // grad_scale is 1 / (samples in the global batch): gradients arrive as per-sample sums. clip[0] is the
-// global-norm clipping factor (grad_norm.wgsl), 1 without clipping.
+// global-norm clipping factor (grad_norm.wgsl), 1 without clipping; clip[2] ≠ 0 skips the step.
 // One thread per parameter; the 2-D grid is flattened for more than 16 M parameters.
 
 struct Params {
@@ -28,7 +28,8 @@ struct Params {
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * 65535u * 256u;
-    if (i >= p.n) {
+    // clip[2]: a mixed-precision step whose gradients overflowed is skipped
+    if (i >= p.n || clip[2] != 0.0) {
         return;
     }
     let w = theta[i];

@@ -226,6 +226,58 @@ pub struct StepBenchConfig {
     pub warmup: u64,
     pub device: crate::train::DeviceKind,
     pub gpu: Option<usize>,
+    pub precision: crate::backend::Precision,
+    pub autotune: crate::backend::autotune::AutotuneMode,
+}
+
+/// A workload's set-up and a backend holding one global batch of its shape, random data on the
+/// device: every step trains on it again, so that only the step is timed.
+pub struct WorkloadRun {
+    pub config: crate::train::TrainConfig,
+    pub setup: crate::train::Setup,
+    pub backend: Box<dyn crate::backend::Backend>,
+    /// Samples over all ranks.
+    pub samples: usize,
+}
+
+impl WorkloadRun {
+    pub fn open(cfg: &StepBenchConfig, comm: &dyn Communicator) -> anyhow::Result<Self> {
+        use crate::backend;
+        use crate::train::{self, ShardMode, StepPlan, SyncMode, TrainConfig};
+        let w = &cfg.workload;
+        let ranks = comm.size();
+        let n = cfg.batch * ranks;
+        let mut ds = crate::data::synth::random(n, w.features, w.classes, 7);
+        if w.model == crate::model::ModelKind::Logreg {
+            ds.y.iter_mut().for_each(|y| *y = f32::from(*y > 0.5));
+        }
+        let mut tc = TrainConfig::new(w.model);
+        tc.hidden = w.hidden.clone();
+        tc.batch_size = cfg.batch;
+        tc.lr = 0.01;
+        tc.normalize = crate::data::NormKind::None;
+        tc.device = cfg.device;
+        tc.gpu = cfg.gpu;
+        tc.shard = ShardMode::Global;
+        tc.sync = SyncMode::Grads;
+        tc.precision = cfg.precision;
+        let setup = train::setup_rank(&tc, ds, None, comm.rank(), ranks)?;
+        let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
+        let mut backend = backend::open(
+            cfg.device,
+            cfg.gpu,
+            comm.local_rank(),
+            &setup.backend_init(&tc, &plan),
+        )?;
+        backend.set_params(&setup.spec.init(1))?;
+        backend.set_order(&(0..n as u32).collect::<Vec<_>>())?;
+        Ok(Self {
+            config: tc,
+            setup,
+            backend,
+            samples: n,
+        })
+    }
 }
 
 /// What `dptrain bench --workload` reports (one JSON object).
@@ -253,6 +305,10 @@ pub struct StepBenchResult {
     /// Under mpirun: raw MPI allreduce of the same bytes, the step's exchange, and their ratio.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exchange: Option<ExchangeReport>,
+    pub precision: crate::backend::Precision,
+    /// The kernel each matrix product ran (tuned, cached or default), and the tuning time.
+    pub kernels: crate::backend::KernelChoices,
+    pub tuning_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -313,45 +369,22 @@ pub fn step_bench(
     cfg: &StepBenchConfig,
     comm: &dyn Communicator,
 ) -> anyhow::Result<StepBenchResult> {
-    use crate::backend::{self, BackendInit, Batch};
-    use crate::train::{self, ShardMode, StepPlan, Stepper, SyncMode, TrainConfig};
+    use crate::backend::Batch;
+    use crate::train::{ShardMode, StepPlan, Stepper};
     ensure!(
         cfg.batch >= 1 && cfg.steps >= 1 && cfg.repeats >= 1,
         "--batch, --steps and --repeats must be at least 1"
     );
     let w = &cfg.workload;
     let ranks = comm.size();
-    // one global batch of random data: every step trains on it again, so only the step is timed
-    let n = cfg.batch * ranks;
-    let mut ds = crate::data::synth::random(n, w.features, w.classes, 7);
-    if w.model == crate::model::ModelKind::Logreg {
-        ds.y.iter_mut().for_each(|y| *y = f32::from(*y > 0.5));
-    }
-    let mut tc = TrainConfig::new(w.model);
-    tc.hidden = w.hidden.clone();
-    tc.batch_size = cfg.batch;
-    tc.lr = 0.01;
-    tc.normalize = crate::data::NormKind::None;
-    tc.device = cfg.device;
-    tc.gpu = cfg.gpu;
-    tc.shard = ShardMode::Global;
-    tc.sync = SyncMode::Grads;
-    let setup = train::setup_rank(&tc, ds, None, comm.rank(), ranks)?;
-    let init = BackendInit {
-        spec: &setup.spec,
-        train: &setup.train,
-        test: None,
-        norm: &setup.norm,
-        max_rows: cfg.batch,
-        rule: tc.optim.rule(),
-        seed: tc.seed,
-        sample_base: 0,
-    };
-    let mut backend = backend::open(cfg.device, cfg.gpu, comm.local_rank(), &init)?;
-    let theta = setup.spec.init(1);
-    let n_params = theta.len();
-    backend.set_params(&theta)?;
-    backend.set_order(&(0..n as u32).collect::<Vec<_>>())?;
+    let WorkloadRun {
+        config: tc,
+        setup,
+        mut backend,
+        samples: n,
+    } = WorkloadRun::open(cfg, comm)?;
+    let tuning = crate::backend::autotune::choose_kernels(backend.as_mut(), comm, cfg.autotune)?;
+    let n_params = setup.spec.layout().total;
     let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
     let total = cfg.warmup + cfg.steps * cfg.repeats as u64 + 1;
     let mut stepper = Stepper::new(&tc, plan, total, n_params);
@@ -436,6 +469,9 @@ pub fn step_bench(
         kernels_ms,
         gpu_step_ms,
         exchange,
+        precision: cfg.precision,
+        kernels: tuning.choices,
+        tuning_s: tuning.seconds,
     })
 }
 
@@ -467,6 +503,15 @@ impl StepBenchResult {
             "\n  host phases per step (ms): gather {:.3}  forward {:.3}  loss {:.3}  backward {:.3}  exchange {:.3}  update {:.3}",
             p.gather, p.forward, p.loss, p.backward, p.exchange, p.update
         );
+        if !self.kernels.is_empty() {
+            s += &format!(
+                "\n  kernels ({:?}, tuned in {:.2} s):",
+                self.precision, self.tuning_s
+            );
+            for (product, choice) in &self.kernels {
+                s += &format!("\n    {product}: {choice}");
+            }
+        }
         if let Some(g) = self.gpu_step_ms {
             s += &format!("\n  GPU time of one step: {g:.3} ms");
             for (label, t) in &self.kernels_ms {
@@ -490,126 +535,94 @@ impl StepBenchResult {
     }
 }
 
-/// One form of `bench matmul`.
+/// One candidate kernel of one product in `bench matmul`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MatmulRow {
-    pub form: &'static str,
-    pub size: u64,
-    pub tile: u64,
+    pub product: String,
+    pub kernel: String,
     pub adapter: String,
-    /// Median GPU time of one product (timestamps; wall clock around a wait where there are none).
-    pub ms: f64,
-    pub tflops: f64,
+    /// GPU time of one product (the fastest of the timed runs), when the kernel passed.
+    pub ms: Option<f64>,
+    pub tflops: Option<f64>,
+    /// Why the tuner rejected it: it cannot be built on this adapter, or its numbers are wrong.
+    pub rejected: Option<String>,
+    /// The fastest correct kernel of its product.
+    pub best: bool,
 }
 
-/// The matrix product kernel alone, size³, each form: 2·size³ FLOPs per call.
-pub fn matmul_bench(
+fn matmul_rows(adapter: &str, tuned: &[dptrain_kernels::tune::Tuned]) -> Vec<MatmulRow> {
+    let mut rows = Vec::new();
+    for t in tuned {
+        let p = &t.product;
+        let flops = 2.0 * (p.m * p.n * p.k) as f64;
+        for trial in &t.trials {
+            rows.push(MatmulRow {
+                product: p.name(),
+                kernel: trial.choice.name(),
+                adapter: adapter.to_string(),
+                ms: trial.result.as_ref().ok().map(|s| s * 1e3),
+                tflops: trial.result.as_ref().ok().map(|s| flops / s / 1e12),
+                rejected: trial.result.as_ref().err().cloned(),
+                best: trial.choice == t.best,
+            });
+        }
+    }
+    rows
+}
+
+/// Every kernel the trainer can use on the products of `size`³ (the three forms plain, and each
+/// with the epilogue training gives it: NT + bias + ReLU, TN, NN × ReLU'), in each precision:
+/// verified against the fp32 reference, then timed.
+pub fn matmul_bench_square(
     size: u64,
-    iters: usize,
+    precisions: &[crate::backend::Precision],
     gpu: Option<usize>,
-    tiles: &[u64],
+    repeats: usize,
 ) -> anyhow::Result<Vec<MatmulRow>> {
-    use dptrain_kernels::matmul::Matmul;
+    use dptrain_kernels::matmul::Epilogue;
+    use dptrain_kernels::tune::{Product, Tuner, candidates};
     use dptrain_kernels::{AdapterChoice, GpuContext};
     ensure!(
-        size >= 1 && iters >= 1,
+        size >= 1 && repeats >= 1,
         "--size and --iters must be at least 1"
     );
     let ctx = GpuContext::new(&AdapterChoice {
         index: gpu,
         local_rank: 0,
     })?;
-    let n = (size * size) as usize;
-    let a = ctx.upload("a", &vec![0.5f32; n])?;
-    let b = ctx.upload("b", &vec![0.25f32; n])?;
-    let c = ctx.storage("c", size * size * 4)?;
-    let mut mm = Matmul::new(&ctx)?;
-    let mut rows = Vec::new();
-    let forms = [
-        ("NN", false, false),
-        ("NT", false, true),
-        ("TN", true, false),
-    ];
-    for &tile in tiles {
-        for (form, ta, tb) in forms {
-            mm.tile = Some(tile);
-            rows.push(matmul_row(
-                &ctx,
-                &mut mm,
-                (form, ta, tb),
-                size,
-                tile,
-                iters,
-                [&a, &b, &c],
-            )?);
-        }
-    }
-    Ok(rows)
-}
-
-/// One form and tile of `bench matmul`.
-fn matmul_row(
-    ctx: &dptrain_kernels::GpuContext,
-    mm: &mut dptrain_kernels::matmul::Matmul,
-    (form, ta, tb): (&'static str, bool, bool),
-    size: u64,
-    tile: u64,
-    iters: usize,
-    [a, b, c]: [&wgpu::Buffer; 3],
-) -> anyhow::Result<MatmulRow> {
-    use dptrain_kernels::matmul::{At, Epilogue, MatmulArgs};
-    let timestamps = ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY);
-    {
-        let d = mm.prepare(
-            ctx,
-            &MatmulArgs {
+    let mut tuner = Tuner::new(&ctx)?;
+    tuner.repeats = repeats;
+    let mut tuned = Vec::new();
+    for &precision in precisions {
+        for (ta, tb, ep) in [
+            (false, false, Epilogue::None),
+            (false, true, Epilogue::None),
+            (true, false, Epilogue::None),
+            (false, true, Epilogue::BiasRelu),
+            (false, false, Epilogue::DRelu),
+        ] {
+            let p = Product {
                 m: size,
                 n: size,
                 k: size,
                 trans_a: ta,
                 trans_b: tb,
-                epilogue: Epilogue::None,
-                a: At::start(a),
-                b: At::start(b),
-                c: At::start(c),
-                bias: None,
-                aux: None,
-            },
-        )?;
-        // warm-up, and a check that the product is right: every element is 0.125·size
-        dptrain_kernels::run(ctx, &[&d]);
-        let probe: Vec<f32> = ctx.read(c, 0, 1)?;
-        let want = 0.125 * size as f32;
-        ensure!(
-            (probe[0] - want).abs() <= 1e-3 * want,
-            "matmul {form}: got {}, want {want}",
-            probe[0]
-        );
-        let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let timed = if timestamps {
-                ctx.time_dispatches(&[(&d, 0)])?
-            } else {
-                None
+                epilogue: ep,
+                f16: precision == crate::backend::Precision::F16,
             };
-            let t = if let Some(t) = timed {
-                t[0]
-            } else {
-                let t0 = Instant::now();
-                dptrain_kernels::run(ctx, &[&d]);
-                ctx.wait()?;
-                t0.elapsed().as_secs_f64()
-            };
-            times.push(t);
+            tuned.push(tuner.tune(&ctx, &p, &candidates(&ctx, &p))?);
         }
-        let secs = median(&mut times);
-        Ok(MatmulRow {
-            form,
-            size,
-            tile,
-            adapter: ctx.describe(),
-            ms: secs * 1e3,
-            tflops: 2.0 * (size as f64).powi(3) / secs / 1e12,
-        })
     }
+    Ok(matmul_rows(&ctx.describe(), &tuned))
+}
+
+/// Every kernel the trainer can use on the products of a workload's training step, as the
+/// autotuner sees them (every candidate verified and timed) in the given precision.
+pub fn matmul_bench_workload(
+    cfg: &StepBenchConfig,
+    comm: &dyn Communicator,
+) -> anyhow::Result<Vec<MatmulRow>> {
+    let mut run = WorkloadRun::open(cfg, comm)?;
+    let tuned = run.backend.autotune(&Default::default())?;
+    Ok(matmul_rows(&run.backend.describe(), &tuned))
 }

@@ -60,6 +60,9 @@ pub struct State {
     /// The optimizer whose state the file holds (files of the first format: SGD).
     #[serde(default = "sgd_name")]
     pub optimizer: String,
+    /// The kernel each matrix product ran (product → choice), so that a resume runs the same ones.
+    #[serde(default)]
+    pub kernels: std::collections::BTreeMap<String, String>,
     pub world_size: usize,
     /// The settings that must match for an exact resume (see `compatible`).
     pub settings: serde_json::Value,
@@ -376,6 +379,7 @@ mod tests {
                 partial_count: 10,
                 lr_scale: 1.0,
                 optimizer: "adam".into(),
+                kernels: Default::default(),
                 world_size: 1,
                 settings: serde_json::json!({"lr": 0.1, "seed": 3}),
                 norm: Normalizer::identity(3),

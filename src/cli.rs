@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::{self, BackendInit, Split};
+use crate::backend::autotune::{self, AutotuneMode};
+use crate::backend::{self, BackendInit, Precision, Split};
+use crate::bench::StepBenchConfig;
 use crate::comm::{Communicator, SingleProcess};
 use crate::consistency;
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
@@ -79,10 +81,16 @@ pub struct StepBenchArgs {
     pub repeats: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup: u64,
-    #[arg(long, value_enum, default_value = "gpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceKind,
     #[arg(long)]
     pub gpu: Option<usize>,
+    /// Matrix-product inputs: f32, or f16 with f32 accumulation.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// Kernel tuning before timing: auto, on, off, cached (as `train`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub autotune: AutotuneMode,
     /// Also write the result as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -93,18 +101,28 @@ pub enum BenchCommand {
     /// Allreduce of f32 buffers across the ranks, reported like nccl-tests (size, count, time,
     /// algorithm and bus bandwidth, wrong elements).
     Comm(CommBenchArgs),
-    /// The WGSL matrix product alone in its NN, NT and TN forms at size³: TFLOP/s from GPU timestamps.
+    /// Every matrix-product kernel the trainer can use, verified against the fp32 reference and
+    /// timed with GPU timestamps: on size³ (NN, NT, TN, and the epilogues training uses), or on
+    /// the products of a workload's step.
     Matmul(MatmulBenchArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct MatmulBenchArgs {
+    /// Square products of this size (ignored with --workload).
     #[arg(long, default_value_t = 4096)]
     pub size: u64,
-    /// Tile edge: 64, 128, or both (0).
-    #[arg(long, default_value_t = 0)]
-    pub tile: u64,
-    #[arg(long, default_value_t = 10)]
+    /// The products of this workload's training step instead: seed-logreg, mnist-mlp, wide-mlp.
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Per-rank batch for --workload (default: the workload's first reference batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// One precision (default: f32 and f16).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// Timed runs of each kernel (the fastest counts).
+    #[arg(long, default_value_t = 3)]
     pub iters: usize,
     #[arg(long)]
     pub gpu: Option<usize>,
@@ -301,6 +319,12 @@ pub struct TrainArgs {
     /// Adapter index from `dptrain devices`.
     #[arg(long)]
     pub gpu: Option<usize>,
+    /// Matrix-product inputs: f32, or f16 with f32 accumulation and dynamic loss scaling (GPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// Kernel tuning: auto (cached on a hardware GPU, off on lavapipe), on, off, cached.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub autotune: AutotuneMode,
     /// One JSON object per epoch.
     #[arg(long)]
     pub metrics_out: Option<PathBuf>,
@@ -428,6 +452,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         shard: a.shard,
         sync: a.sync,
         sync_every: a.sync_every,
+        precision: a.precision,
     }
 }
 
@@ -511,6 +536,14 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         comm,
         backend::open(cfg.device, cfg.gpu, comm.local_rank(), &init),
     )?;
+    let tuning = autotune::choose_kernels(backend.as_mut(), comm, a.autotune)?;
+    if tuning.tuned > 0 && comm.is_root() {
+        tracing::info!(
+            "autotune: {} products tuned in {:.2} s",
+            tuning.tuned,
+            tuning.seconds
+        );
+    }
     if comm.size() > 1 {
         // one write, so that mpirun does not interleave the ranks' lines
         let line = format!(
@@ -563,6 +596,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         }),
         on_nan: a.on_nan,
         max_rollbacks: a.max_rollbacks,
+        kernels: tuning.choices.clone(),
         ..RunControl::default()
     };
     let mut write_err = None;
@@ -647,6 +681,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         rule: OptimConfig::default().rule(),
         seed: 0,
         sample_base: 0,
+        precision: Precision::F32,
     };
     let mut backend = backend::open(a.device, a.gpu, 0, &init)?;
     backend.set_params(&theta)?;
@@ -747,17 +782,44 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
     };
     match cmd {
         BenchCommand::Matmul(a) => {
-            let tiles: &[u64] = match a.tile {
-                0 => &[64, 128],
-                64 => &[64],
-                128 => &[128],
-                t => bail!("--tile {t}: the tiles are 64 and 128 (0: both)"),
+            let precisions = match a.precision {
+                Some(p) => vec![p],
+                None => vec![Precision::F32, Precision::F16],
             };
-            let rows = crate::bench::matmul_bench(a.size, a.iters, a.gpu, tiles)?;
+            let rows = match &a.workload {
+                Some(name) => {
+                    let (workload, batch) = workload_and_batch(name)?;
+                    let mut rows = Vec::new();
+                    for &precision in &precisions {
+                        let cfg = StepBenchConfig {
+                            workload: workload.clone(),
+                            batch: a.batch.unwrap_or(batch),
+                            steps: 1,
+                            repeats: a.iters,
+                            warmup: 0,
+                            device: DeviceKind::Gpu,
+                            gpu: a.gpu,
+                            precision,
+                            autotune: AutotuneMode::Off,
+                        };
+                        rows.extend(crate::bench::matmul_bench_workload(&cfg, comm)?);
+                    }
+                    rows
+                }
+                None => crate::bench::matmul_bench_square(a.size, &precisions, a.gpu, a.iters)?,
+            };
             for r in &rows {
+                let what = match (&r.rejected, r.ms, r.tflops) {
+                    (Some(why), _, _) => format!("rejected: {why}"),
+                    (None, Some(ms), Some(tf)) => format!("{ms:.4} ms  {tf:.2} TFLOP/s"),
+                    _ => String::new(),
+                };
                 println!(
-                    "matmul {} {}³ tile {} on {}: {:.3} ms, {:.4} TFLOP/s",
-                    r.form, r.size, r.tile, r.adapter, r.ms, r.tflops
+                    "matmul {:<36} {:<14} {}{}",
+                    r.product,
+                    r.kernel,
+                    what,
+                    if r.best { "  (best)" } else { "" }
                 );
             }
             if let Some(p) = &a.json {
@@ -794,18 +856,21 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
     }
 }
 
+/// A named workload and its first reference batch.
+fn workload_and_batch(name: &str) -> anyhow::Result<(crate::bench::Workload, usize)> {
+    let w = crate::bench::Workload::named(name)?;
+    let b = match name {
+        "seed-logreg" => 100,
+        "mnist-mlp" => 1024,
+        _ => 8192,
+    };
+    Ok((w, b))
+}
+
 fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
-    use crate::bench::{StepBenchConfig, Workload};
+    use crate::bench::Workload;
     let (workload, default_batch) = match (&a.workload, a.model) {
-        (Some(name), None) => {
-            let w = Workload::named(name)?;
-            let b = match name.as_str() {
-                "seed-logreg" => 100,
-                "mnist-mlp" => 1024,
-                _ => 8192,
-            };
-            (w, b)
-        }
+        (Some(name), None) => workload_and_batch(name)?,
         (None, Some(model)) => (
             Workload {
                 name: "custom".into(),
@@ -827,6 +892,8 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
         warmup: a.warmup,
         device: a.device,
         gpu: a.gpu,
+        precision: a.precision,
+        autotune: a.autotune,
     };
     // no agreement round here: the benchmark is full of collectives, and an error part-way on one
     // rank is ended by main's abort

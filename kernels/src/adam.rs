@@ -135,7 +135,7 @@ impl Adam {
         need(K, "gradients", grad, n)?;
         need(K, "exp_avg", exp_avg, n)?;
         need(K, "exp_avg_sq", exp_avg_sq, n)?;
-        need(K, "clip", clip, 1)?;
+        need(K, "clip", clip, 3)?;
         let n32 = u32_of(K, "parameters", n)?;
         let ring = UniformRing::new(
             ctx,
@@ -201,7 +201,7 @@ mod tests {
             let gb = ctx.upload("grad", &grad).unwrap();
             let mb = ctx.upload("m", &m).unwrap();
             let vb = ctx.upload("v", &v).unwrap();
-            let clip = ctx.upload("clip", &[0.5f32]).unwrap();
+            let clip = ctx.upload("clip", &[0.5f32, 0.0, 0.0]).unwrap();
             let call = Adam::new(&ctx)
                 .prepare(&ctx, n as u64, &tb, &gb, &mb, &vb, &clip)
                 .unwrap();

@@ -6,7 +6,6 @@
 //! sizes that are not multiples of the kernel's tile.
 
 pub mod adam;
-pub mod bias_grad;
 pub mod context;
 pub mod dropout;
 pub mod dtype;
@@ -17,11 +16,11 @@ pub mod loss;
 pub mod matmul;
 pub mod max_diff;
 pub mod optimizer;
-pub mod tune;
 pub mod reduce_stats;
 pub mod sgd;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod tune;
 
 pub use context::{AdapterChoice, AdapterReport, GpuContext, ShaderChecks, list_adapters};
 pub use dtype::{DType, Element, F32};
@@ -29,7 +28,10 @@ pub use dtype::{DType, Element, F32};
 /// Snippets that kernels share, prepended to a kernel's own file when its module is built. Each is
 /// valid WGSL on its own (the naga test validates it alone and with every kernel that uses it).
 pub const SNIPPETS: &[(&str, &str)] = &[
-    ("enable_coop", include_str!("../../shaders/enable_coop.wgsl")),
+    (
+        "enable_coop",
+        include_str!("../../shaders/enable_coop.wgsl"),
+    ),
     ("enable_f16", include_str!("../../shaders/enable_f16.wgsl")),
     (
         "matmul_common",
@@ -40,9 +42,11 @@ pub const SNIPPETS: &[(&str, &str)] = &[
 /// Every kernel by file stem, with its whole source (shared snippets first), for building and tools.
 pub const SHADERS: &[(&str, &str)] = &[
     ("adam", include_str!("../../shaders/adam.wgsl")),
-    ("bias_grad", include_str!("../../shaders/bias_grad.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
-    ("fused_linear", include_str!("../../shaders/fused_linear.wgsl")),
+    (
+        "fused_linear",
+        include_str!("../../shaders/fused_linear.wgsl"),
+    ),
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
     (
@@ -447,7 +451,6 @@ mod layout_tests {
 
     const LAYOUTS: &[(&str, Layout)] = &[
         ("adam", crate::adam::params_layout),
-        ("bias_grad", crate::bias_grad::params_layout),
         ("dropout", crate::dropout::params_layout),
         ("fused_linear", crate::fused::params_layout),
         ("gather", crate::gather::params_layout),

@@ -52,6 +52,8 @@ pub struct LossArgs<'a> {
     pub dz: &'a wgpu::Buffer,
     /// (loss, correct) per row [rows, 2].
     pub stats: &'a wgpu::Buffer,
+    /// Its first element multiplies dz: the loss scale of mixed precision (1.0 in f32 runs).
+    pub scaler: &'a wgpu::Buffer,
 }
 
 pub struct Loss {
@@ -70,6 +72,7 @@ impl Loss {
                 Slot::Read,
                 Slot::ReadWrite,
                 Slot::ReadWrite,
+                Slot::Read,
                 Slot::Uniform,
             ],
             false,
@@ -86,6 +89,7 @@ impl Loss {
             t,
             dz,
             stats,
+            scaler,
         } = *args;
         let k = self.kernel.name;
         if classes == 0 || (self.kind != LossKind::SoftmaxXent && classes != 1) {
@@ -98,6 +102,7 @@ impl Loss {
         need(k, "t", t, rows)?;
         need(k, "dz", dz, rows * classes)?;
         need(k, "stats", stats, rows * 2)?;
+        need(k, "scaler", scaler, 1)?;
         let params = Params {
             rows: u32_of(k, "rows", rows)?,
             classes: u32_of(k, "classes", classes)?,
@@ -108,7 +113,7 @@ impl Loss {
         let uniform = ctx.uniform("loss params", &params);
         Ok(self.kernel.dispatch(
             ctx,
-            &[z, t, dz, stats, &uniform],
+            &[z, t, dz, stats, scaler, &uniform],
             groups_1d(params.rows, 64),
         ))
     }
@@ -192,6 +197,10 @@ mod tests {
     use crate::testutil::{assert_close, ctx, random};
 
     fn check(kind: LossKind, rows: usize, classes: usize) {
+        check_scaled(kind, rows, classes, 1.0);
+    }
+
+    fn check_scaled(kind: LossKind, rows: usize, classes: usize, scale: f32) {
         let ctx = ctx();
         let z: Vec<f32> = random(rows * classes, 5).iter().map(|v| v * 6.0).collect();
         let t: Vec<f32> = (0..rows)
@@ -205,6 +214,7 @@ mod tests {
         let tb = ctx.upload("t", &t).unwrap();
         let dzb = ctx.storage("dz", (rows * classes * 4) as u64).unwrap();
         let sb = ctx.storage("stats", (rows * 8) as u64).unwrap();
+        let scaler = ctx.upload("scaler", &[scale]).unwrap();
         let d = Loss::new(&ctx, kind)
             .prepare(
                 &ctx,
@@ -215,11 +225,14 @@ mod tests {
                     t: &tb,
                     dz: &dzb,
                     stats: &sb,
+                    scaler: &scaler,
                 },
             )
             .unwrap();
         crate::run(&ctx, &[&d]);
-        let (wdz, wl, wc) = loss_ref(kind, &z, &t, classes);
+        let (mut wdz, wl, wc) = loss_ref(kind, &z, &t, classes);
+        // the loss scale multiplies the gradient only
+        wdz.iter_mut().for_each(|v| *v *= scale);
         assert_close(
             &ctx.read::<f32>(&dzb, 0, rows * classes).unwrap(),
             &wdz,
@@ -252,6 +265,12 @@ mod tests {
     }
 
     #[test]
+    fn the_loss_scale_multiplies_the_gradient_and_not_the_loss() {
+        check_scaled(LossKind::SoftmaxXent, 67, 10, 1024.0);
+        check_scaled(LossKind::Mse, 33, 1, 0.5);
+    }
+
+    #[test]
     fn squared_error_matches_the_reference() {
         check(LossKind::Mse, 99, 1);
     }
@@ -270,6 +289,7 @@ mod tests {
                     t: &b,
                     dz: &b,
                     stats: &b,
+                    scaler: &b,
                 },
             )
             .err()

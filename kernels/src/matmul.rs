@@ -24,6 +24,18 @@ pub enum Epilogue {
 }
 
 impl Epilogue {
+    pub const ALL: [Epilogue; 9] = [
+        Epilogue::None,
+        Epilogue::Bias,
+        Epilogue::BiasRelu,
+        Epilogue::BiasTanh,
+        Epilogue::BiasSigmoid,
+        Epilogue::DRelu,
+        Epilogue::DTanh,
+        Epilogue::DSigmoid,
+        Epilogue::Accumulate,
+    ];
+
     fn code(self) -> u32 {
         self as u32
     }
@@ -410,7 +422,9 @@ impl Matmul {
             let uniform = ctx.uniform("matmul params", &params);
             let d = kernel.dispatch(
                 ctx,
-                &[args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform],
+                &[
+                    args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform,
+                ],
                 groups,
             );
             return Ok(MatmulCall {
@@ -421,10 +435,7 @@ impl Matmul {
         // split K: partials into the shared workspace, then their sum into C
         let ws_elems = splits * m * n;
         let ws = self.workspace(ctx, ws_elems)?;
-        let partial = Params {
-            c_off: 0,
-            ..params
-        };
+        let partial = Params { c_off: 0, ..params };
         let pu = ctx.uniform("matmul split params", &partial);
         let mut first = kernel.dispatch(
             ctx,
@@ -555,7 +566,12 @@ mod tests {
     /// Every variant this adapter can run, unsplit and split in 3.
     fn choices(ctx: &GpuContext) -> Vec<Choice> {
         let mut v = Vec::new();
-        for variant in [Variant::Tile64, Variant::Tile128, Variant::Skinny, Variant::Half] {
+        for variant in [
+            Variant::Tile64,
+            Variant::Tile128,
+            Variant::Skinny,
+            Variant::Half,
+        ] {
             if ctx.features.contains(variant.features()) {
                 v.push(Choice::new(variant, 1));
                 v.push(Choice::new(variant, 3));
@@ -678,8 +694,16 @@ mod tests {
     #[test]
     fn the_deliberately_wrong_variant_is_wrong() {
         let ctx = ctx();
-        let (got, want, _) =
-            run_choice(&ctx, 70, 33, 50, false, true, Epilogue::None, Choice::new(Variant::Wrong, 1));
+        let (got, want, _) = run_choice(
+            &ctx,
+            70,
+            33,
+            50,
+            false,
+            true,
+            Epilogue::None,
+            Choice::new(Variant::Wrong, 1),
+        );
         let worst = got
             .iter()
             .zip(&want)

@@ -89,12 +89,14 @@ enum RuleCall {
 }
 
 /// The update of one parameter buffer, prepared twice: reading the clipping factor from the norm
-/// kernel's output, or from a constant 1.
+/// kernel's output, or from a constant [1, 0, 0] (factor 1, no skip). With loss scaling the norm
+/// kernel always runs first: it divides the scale out and skips overflowed steps.
 pub struct OptimizerCall {
     rule: Rule,
     plain: RuleCall,
     clipped: RuleCall,
     norm: GradNormCall,
+    scaling: bool,
 }
 
 fn prepare_rule(
@@ -125,6 +127,7 @@ fn prepare_rule(
 
 impl OptimizerCall {
     /// Prepare `rule` over θ[0..n], its gradient and its state buffers (in `state_names` order).
+    /// `scaler` ([loss scale, good steps, skipped]) is given when gradients carry a loss scale.
     pub fn prepare(
         ctx: &GpuContext,
         rule: &Rule,
@@ -132,14 +135,16 @@ impl OptimizerCall {
         theta: &wgpu::Buffer,
         grad: &wgpu::Buffer,
         state: &[&wgpu::Buffer],
+        scaler: Option<&wgpu::Buffer>,
     ) -> Result<Self, KernelError> {
-        let ones = ctx.upload("clip factor 1", &[1.0f32])?;
-        let clip = ctx.array("clip factor and norm", crate::F32, 2)?;
+        let ones = ctx.upload("clip factor 1", &[1.0f32, 0.0, 0.0])?;
+        let clip = ctx.array("clip factor, norm, skip", crate::F32, 3)?;
         Ok(Self {
             rule: *rule,
             plain: prepare_rule(ctx, rule, n, theta, grad, state, &ones)?,
             clipped: prepare_rule(ctx, rule, n, theta, grad, state, &clip)?,
-            norm: GradNorm::new(ctx).prepare(ctx, n, grad, &clip)?,
+            norm: GradNorm::new(ctx).prepare(ctx, n, grad, &clip, scaler)?,
+            scaling: scaler.is_some(),
         })
     }
 
@@ -171,14 +176,16 @@ impl OptimizerCall {
             });
         }
         let mut list = Vec::new();
-        let call = match step.max_norm {
-            Some(max_norm) => {
-                let at = self.norm.write_step(ctx, slot, step.grad_scale, max_norm)?;
+        let call = match (step.max_norm, self.scaling) {
+            (None, false) => &self.plain,
+            (max_norm, _) => {
+                let at =
+                    self.norm
+                        .write_step(ctx, slot, step.grad_scale, max_norm.unwrap_or(0.0))?;
                 list.push((&self.norm.partial, at));
                 list.push((&self.norm.finish, at));
                 &self.clipped
             }
-            None => &self.plain,
         };
         match call {
             RuleCall::Sgd(c) => {
@@ -254,7 +261,8 @@ mod tests {
                     .map(|s| ctx.upload("state", s).unwrap())
                     .collect();
                 let refs: Vec<&wgpu::Buffer> = sb.iter().collect();
-                let call = OptimizerCall::prepare(&ctx, &rule, n as u64, &tb, &gb, &refs).unwrap();
+                let call =
+                    OptimizerCall::prepare(&ctx, &rule, n as u64, &tb, &gb, &refs, None).unwrap();
                 for t in 1..=3 {
                     let step = UpdateStep {
                         rule,

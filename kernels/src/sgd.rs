@@ -103,7 +103,7 @@ impl Sgd {
         need(K, "parameters", theta, n)?;
         need(K, "gradients", grad, n)?;
         need(K, "velocity", vel, n)?;
-        need(K, "clip", clip, 1)?;
+        need(K, "clip", clip, 3)?;
         let n32 = u32_of(K, "parameters", n)?;
         let ring = UniformRing::new(
             ctx,
@@ -168,7 +168,7 @@ mod tests {
             let tb = ctx.upload("theta", &theta).unwrap();
             let gb = ctx.upload("grad", &grad).unwrap();
             let vb = ctx.upload("vel", &vel).unwrap();
-            let clip = ctx.upload("clip", &[0.75f32]).unwrap();
+            let clip = ctx.upload("clip", &[0.75f32, 0.0, 0.0]).unwrap();
             let call = Sgd::new(&ctx)
                 .prepare(&ctx, n as u64, &tb, &gb, &vb, &clip)
                 .unwrap();

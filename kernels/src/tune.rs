@@ -39,6 +39,35 @@ impl Product {
         )
     }
 
+    /// The product a `name` wrote.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.split(' ');
+        let dims: Vec<u64> = it
+            .next()?
+            .split('x')
+            .map(|d| d.parse().ok())
+            .collect::<Option<_>>()?;
+        let form = it.next()?.as_bytes();
+        let ep = it.next()?;
+        let precision = it.next()?;
+        if dims.len() != 3 || form.len() != 2 || it.next().is_some() {
+            return None;
+        }
+        Some(Product {
+            m: dims[0],
+            n: dims[1],
+            k: dims[2],
+            trans_a: form[0] == b'T',
+            trans_b: form[1] == b'T',
+            epilogue: Epilogue::ALL.into_iter().find(|e| format!("{e:?}") == ep)?,
+            f16: match precision {
+                "f16" => true,
+                "f32" => false,
+                _ => return None,
+            },
+        })
+    }
+
     /// The product whose tuned choice this one shares: accumulating into C costs what writing it
     /// does, so both tune as one.
     pub fn tuned_as(&self) -> Product {
@@ -190,7 +219,10 @@ impl Tuner {
         choice: Choice,
         c: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>, KernelError> {
-        let noise = self.noise.clone().ok_or(KernelError::Device("no noise".into()))?;
+        let noise = self
+            .noise
+            .clone()
+            .ok_or(KernelError::Device("no noise".into()))?;
         let call = self.mm.prepare_with(
             ctx,
             &MatmulArgs {
@@ -350,6 +382,20 @@ mod tests {
             }
         }
         assert!(tuned.best.variant.is_f16());
+    }
+
+    #[test]
+    fn products_round_trip_through_their_names() {
+        for ep in Epilogue::ALL {
+            for f16 in [false, true] {
+                let p = Product {
+                    trans_b: true,
+                    ..product(3, 70, 9, ep, f16)
+                };
+                assert_eq!(Product::parse(&p.name()), Some(p));
+            }
+        }
+        assert_eq!(Product::parse("3x4 NN None f32"), None);
     }
 
     #[test]

@@ -124,6 +124,10 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn new(init: &BackendInit<'_>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            init.precision == super::Precision::F32,
+            "--precision f16 needs a GPU adapter with shader-f16; the CPU backend computes in f32"
+        );
         let nf = init.train.n_features;
         let to_matrix = |ds: &crate::data::Dataset| {
             Array2::from_shape_vec((ds.n_samples, nf), init.norm.apply_dataset(ds))

@@ -14,13 +14,13 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use anyhow::Context;
-use dptrain_kernels::bias_grad::BiasGrad;
 use dptrain_kernels::dropout::{Dropout, DropoutCall};
 use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
 use dptrain_kernels::loss::{Loss, LossArgs};
-use dptrain_kernels::matmul::{At, Epilogue, Matmul, MatmulArgs};
+use dptrain_kernels::matmul::{At, Choice, Epilogue, Matmul, MatmulArgs, MatmulCall};
 use dptrain_kernels::optimizer::{OptimizerCall, Rule, UpdateStep};
 use dptrain_kernels::reduce_stats::{ReduceCall, ReduceStats, Totals};
+use dptrain_kernels::tune::{Product, Tuned, Tuner, candidates};
 use dptrain_kernels::{AdapterChoice, Dispatch, F32, GpuContext, KernelError, RING_SLOTS};
 
 use super::{Backend, BackendInit, Batch, Split, state_in_order};
@@ -50,21 +50,52 @@ enum Pass {
 /// A plan's key: the pass, the batch's rows, and whether backward adds to the gradients.
 type PlanKey = (Pass, usize, bool);
 
-/// One recorded dispatch of a plan.
+/// One recorded operation of a plan.
 enum Op {
-    /// Bound once; the same every step.
-    Fixed(Dispatch),
+    /// A matrix product (one dispatch, or a split-K pass and its sum): the same every step.
+    Matmul(Product, MatmulCall),
     /// Dropout, whose per-step block (batch offset, step) is written at `gather`.
     Dropout(DropoutCall),
 }
 
-impl Op {
-    fn dispatch(&self) -> &Dispatch {
-        match self {
-            Op::Fixed(d) => d,
-            Op::Dropout(c) => &c.dispatch,
-        }
+/// The product `args` computes, as the tuner names it.
+fn product_of(args: &MatmulArgs<'_>, f16: bool) -> Product {
+    Product {
+        m: args.m,
+        n: args.n,
+        k: args.k,
+        trans_a: args.trans_a,
+        trans_b: args.trans_b,
+        epilogue: args.epilogue,
+        f16,
     }
+}
+
+/// Prepare `args` with the tuned choice for its product (the default one when it has none, or when
+/// this adapter cannot build the tuned one, as a rank whose GPU differs from rank 0's may not).
+fn prepare_product(
+    mm: &mut Matmul,
+    ctx: &GpuContext,
+    choices: &HashMap<Product, Choice>,
+    args: &MatmulArgs<'_>,
+    f16: bool,
+) -> anyhow::Result<Op> {
+    let p = product_of(args, f16);
+    let default = p.default_choice();
+    let choice = choices.get(&p.tuned_as()).copied().unwrap_or(default);
+    let call = match mm.prepare_with(ctx, args, choice) {
+        Err(e) if choice != default => {
+            tracing::warn!(
+                "{}: {} cannot run here ({e}); using {}",
+                p.name(),
+                choice.name(),
+                default.name()
+            );
+            mm.prepare_with(ctx, args, default)?
+        }
+        other => other?,
+    };
+    Ok(Op::Matmul(p, call))
 }
 
 /// Everything recorded for one batch size of one pass.
@@ -130,10 +161,19 @@ pub struct GpuBackend {
     eval_history: wgpu::Buffer,
     /// Bound where a kernel's optional input is unused.
     placeholder: wgpu::Buffer,
+    /// max_rows ones: a bias gradient is the product dZᵀ·1, so it runs on the tuned matmul kernels
+    /// (split over the rows when they are many and the columns few).
+    ones: wgpu::Buffer,
+    /// The kernel chosen for each product (tuned, or given by rank 0 or a checkpoint).
+    choices: HashMap<Product, Choice>,
+    /// Matrix products take f16 inputs (`--precision f16`).
+    f16: bool,
+    /// [loss scale, finite steps in a row, steps skipped]: the scale multiplies the loss gradient
+    /// (1 in f32 runs); with f16 the update divides it out and adjusts it on the device.
+    scaler: wgpu::Buffer,
     matmul: Matmul,
     gather: Gather,
     loss: Loss,
-    bias_grad: BiasGrad,
     dropout: Dropout,
     reduce: ReduceStats,
     optimizer: OptimizerCall,
@@ -273,7 +313,26 @@ impl GpuBackend {
             .map(|name| ctx.array(name, F32, n))
             .collect::<Result<Vec<_>, _>>()?;
         let state_refs: Vec<&wgpu::Buffer> = state.iter().collect();
-        let optimizer = OptimizerCall::prepare(&ctx, &init.rule, n, &theta, &grads, &state_refs)?;
+        let f16 = init.precision == super::Precision::F16;
+        anyhow::ensure!(
+            !f16 || ctx.features.contains(wgpu::Features::SHADER_F16),
+            "--precision f16 needs an adapter with shader-f16; {} lacks it",
+            ctx.describe()
+        );
+        // f16 starts at GradScaler's initial scale, 2^16
+        let scaler = ctx.upload(
+            "loss scaler",
+            &[if f16 { 65536.0f32 } else { 1.0 }, 0.0, 0.0],
+        )?;
+        let optimizer = OptimizerCall::prepare(
+            &ctx,
+            &init.rule,
+            n,
+            &theta,
+            &grads,
+            &state_refs,
+            f16.then_some(&scaler),
+        )?;
         let backend = Self {
             order: ctx.array(
                 "epoch order",
@@ -293,10 +352,13 @@ impl GpuBackend {
             history_len: 0,
             eval_history: ctx.array("eval loss history", F32, 1)?,
             placeholder: ctx.array("placeholder", F32, 1)?,
+            ones: ctx.upload("ones", &vec![1.0f32; rows as usize])?,
+            choices: HashMap::new(),
+            f16,
+            scaler,
             matmul: Matmul::new(&ctx)?,
             gather: Gather::new(&ctx),
             loss: Loss::new(&ctx, spec.loss()),
-            bias_grad: BiasGrad::new(&ctx),
             dropout: Dropout::new(&ctx),
             reduce: ReduceStats::new(&ctx),
             optimizer,
@@ -381,8 +443,10 @@ impl GpuBackend {
                     activation,
                 } => {
                     let (wo, bo) = spec.offsets(l);
-                    let d = self.matmul.prepare(
+                    let op = prepare_product(
+                        &mut self.matmul,
                         ctx,
+                        &self.choices,
                         &MatmulArgs {
                             m: r,
                             n: fan_out as u64,
@@ -402,15 +466,13 @@ impl GpuBackend {
                             }),
                             aux: None,
                         },
+                        self.f16,
                     )?;
                     let what = match activation {
                         Some(a) => format!("bias + {a:?}"),
                         None => "bias".into(),
                     };
-                    forward.push((
-                        format!("layer {l} forward (matmul NT + {what})"),
-                        Op::Fixed(d),
-                    ));
+                    forward.push((format!("layer {l} forward (matmul NT + {what})"), op));
                 }
                 Layer::Dropout {
                     index: k, width, ..
@@ -442,6 +504,7 @@ impl GpuBackend {
                 t: &act.targets,
                 dz: g(last),
                 stats: &act.stats,
+                scaler: &self.scaler,
             },
         )?;
         let (totals, history) = if train {
@@ -460,20 +523,23 @@ impl GpuBackend {
                     ..
                 } => {
                     let (wo, bo) = spec.offsets(l);
+                    let grad_ep = if accumulate {
+                        Epilogue::Accumulate
+                    } else {
+                        Epilogue::None
+                    };
                     // dW = dZᵀ·X: [out, in] from dZ [rows, out] and X [rows, in]
-                    let dw = self.matmul.prepare(
+                    let dw = prepare_product(
+                        &mut self.matmul,
                         ctx,
+                        &self.choices,
                         &MatmulArgs {
                             m: fan_out as u64,
                             n: fan_in as u64,
                             k: r,
                             trans_a: true,
                             trans_b: false,
-                            epilogue: if accumulate {
-                                Epilogue::Accumulate
-                            } else {
-                                Epilogue::None
-                            },
+                            epilogue: grad_ep,
                             a: At::start(g(i + 1)),
                             b: At::start(t(i)),
                             c: At {
@@ -483,21 +549,33 @@ impl GpuBackend {
                             bias: None,
                             aux: None,
                         },
+                        self.f16,
                     )?;
-                    backward.push((
-                        format!("layer {l} weight gradient (matmul TN)"),
-                        Op::Fixed(dw),
-                    ));
-                    let db = self.bias_grad.prepare(
+                    backward.push((format!("layer {l} weight gradient (matmul TN)"), dw));
+                    // db = dZᵀ·1: [out] from dZ [rows, out] and ones [rows]; kept in f32
+                    let db = prepare_product(
+                        &mut self.matmul,
                         ctx,
-                        r,
-                        fan_out as u64,
-                        g(i + 1),
-                        &self.grads,
-                        bo as u64,
-                        accumulate,
+                        &self.choices,
+                        &MatmulArgs {
+                            m: fan_out as u64,
+                            n: 1,
+                            k: r,
+                            trans_a: true,
+                            trans_b: false,
+                            epilogue: grad_ep,
+                            a: At::start(g(i + 1)),
+                            b: At::start(&self.ones),
+                            c: At {
+                                buf: &self.grads,
+                                off: bo as u64,
+                            },
+                            bias: None,
+                            aux: None,
+                        },
+                        false,
                     )?;
-                    backward.push((format!("layer {l} bias gradient"), Op::Fixed(db)));
+                    backward.push((format!("layer {l} bias gradient (matmul TN, dZᵀ·1)"), db));
                     if i == 0 {
                         continue;
                     }
@@ -516,8 +594,10 @@ impl GpuBackend {
                         )) => (a.backward(), Some(At::start(t(j + 1)))),
                         _ => (Epilogue::None, None),
                     };
-                    let dx = self.matmul.prepare(
+                    let dx = prepare_product(
+                        &mut self.matmul,
                         ctx,
+                        &self.choices,
                         &MatmulArgs {
                             m: r,
                             n: fan_in as u64,
@@ -534,10 +614,11 @@ impl GpuBackend {
                             bias: None,
                             aux,
                         },
+                        self.f16,
                     )?;
                     backward.push((
                         format!("layer {l} input gradient (matmul NN + activation')"),
-                        Op::Fixed(dx),
+                        dx,
                     ));
                 }
                 Layer::Dropout {
@@ -707,7 +788,7 @@ impl GpuBackend {
             let mut k = 0;
             for (_, op) in list {
                 match op {
-                    Op::Fixed(d) => d.record(pass),
+                    Op::Matmul(_, c) => c.record(pass),
                     Op::Dropout(c) => {
                         c.dispatch.record_at(pass, drops[k]);
                         k += 1;
@@ -736,6 +817,37 @@ impl GpuBackend {
     }
 }
 
+/// A plan operation's dispatches for a profile, each with its label and ring offset (a dropout's
+/// offset comes from `drops`, in plan order).
+fn timed_entries<'a>(
+    label: &str,
+    op: &'a Op,
+    drops: &mut dyn Iterator<Item = &u32>,
+) -> Vec<(String, &'a Dispatch, u32)> {
+    match op {
+        Op::Dropout(c) => vec![(
+            label.to_string(),
+            &c.dispatch,
+            drops.next().copied().unwrap_or(0),
+        )],
+        Op::Matmul(_, c) => {
+            let many = c.dispatches.len() > 1;
+            c.dispatches
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let part = match (many, i) {
+                        (false, _) => String::new(),
+                        (true, 0) => ", partial products".into(),
+                        (true, _) => ", their sum".into(),
+                    };
+                    (format!("{label} [{}{part}]", c.choice.name()), d, 0)
+                })
+                .collect()
+        }
+    }
+}
+
 /// The recorded phases of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -759,6 +871,70 @@ impl Phase {
 impl Backend for GpuBackend {
     fn describe(&self) -> String {
         self.ctx.describe()
+    }
+
+    fn tuning_key(&self) -> Option<String> {
+        Some(format!(
+            "{} / {} {}",
+            self.ctx.info.name, self.ctx.info.driver, self.ctx.info.driver_info
+        ))
+    }
+
+    fn is_hardware(&self) -> bool {
+        self.ctx.info.device_type != wgpu::DeviceType::Cpu
+    }
+
+    fn autotune(&mut self, known: &super::KernelChoices) -> anyhow::Result<Vec<Tuned>> {
+        self.submit()?;
+        self.in_flight.clear();
+        // the products of a full training batch, as its plan (with the current choices) has them
+        let plan = self.build_plan((Pass::Train, self.max_rows, false))?;
+        let mut products: Vec<Product> = plan
+            .forward
+            .iter()
+            .chain(&plan.backward)
+            .filter_map(|(_, op)| match op {
+                Op::Matmul(p, _) => Some(p.tuned_as()),
+                Op::Dropout(_) => None,
+            })
+            .collect();
+        products.sort();
+        products.dedup();
+        drop(plan);
+        let mut tuner = Tuner::new(&self.ctx)?;
+        let mut out = Vec::new();
+        for p in products {
+            if known.contains_key(&p.name()) {
+                continue;
+            }
+            let tuned = tuner.tune(&self.ctx, &p, &candidates(&self.ctx, &p))?;
+            self.choices.insert(p, tuned.best);
+            out.push(tuned);
+        }
+        // plans are rebuilt with the new choices
+        self.plans.clear();
+        self.ctx.check()?;
+        Ok(out)
+    }
+
+    fn set_kernel_choices(&mut self, choices: &super::KernelChoices) -> anyhow::Result<()> {
+        for (product, choice) in choices {
+            let p = Product::parse(product)
+                .with_context(|| format!("kernel choice for {product:?}: not a product"))?;
+            let c = Choice::parse(choice)
+                .with_context(|| format!("kernel choice {choice:?} for {product}: unknown"))?;
+            self.choices.insert(p, c);
+        }
+        self.plans.clear();
+        Ok(())
+    }
+
+    fn loss_scale(&mut self) -> anyhow::Result<Option<(f32, u64)>> {
+        if !self.f16 {
+            return Ok(None);
+        }
+        let v: Vec<f32> = self.flush_and_read(|s| &s.scaler, 3)?;
+        Ok(Some((v[0], v[2] as u64)))
     }
 
     fn profile_step(
@@ -792,20 +968,12 @@ impl Backend for GpuBackend {
             vec![("gather batch".into(), &gather.dispatch, gather_at)];
         let mut drops = cur.dropout_at.iter();
         for (label, op) in plan.forward.iter() {
-            let at = match op {
-                Op::Dropout(_) => *drops.next().context("dropout block")?,
-                Op::Fixed(_) => 0,
-            };
-            list.push((label.clone(), op.dispatch(), at));
+            list.extend(timed_entries(label, op, &mut drops));
         }
         list.push(("loss + its gradient".into(), &plan.loss, 0));
         list.push(("loss totals".into(), &plan.reduce.dispatch, cur.reduce_at));
         for (label, op) in plan.backward.iter() {
-            let at = match op {
-                Op::Dropout(_) => *drops.next().context("dropout block")?,
-                Op::Fixed(_) => 0,
-            };
-            list.push((label.clone(), op.dispatch(), at));
+            list.extend(timed_entries(label, op, &mut drops));
         }
         for (d, at) in self.optimizer.prepared(&self.ctx, 0, update)? {
             list.push((format!("update ({})", d.name), d, at));

@@ -7,6 +7,7 @@
 //! (`read_grads` / `write_grads`) when there are several ranks, then `update` applies the optimizer.
 //! Training statistics accumulate on the backend and are read only at logging points.
 
+pub mod autotune;
 pub mod cpu;
 pub mod gpu;
 
@@ -38,6 +39,24 @@ pub enum DeviceKind {
     Cpu,
 }
 
+/// The precision of the matrix products' inputs. Master weights, optimizer state, activations
+/// and accumulation stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Matrix-product inputs rounded to f16 with f32 accumulation (tensor cores through
+    /// cooperative matrices where the adapter has them, else a SHADER_F16 kernel), with dynamic
+    /// loss scaling. Needs a GPU adapter with shader-f16.
+    F16,
+}
+
+/// Kernel choices by product name ("1024x1024x784 NT BiasRelu f32" → "tile128/k2"), as tuned,
+/// cached, broadcast by rank 0 and recorded in checkpoints.
+pub type KernelChoices = std::collections::BTreeMap<String, String>;
+
 /// What every backend gets at construction.
 pub struct BackendInit<'a> {
     pub spec: &'a ModelSpec,
@@ -53,6 +72,7 @@ pub struct BackendInit<'a> {
     /// Added to a training sample's index to give its number in the whole training set (the
     /// rank's shard start in split sharding), so that masks agree across world sizes.
     pub sample_base: usize,
+    pub precision: Precision,
 }
 
 /// One micro-batch of a training step.
@@ -118,6 +138,32 @@ pub trait Backend {
     }
     /// Loss sum and correct count of the current parameters over rows `range` of a dataset.
     fn evaluate(&mut self, split: Split, range: Range<usize>) -> anyhow::Result<Totals>;
+
+    /// What a cache of tuned kernel choices is keyed by ("adapter / driver"); None where the
+    /// backend has no kernels to choose between (the CPU).
+    fn tuning_key(&self) -> Option<String> {
+        None
+    }
+    /// Whether the device is a hardware GPU (tuning by default only there).
+    fn is_hardware(&self) -> bool {
+        false
+    }
+    /// Tune the matrix products a step of full batches runs, except those `known` gives a choice
+    /// for: every eligible kernel is verified against the fp32 reference on the device and timed.
+    fn autotune(
+        &mut self,
+        _known: &KernelChoices,
+    ) -> anyhow::Result<Vec<dptrain_kernels::tune::Tuned>> {
+        Ok(Vec::new())
+    }
+    /// Run these kernels from the next step on (products not named keep their default).
+    fn set_kernel_choices(&mut self, _choices: &KernelChoices) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Mixed precision's state: (loss scale, steps skipped for overflow); None in f32.
+    fn loss_scale(&mut self) -> anyhow::Result<Option<(f32, u64)>> {
+        Ok(None)
+    }
 }
 
 /// Open the backend the configuration asks for.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure};
 use serde::Serialize;
 
-pub use crate::backend::DeviceKind;
+pub use crate::backend::{DeviceKind, Precision};
 use crate::data::NormKind;
 use crate::model::{Activation, ModelKind};
 use crate::optim::{OptimConfig, ScheduleKind};
@@ -44,6 +44,7 @@ pub struct TrainConfig {
     pub sync: SyncMode,
     /// Local steps between parameter averages for `SyncMode::Params`.
     pub sync_every: u64,
+    pub precision: Precision,
 }
 
 /// How the training set is divided between ranks.
@@ -96,6 +97,7 @@ impl TrainConfig {
             shard: ShardMode::Global,
             sync: SyncMode::Grads,
             sync_every: 1,
+            precision: Precision::F32,
         }
     }
 

@@ -57,6 +57,8 @@ pub struct RunControl {
     pub max_rollbacks: u32,
     /// Learning-rate factor applied at each rollback.
     pub rollback_lr_factor: f64,
+    /// The kernel choices the run uses, recorded in its checkpoints so that a resume runs the same.
+    pub kernels: crate::backend::KernelChoices,
 }
 
 impl Default for RunControl {
@@ -70,6 +72,7 @@ impl Default for RunControl {
             on_nan: NanPolicy::Stop,
             max_rollbacks: 3,
             rollback_lr_factor: 0.5,
+            kernels: Default::default(),
         }
     }
 }
@@ -95,6 +98,8 @@ pub(super) struct Checkpoints<'a> {
     pub optimizer: &'static str,
     pub state_names: &'static [&'static str],
     pub global_shard: bool,
+    /// The kernel choices written into checkpoints (a resumed run takes the checkpoint's).
+    pub kernels: crate::backend::KernelChoices,
 }
 
 impl Checkpoints<'_> {
@@ -207,6 +212,7 @@ impl Checkpoints<'_> {
                 partial_count: pos.totals.count,
                 lr_scale: pos.lr_scale,
                 optimizer: self.optimizer.to_string(),
+                kernels: self.kernels.clone(),
                 world_size: comm.size(),
                 settings: self.settings.clone(),
                 spec: self.setup.spec.clone(),

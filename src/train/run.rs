@@ -97,7 +97,7 @@ pub fn train_with(
         plan.steps_per_epoch
     );
     let rule = cfg.optim.rule();
-    let cks = Checkpoints {
+    let mut cks = Checkpoints {
         ctl,
         setup,
         settings: resume_settings(cfg, setup),
@@ -105,6 +105,7 @@ pub fn train_with(
         optimizer: cfg.optim.optimizer.name(),
         state_names: rule.state_names(),
         global_shard: cfg.shard == ShardMode::Global,
+        kernels: ctl.kernels.clone(),
     };
     let resumed = match &ctl.resume {
         Some(from) => cks.fetch(comm, from)?,
@@ -114,6 +115,11 @@ pub fn train_with(
         Some(ck) => {
             backend.set_params(&ck.params)?;
             backend.set_optim_state(&ck.optim)?;
+            if !ck.state.kernels.is_empty() {
+                // the kernels that computed the checkpoint compute the rest, bit for bit
+                backend.set_kernel_choices(&ck.state.kernels)?;
+                cks.kernels = ck.state.kernels.clone();
+            }
             position_of(&ck.state, &plan, cfg, ranks)
         }
         None => {

@@ -32,6 +32,7 @@ impl Setup {
             rule: cfg.optim.rule(),
             seed: cfg.seed,
             sample_base: plan.sample_base(),
+            precision: cfg.precision,
         }
     }
 }
@@ -186,5 +187,6 @@ pub fn settings_defaults() -> serde_json::Value {
         "clip_grad_norm": null,
         "accumulate": 1,
         "dropout": 0.0,
+        "precision": "f32",
     })
 }
