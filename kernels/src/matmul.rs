@@ -325,13 +325,16 @@ impl Matmul {
         let placeholder = self.placeholder.clone();
         let variant = choice.variant;
         if !ctx.features.contains(variant.features()) {
+            let lacks = match variant {
+                Variant::Coop if ctx.features.contains(wgpu::Features::SHADER_F16) => {
+                    "cooperative matrices (16×16×16 f16 → f32)"
+                }
+                Variant::Coop => "cooperative matrices and shader-f16",
+                _ => "shader-f16",
+            };
             return Err(KernelError::Shape {
                 kernel: K,
-                msg: format!(
-                    "{} needs {:?}, which this adapter lacks",
-                    variant.name(),
-                    variant.features().difference(ctx.features)
-                ),
+                msg: format!("{} needs {lacks}, which this adapter lacks", variant.name()),
             });
         }
         need(K, "A", args.a.buf, args.a.off + m * k)?;

@@ -304,8 +304,15 @@ impl Tuner {
                     }
                 }
             };
-            if let Err(why) = &result {
-                tracing::warn!("autotune {}: {} rejected: {why}", p.name(), choice.name());
+            match &result {
+                // a variant this adapter lacks the features for was never eligible
+                Err(why) if !ctx.features.contains(choice.variant.features()) => {
+                    tracing::info!("autotune {}: {} skipped: {why}", p.name(), choice.name())
+                }
+                Err(why) => {
+                    tracing::warn!("autotune {}: {} rejected: {why}", p.name(), choice.name())
+                }
+                Ok(_) => {}
             }
             trials.push(Trial { choice, result });
         }

@@ -180,8 +180,13 @@ pub struct GpuBackend {
     plans: HashMap<PlanKey, Plan>,
     current: Option<Current>,
     pending: Option<wgpu::CommandEncoder>,
-    /// Uniform-ring blocks used in `pending`: the next micro-batch's or update's block.
-    slot: u64,
+    /// The compute pass open on `pending`: the phases of many steps record into one pass, which
+    /// closes only for a copy or a submission (a pass per phase cost a tiny model its speed).
+    open_pass: Option<wgpu::ComputePass<'static>>,
+    /// Uniform-ring blocks used in `pending` by micro-batches (gather, loss totals, dropout) and
+    /// by updates: the next one's block.
+    batch_slot: u64,
+    update_slot: u64,
     /// Updates recorded into `pending`.
     pending_steps: usize,
     /// Steps per submission (STEPS_PER_SUBMIT; DPTRAIN_STEPS_PER_SUBMIT=1..16 overrides, for
@@ -365,7 +370,9 @@ impl GpuBackend {
             plans: HashMap::new(),
             current: None,
             pending: None,
-            slot: 0,
+            open_pass: None,
+            batch_slot: 0,
+            update_slot: 0,
             pending_steps: 0,
             steps_per_submit: std::env::var("DPTRAIN_STEPS_PER_SUBMIT")
                 .ok()
@@ -651,6 +658,7 @@ impl GpuBackend {
 
     /// Submit whatever is recorded, keeping at most MAX_IN_FLIGHT submissions queued.
     fn submit(&mut self) -> anyhow::Result<()> {
+        self.open_pass = None;
         if let Some(enc) = self.pending.take() {
             // the ring blocks written for this submission land before it runs, and the next
             // submission's writes land only after it (queue writes and submissions are ordered)
@@ -658,7 +666,8 @@ impl GpuBackend {
             self.in_flight.push_back(idx);
         }
         self.pending_steps = 0;
-        self.slot = 0;
+        self.batch_slot = 0;
+        self.update_slot = 0;
         while self.in_flight.len() > MAX_IN_FLIGHT {
             if let Some(oldest) = self.in_flight.pop_front() {
                 self.ctx
@@ -674,13 +683,47 @@ impl GpuBackend {
         Ok(())
     }
 
-    /// A ring block for the next recorded use, submitting first when every block is taken.
-    fn next_slot(&mut self) -> anyhow::Result<u64> {
-        if self.slot >= RING_SLOTS {
+    /// The ring block of the next micro-batch, submitting first when every block is taken.
+    fn next_batch_slot(&mut self) -> anyhow::Result<u64> {
+        if self.batch_slot >= RING_SLOTS {
             self.submit()?;
         }
-        self.slot += 1;
-        Ok(self.slot - 1)
+        self.batch_slot += 1;
+        Ok(self.batch_slot - 1)
+    }
+
+    /// The ring block of the next update, submitting first when every block is taken.
+    fn next_update_slot(&mut self) -> anyhow::Result<u64> {
+        if self.update_slot >= RING_SLOTS {
+            self.submit()?;
+        }
+        self.update_slot += 1;
+        Ok(self.update_slot - 1)
+    }
+
+    /// The pending encoder for a copy or a clear: the open compute pass (if any) ends first.
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.open_pass = None;
+        let device = &self.ctx.device;
+        self.pending.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("steps"),
+            })
+        })
+    }
+
+    /// Open the compute pass that dispatches record into (see `open_pass`).
+    fn ensure_pass(&mut self) {
+        if self.open_pass.is_none() {
+            let pass = self
+                .encoder()
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("steps"),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            self.open_pass = Some(pass);
+        }
     }
 
     fn flush_and_read<T: bytemuck::Pod>(
@@ -731,7 +774,7 @@ impl GpuBackend {
             self.ctx
                 .write(&self.act.targets, 0, bytemuck::cast_slice(&bt));
         }
-        let slot = self.next_slot()?;
+        let slot = self.next_batch_slot()?;
         let history_slot = if pass == Pass::Train {
             self.history_len += 1;
             ((self.history_len - 1) % HISTORY) as u64
@@ -759,8 +802,9 @@ impl GpuBackend {
         Ok(())
     }
 
-    /// Record one phase of the current batch into the pending encoder, in a compute pass of its own.
+    /// Record one phase of the current batch into the open compute pass.
     fn record(&mut self, phase: Phase) -> anyhow::Result<()> {
+        self.ensure_pass();
         let cur = self
             .current
             .as_ref()
@@ -769,16 +813,7 @@ impl GpuBackend {
             .plans
             .get(&cur.key)
             .context("plan of the current batch")?;
-        let device = &self.ctx.device;
-        let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            })
-        });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(phase.name()),
-            timestamp_writes: None,
-        });
+        let pass = self.open_pass.as_mut().context("the open pass")?;
         let n_forward_drops = plan
             .forward
             .iter()
@@ -799,19 +834,15 @@ impl GpuBackend {
         match phase {
             Phase::Gather => {
                 if let (Some(g), Some(at)) = (&plan.gather, cur.gather_at) {
-                    g.dispatch.record_at(&mut pass, at);
+                    g.dispatch.record_at(pass, at);
                 }
             }
-            Phase::Forward => ops(&plan.forward, &cur.dropout_at, &mut pass),
+            Phase::Forward => ops(&plan.forward, &cur.dropout_at, pass),
             Phase::Loss => {
-                plan.loss.record(&mut pass);
-                plan.reduce.dispatch.record_at(&mut pass, cur.reduce_at);
+                plan.loss.record(pass);
+                plan.reduce.dispatch.record_at(pass, cur.reduce_at);
             }
-            Phase::Backward => ops(
-                &plan.backward,
-                &cur.dropout_at[n_forward_drops..],
-                &mut pass,
-            ),
+            Phase::Backward => ops(&plan.backward, &cur.dropout_at[n_forward_drops..], pass),
         }
         Ok(())
     }
@@ -855,17 +886,6 @@ enum Phase {
     Forward,
     Loss,
     Backward,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Gather => "gather",
-            Phase::Forward => "forward",
-            Phase::Loss => "loss",
-            Phase::Backward => "backward",
-        }
-    }
 }
 
 impl Backend for GpuBackend {
@@ -1070,24 +1090,18 @@ impl Backend for GpuBackend {
             "gradient range mismatch"
         );
         // one staging copy: the bucket then the 4 total words, read in one wait; totals zeroed after
-        let device = &self.ctx.device;
-        let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            })
-        });
-        let gbytes = F32.bytes(range.len() as u64);
-        enc.copy_buffer_to_buffer(
-            &self.grads,
-            F32.bytes(range.start as u64),
-            &self.exchange,
-            0,
-            gbytes,
+        let (grads, totals_buf, exchange) = (
+            self.grads.clone(),
+            self.train_totals.clone(),
+            self.exchange.clone(),
         );
+        let enc = self.encoder();
+        let gbytes = F32.bytes(range.len() as u64);
+        enc.copy_buffer_to_buffer(&grads, F32.bytes(range.start as u64), &exchange, 0, gbytes);
         let words = range.len() + if totals { 4 } else { 0 };
         if totals {
-            enc.copy_buffer_to_buffer(&self.train_totals, 0, &self.exchange, gbytes, 16);
-            enc.clear_buffer(&self.train_totals, 0, None);
+            enc.copy_buffer_to_buffer(&totals_buf, 0, &exchange, gbytes, 16);
+            enc.clear_buffer(&totals_buf, 0, None);
         }
         let words: Vec<u32> = self.flush_and_read(|s| &s.exchange, words)?;
         out.copy_from_slice(bytemuck::cast_slice(&words[..range.len()]));
@@ -1110,20 +1124,10 @@ impl Backend for GpuBackend {
     }
 
     fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()> {
-        let slot = self.next_slot()?;
-        let device = &self.ctx.device;
-        let enc = self.pending.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            })
-        });
-        {
-            let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("update"),
-                timestamp_writes: None,
-            });
-            self.optimizer.record(&self.ctx, &mut cpass, slot, step)?;
-        }
+        let slot = self.next_update_slot()?;
+        self.ensure_pass();
+        let pass = self.open_pass.as_mut().context("the open pass")?;
+        self.optimizer.record(&self.ctx, pass, slot, step)?;
         self.pending_steps += 1;
         if self.pending_steps >= self.steps_per_submit {
             self.submit()?;
