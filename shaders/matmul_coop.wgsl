@@ -1,16 +1,21 @@
 // matmul_coop.wgsl — the tensor-core core of the matrix product: 16×16×16 cooperative matrices, f16
-// inputs, f32 accumulation. `enable_f16.wgsl`, `enable_coop.wgsl` and `matmul_common.wgsl` (forms,
-// parameters, bindings, bounded loads, epilogues, split-K) are prepended when the module is built.
+// inputs, f32 accumulation. `enable_f16.wgsl`, `enable_coop.wgsl` and `matmul_common.wgsl` (params,
+// bindings, epilogues, split-K) are prepended when the module is built.
+//
+// Its operands arrive packed by `pack_f16.wgsl`: op(A) as f16 [Mp][Kp] and op(B) as f16 [Kp][Np],
+// row-major whatever the form, zero-padded to Mp, Np multiples of 128 and Kp a multiple of 32. So the
+// staging loop needs no bounds and no form: each thread copies 8 + 8 vec4<f16> per K step (the
+// first version converted bounded f32 loads element by element and ran at 17–23 TFLOP/s on an H200).
 //
 // Structure (the one that ran at 236–263 TFLOP/s measured on an H200, against 105–109 for one subgroup
 // per 64×64 tile loading straight from storage):
 // - a 128×128 tile of C per workgroup of 128 invocations = 2×2 subgroups of 32 (subgroup index
-//   li / 32, NVIDIA's subgroup size); subgroup (sg_row, sg_col) owns the 64×64 quarter at rows
-//   64·sg_row.., columns 64·sg_col.., held as 4×4 accumulator fragments of 16×16 f32 (16 fragments
-//   per subgroup is the most that stayed in registers; 32 spilled, about 30× slower);
-// - K advances 32 at a time, staged in workgroup memory as f16 in one layout for all four forms:
-//   As [128 m][32 k + 8 pad], Bs [32 k][128 n + 8 pad]; without the 8-element (16-byte) padding of
-//   each row the same kernel ran at half the speed, and a K step of 32 beat 16 and 64;
+//   li / 32, NVIDIA's subgroup size; on other subgroup sizes the on-device verification rejects the
+//   variant); subgroup (sg_row, sg_col) owns the 64×64 quarter at rows 64·sg_row.., columns
+//   64·sg_col.., held as 4×4 accumulator fragments of 16×16 f32 (16 fragments per subgroup is the
+//   most that stayed in registers);
+// - K advances 32 at a time, staged in workgroup memory as As [128 m][32 k + 8 pad], Bs [32 k][128 n
+//   + 8 pad]; without the 8-element (16-byte) padding of each row the same kernel ran at half speed;
 // - one barrier after staging, 2 × 16 MMAs per subgroup, one barrier before the next staging.
 // Fragment loads and stores need constant strides (a runtime stride makes naga panic writing SPIR-V),
 // and cooperative stores cannot skip elements outside C, so the epilogue goes through a 16×16 f32
@@ -19,6 +24,9 @@
 // Alignment: every fragment pointer and stride is a multiple of 16 bytes from its array's start
 // (rows of 40 f16 = 80 B and 136 f16 = 272 B, fragment columns at multiples of 16 elements), which
 // Vulkan asks of cooperative-matrix loads and stores.
+
+@group(0) @binding(6) var<storage, read> ap: array<vec4<f16>>;  // op(A), f16 [Mp][Kp]
+@group(0) @binding(7) var<storage, read> bp: array<vec4<f16>>;  // op(B), f16 [Kp][Np]
 
 const TM: u32 = 128u;
 const TN: u32 = 128u;
@@ -68,39 +76,36 @@ fn main(
     var acc32 = coop_mat16x16<f32, C>();
     var acc33 = coop_mat16x16<f32, C>();
 
+    // the packed operands' row lengths (the launcher packs to these); split-K chunks are multiples
+    // of 32, so every K step lies inside the packed K
+    let kp = (p.k + TK - 1u) / TK * TK;
+    let np = (p.n + TN - 1u) / TN * TN;
     let k_lo = begin_k(wg.z);
     for (var k0 = k_lo; k0 < k_end; k0 += TK) {
-        // Staging: 128 × 32 elements of each operand, 32 per thread, element e = li + 128·r. The
-        // mapping follows the stored layout, so that consecutive threads read consecutive f32 words:
-        //   A [M,K] (!TRANS_A): m = e / 32, k = e % 32 — a subgroup reads one row's 32 k (128 B);
-        //   A [K,M] (TRANS_A):  k = e / 128, m = e % 128 — the workgroup reads one k's 128 m;
-        //   B [K,N] (!TRANS_B): k = e / 128, n = e % 128 — the workgroup reads one k's 128 n;
-        //   B [N,K] (TRANS_B):  n = e / 32, k = e % 32 — a subgroup reads one column's 32 k.
-        // load_a / load_b return 0 outside the matrix and from k_end on, so the partial tiles at the
-        // edges and the last K step contribute nothing. Indices: m·LDA + k ≤ 127·40 + 31 = 5111 < 5120,
-        // k·LDB + n ≤ 31·136 + 127 = 4343 < 4352.
-        for (var r = 0u; r < 32u; r++) {
-            let e = li + r * 128u;
-            var am: u32;
-            var ak: u32;
-            if (TRANS_A) {
-                ak = e / TM;
-                am = e % TM;
-            } else {
-                am = e / TK;
-                ak = e % TK;
-            }
-            As[am * LDA + ak] = f16(load_a(row0 + am, k0 + ak));
-            var bn: u32;
-            var bk: u32;
-            if (TRANS_B) {
-                bn = e / TK;
-                bk = e % TK;
-            } else {
-                bk = e / TN;
-                bn = e % TN;
-            }
-            Bs[bk * LDB + bn] = f16(load_b(k0 + bk, col0 + bn));
+        // Staging: 128 × 32 f16 of each packed operand, 8 vec4 of each per thread, element
+        // e = li + 128·q: A row e / 8 (of the tile), halves 4·(e % 8)..+3 of the K step — a subgroup
+        // reads 4 rows' 64 contiguous bytes each; B row e / 32 (of the K step), halves 4·(e % 32)..+3
+        // of the tile's columns — a subgroup reads 256 contiguous bytes. The packed matrices hold
+        // every row and column the grid visits, so no index leaves them. Workgroup indices:
+        // 127·40 + 31 = 5111 < 5120, 31·136 + 127 = 4343 < 4352.
+        for (var q = 0u; q < 8u; q++) {
+            let e = li + q * 128u;
+            let am = e / 8u;
+            let ac = e % 8u;
+            let va = ap[((row0 + am) * kp + k0) / 4u + ac];
+            let ai = am * LDA + 4u * ac;
+            As[ai] = va.x;
+            As[ai + 1u] = va.y;
+            As[ai + 2u] = va.z;
+            As[ai + 3u] = va.w;
+            let bk = e / 32u;
+            let bc = e % 32u;
+            let vb = bp[((k0 + bk) * np + col0) / 4u + bc];
+            let bi = bk * LDB + 4u * bc;
+            Bs[bi] = vb.x;
+            Bs[bi + 1u] = vb.y;
+            Bs[bi + 2u] = vb.z;
+            Bs[bi + 3u] = vb.w;
         }
         workgroupBarrier();
         // Two 16-deep halves of the K step. Fragment A_i covers As rows 64·sg_row + 16·i + (0..15),

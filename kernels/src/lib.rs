@@ -16,6 +16,7 @@ pub mod loss;
 pub mod matmul;
 pub mod max_diff;
 pub mod optimizer;
+pub mod pack;
 pub mod reduce_stats;
 pub mod sgd;
 #[cfg(test)]
@@ -96,6 +97,13 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("max_diff", include_str!("../../shaders/max_diff.wgsl")),
     ("mse", include_str!("../../shaders/mse.wgsl")),
+    (
+        "pack_f16",
+        concat!(
+            include_str!("../../shaders/enable_f16.wgsl"),
+            include_str!("../../shaders/pack_f16.wgsl")
+        ),
+    ),
     (
         "reduce_stats",
         include_str!("../../shaders/reduce_stats.wgsl"),
@@ -463,6 +471,7 @@ mod layout_tests {
         ("matmul_splitk", crate::matmul::params_layout),
         ("max_diff", crate::max_diff::params_layout),
         ("mse", crate::loss::params_layout),
+        ("pack_f16", crate::pack::params_layout),
         ("reduce_stats", crate::reduce_stats::params_layout),
         ("sgd", crate::sgd::params_layout),
         ("sigmoid_bce", crate::loss::params_layout),

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use num_traits::Float;
 
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+use crate::pack::{Pack, PackArgs};
+use crate::{DType, Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
 
 /// What happens to each output element after the product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -261,9 +262,24 @@ pub struct Matmul {
     reduce: HashMap<Epilogue, Kernel>,
     placeholder: wgpu::Buffer,
     workspace: Option<wgpu::Buffer>,
+    pack: Option<Pack>,
+    packed_a: Option<wgpu::Buffer>,
+    packed_b: Option<wgpu::Buffer>,
     /// Force a tile edge (64 or 128) where no choice is given, for `bench matmul --tile`.
     pub tile: Option<u64>,
 }
+
+/// The tensor-core core's bindings: the common six, then packed op(A) and op(B).
+const COOP_SLOTS: [Slot; 8] = [
+    Slot::Read,
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::Read,
+    Slot::Read,
+    Slot::Uniform,
+    Slot::Read,
+    Slot::Read,
+];
 
 const SLOTS: [Slot; 6] = [
     Slot::Read,
@@ -281,6 +297,9 @@ impl Matmul {
             reduce: HashMap::new(),
             placeholder: ctx.storage("matmul placeholder", 4)?,
             workspace: None,
+            pack: None,
+            packed_a: None,
+            packed_b: None,
             tile: None,
         })
     }
@@ -377,7 +396,9 @@ impl Matmul {
         } else {
             u64::from(choice.splits.max(1)).min(k)
         };
-        let k_chunk = k.div_ceil(splits);
+        // the tensor-core kernel steps K by 32 through packed operands: its chunks are multiples
+        let k_step = if variant == Variant::Coop { 32 } else { 1 };
+        let k_chunk = k.div_ceil(splits).div_ceil(k_step) * k_step;
         let splits = k.div_ceil(k_chunk);
         let (tm, tn) = variant.tile(m, n);
         let groups = (
@@ -417,34 +438,84 @@ impl Matmul {
             if variant == Variant::Skinny {
                 constants.push(("TALL", f64::from(u8::from(tall))));
             }
-            let kernel = Kernel::try_new(ctx, variant.stem(), &constants, &SLOTS, true)?;
+            let slots: &[Slot] = if variant == Variant::Coop {
+                &COOP_SLOTS
+            } else {
+                &SLOTS
+            };
+            let kernel = Kernel::try_new(ctx, variant.stem(), &constants, slots, true)?;
             self.kernels.insert(key, kernel);
         }
         let kernel = self.kernels[&key].clone();
+        // the tensor-core kernel reads op(A) and op(B) packed as padded row-major f16
+        let (mut dispatches, packed) = if variant == Variant::Coop {
+            let (mp, np, kp) = (
+                m.div_ceil(128) * 128,
+                n.div_ceil(128) * 128,
+                k.div_ceil(32) * 32,
+            );
+            let (pa, pb) = self.packed(ctx, mp * kp, kp * np)?;
+            let pack = match &self.pack {
+                Some(p) => p,
+                None => self.pack.insert(Pack::try_new(ctx)?),
+            };
+            let da = pack.prepare(
+                ctx,
+                &PackArgs {
+                    src: args.a.buf,
+                    src_off: args.a.off,
+                    rows: m,
+                    cols: k,
+                    col_major: args.trans_a,
+                    dst: &pa,
+                    dst_rows: mp,
+                    dst_cols: kp,
+                },
+            )?;
+            let db = pack.prepare(
+                ctx,
+                &PackArgs {
+                    src: args.b.buf,
+                    src_off: args.b.off,
+                    rows: k,
+                    cols: n,
+                    col_major: args.trans_b,
+                    dst: &pb,
+                    dst_rows: kp,
+                    dst_cols: np,
+                },
+            )?;
+            (vec![da, db], vec![pa, pb])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let bind = |c: &wgpu::Buffer, u: &wgpu::Buffer| -> Vec<wgpu::Buffer> {
+            let mut v = vec![
+                args.a.buf.clone(),
+                args.b.buf.clone(),
+                c.clone(),
+                bias.buf.clone(),
+                aux.buf.clone(),
+                u.clone(),
+            ];
+            v.extend(packed.iter().cloned());
+            v
+        };
         if splits == 1 {
             let uniform = ctx.uniform("matmul params", &params);
-            let d = kernel.dispatch(
-                ctx,
-                &[
-                    args.a.buf, args.b.buf, args.c.buf, bias.buf, aux.buf, &uniform,
-                ],
-                groups,
-            );
-            return Ok(MatmulCall {
-                choice,
-                dispatches: vec![d],
-            });
+            let bufs = bind(args.c.buf, &uniform);
+            let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+            dispatches.push(kernel.dispatch(ctx, &refs, groups));
+            return Ok(MatmulCall { choice, dispatches });
         }
         // split K: partials into the shared workspace, then their sum into C
         let ws_elems = splits * m * n;
         let ws = self.workspace(ctx, ws_elems)?;
         let partial = Params { c_off: 0, ..params };
         let pu = ctx.uniform("matmul split params", &partial);
-        let mut first = kernel.dispatch(
-            ctx,
-            &[args.a.buf, args.b.buf, &ws, bias.buf, aux.buf, &pu],
-            groups,
-        );
+        let bufs = bind(&ws, &pu);
+        let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+        let mut first = kernel.dispatch(ctx, &refs, groups);
         first.groups_z = u32_of(K, "splits", splits)?;
         if !self.reduce.contains_key(&ep) {
             let r = Kernel::try_new(
@@ -473,10 +544,31 @@ impl Matmul {
             &[&ws, &placeholder, args.c.buf, bias.buf, aux.buf, &ru],
             crate::context::groups_1d(u32_of(K, "M×N", m * n)?, 256),
         );
-        Ok(MatmulCall {
-            choice,
-            dispatches: vec![first, second],
-        })
+        dispatches.push(first);
+        dispatches.push(second);
+        Ok(MatmulCall { choice, dispatches })
+    }
+
+    /// The shared packed-operand buffers of the tensor-core kernel, grown to at least `a` and `b`
+    /// f16 elements.
+    fn packed(
+        &mut self,
+        ctx: &GpuContext,
+        a: u64,
+        b: u64,
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer), KernelError> {
+        let grow = |slot: &mut Option<wgpu::Buffer>, label: &str, elems: u64| match slot {
+            Some(w) if w.size() >= DType::F16.bytes(elems) => Ok(w.clone()),
+            _ => {
+                let w = ctx.array(label, DType::F16, elems)?;
+                *slot = Some(w.clone());
+                Ok::<_, KernelError>(w)
+            }
+        };
+        Ok((
+            grow(&mut self.packed_a, "packed A (f16)", a)?,
+            grow(&mut self.packed_b, "packed B (f16)", b)?,
+        ))
     }
 
     /// The shared split-K workspace, grown to at least `elems` f32.
