@@ -173,3 +173,41 @@ fn host_fed_data_trains_like_device_resident_data() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The fused small-model step (one dispatch for gather, forward, loss and gradient) trains as the
+/// separate kernels do, for each loss it covers; `DPTRAIN_FUSED=off` selects the separate kernels.
+#[test]
+fn the_fused_small_model_step_trains_like_the_separate_kernels() {
+    let d = std::env::temp_dir().join(format!("dptrain-fused-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let iris = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets/iris.csv");
+    for (name, data, model) in [
+        ("logreg", "synth:seed:700", "logreg"),
+        ("softmax", iris, "softmax"),
+        ("linreg", "synth:linear:500:7", "linreg"),
+    ] {
+        let run = |fused: bool| {
+            let out = d.join(format!("{name}-{fused}.safetensors"));
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"));
+            c.args(["train", "--data", data, "--model", model, "--device", "gpu"])
+                .args(["--steps", "60", "--batch-size", "30", "--lr", "0.05"])
+                .args(["--momentum", "0.9", "--accumulate", "2", "--seed", "3"])
+                .args(["--save", &out.display().to_string()])
+                .env("XDG_RUNTIME_DIR", std::env::temp_dir());
+            if !fused {
+                c.env("DPTRAIN_FUSED", "off");
+            }
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let m = dptrain::modelfile::load(&out).unwrap();
+            m.flat_params(m.spec.as_ref().unwrap(), &out).unwrap()
+        };
+        let (f, s) = (run(true), run(false));
+        let e = rel(&f, &s);
+        assert!(
+            e <= 1e-5,
+            "{name}: fused and separate kernels differ by {e:e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

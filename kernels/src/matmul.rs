@@ -429,7 +429,9 @@ impl Matmul {
         // the skinny kernel's wide form (16×64 tiles) is a pipeline of its own
         let tall = !(variant == Variant::Skinny && tm == 16);
         let key = (variant, args.trans_a, args.trans_b, core_ep, tall);
-        if !self.kernels.contains_key(&key) {
+        let kernel = if let Some(k) = self.kernels.get(&key) {
+            k.clone()
+        } else {
             let mut constants = vec![
                 ("TRANS_A", f64::from(u8::from(args.trans_a))),
                 ("TRANS_B", f64::from(u8::from(args.trans_b))),
@@ -444,9 +446,9 @@ impl Matmul {
                 &SLOTS
             };
             let kernel = Kernel::try_new(ctx, variant.stem(), &constants, slots, true)?;
-            self.kernels.insert(key, kernel);
-        }
-        let kernel = self.kernels[&key].clone();
+            self.kernels.insert(key, kernel.clone());
+            kernel
+        };
         // the tensor-core kernel reads op(A) and op(B) packed as padded row-major f16
         let (mut dispatches, packed) = if variant == Variant::Coop {
             let (mp, np, kp) = (
@@ -517,17 +519,16 @@ impl Matmul {
         let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
         let mut first = kernel.dispatch(ctx, &refs, groups);
         first.groups_z = u32_of(K, "splits", splits)?;
-        if !self.reduce.contains_key(&ep) {
-            let r = Kernel::try_new(
+        let reduce = match self.reduce.entry(ep) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Kernel::try_new(
                 ctx,
                 "matmul_splitk",
                 &[("EPILOGUE", f64::from(ep.code()))],
                 &SLOTS,
                 true,
-            )?;
-            self.reduce.insert(ep, r);
-        }
-        let reduce = &self.reduce[&ep];
+            )?),
+        };
         let summed = Params {
             a_off: 0,
             // the wrong variant forgets the last partial

@@ -60,7 +60,7 @@ impl Pack {
 
     pub fn prepare(&self, ctx: &GpuContext, a: &PackArgs<'_>) -> Result<Dispatch, KernelError> {
         const K: &str = "pack_f16";
-        if a.dst_cols % 4 != 0 || a.rows > a.dst_rows || a.cols > a.dst_cols {
+        if !a.dst_cols.is_multiple_of(4) || a.rows > a.dst_rows || a.cols > a.dst_cols {
             return Err(KernelError::Shape {
                 kernel: K,
                 msg: format!(

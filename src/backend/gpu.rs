@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use anyhow::Context;
 use dptrain_kernels::dropout::{Dropout, DropoutCall};
+use dptrain_kernels::fused::{self, FusedArgs, FusedCall, FusedLinear};
 use dptrain_kernels::gather::{DeviceData, Gather, GatherCall};
 use dptrain_kernels::loss::{Loss, LossArgs};
 use dptrain_kernels::matmul::{At, Choice, Epilogue, Matmul, MatmulArgs, MatmulCall};
@@ -106,6 +107,10 @@ struct Plan {
     loss: Dispatch,
     reduce: ReduceCall,
     backward: Vec<(String, Op)>,
+    /// A training step of a small one-layer model as one dispatch (or two for large batches):
+    /// gather, forward, loss, gradient and its reduction (`fused_linear.wgsl`). When present, it
+    /// is what the step records in place of all of the above.
+    fused: Option<FusedCall>,
 }
 
 /// The batch being recorded: its plan and the uniform-ring offsets its dispatches read.
@@ -115,6 +120,8 @@ struct Current {
     reduce_at: u32,
     /// The ring offset of each dropout op, forward ops first, then backward ops.
     dropout_at: Vec<u32>,
+    /// The fused step's ring offset, when the plan has one.
+    fused_at: Option<u32>,
 }
 
 /// Device-side activations for up to `max_rows` rows.
@@ -168,6 +175,10 @@ pub struct GpuBackend {
     choices: HashMap<Product, Choice>,
     /// Matrix products take f16 inputs (`--precision f16`).
     f16: bool,
+    /// The fused small-model step's pipelines, made when a plan first uses them.
+    fused: Option<FusedLinear>,
+    /// Whether eligible plans use the fused step (`DPTRAIN_FUSED=off` turns it off, to compare).
+    fused_enabled: bool,
     /// [loss scale, finite steps in a row, steps skipped]: the scale multiplies the loss gradient
     /// (1 in f32 runs); with f16 the update divides it out and adjusts it on the device.
     scaler: wgpu::Buffer,
@@ -360,6 +371,8 @@ impl GpuBackend {
             ones: ctx.upload("ones", &vec![1.0f32; rows as usize])?,
             choices: HashMap::new(),
             f16,
+            fused: None,
+            fused_enabled: std::env::var("DPTRAIN_FUSED").as_deref() != Ok("off"),
             scaler,
             matmul: Matmul::new(&ctx)?,
             gather: Gather::new(&ctx),
@@ -647,12 +660,51 @@ impl GpuBackend {
                 }
             }
         }
+        // small one-layer models in f32 with data on the device: the fused step
+        let fused = match (&layers[..], data, train && !self.f16) {
+            (
+                [
+                    Layer::Dense {
+                        index: 0,
+                        fan_in,
+                        fan_out,
+                        activation: None,
+                    },
+                ],
+                Resident::Device(d),
+                true,
+            ) if self.fused_enabled
+                && fused::eligible(spec.loss(), *fan_in as u64, *fan_out as u64) =>
+            {
+                let (wo, bo) = spec.offsets(0);
+                let kernel = self
+                    .fused
+                    .get_or_insert_with(|| FusedLinear::new(ctx, spec.loss(), d.u8_pixels));
+                Some(kernel.prepare(
+                    ctx,
+                    &FusedArgs {
+                        data: d,
+                        index,
+                        rows: r,
+                        outputs: *fan_out as u64,
+                        theta: &self.theta,
+                        w_off: wo as u64,
+                        b_off: bo as u64,
+                        grads: &self.grads,
+                        totals: &self.train_totals,
+                        history: &self.history,
+                    },
+                )?)
+            }
+            _ => None,
+        };
         Ok(Plan {
             gather,
             forward,
             loss,
             reduce,
             backward,
+            fused,
         })
     }
 
@@ -787,6 +839,16 @@ impl GpuBackend {
             None => None,
         };
         let reduce_at = plan.reduce.write_slot(&self.ctx, slot, history_slot)?;
+        let fused_at = match plan.fused.as_mut() {
+            Some(f) => Some(f.write_step(
+                &self.ctx,
+                slot,
+                offset as u64,
+                history_slot,
+                batch.accumulate,
+            )?),
+            None => None,
+        };
         let mut dropout_at = Vec::new();
         for (_, op) in plan.forward.iter_mut().chain(plan.backward.iter_mut()) {
             if let Op::Dropout(c) = op {
@@ -798,6 +860,7 @@ impl GpuBackend {
             gather_at,
             reduce_at,
             dropout_at,
+            fused_at,
         });
         Ok(())
     }
@@ -831,6 +894,13 @@ impl GpuBackend {
                 }
             }
         };
+        if let (Some(f), Some(at)) = (&plan.fused, cur.fused_at) {
+            // the fused step does every phase in one go: it records where backward would
+            if phase == Phase::Backward {
+                f.record_at(pass, at);
+            }
+            return Ok(());
+        }
         match phase {
             Phase::Gather => {
                 if let (Some(g), Some(at)) = (&plan.gather, cur.gather_at) {
@@ -980,6 +1050,27 @@ impl Backend for GpuBackend {
             .plans
             .get(&cur.key)
             .context("plan for this batch size")?;
+        if let (Some(f), Some(at)) = (&plan.fused, cur.fused_at) {
+            let mut list: Vec<(String, &Dispatch, u32)> = f
+                .prepared(at)
+                .into_iter()
+                .map(|(d, at)| ("fused step (gather, forward, loss, gradient)".into(), d, at))
+                .collect();
+            for (d, at) in self.optimizer.prepared(&self.ctx, 0, update)? {
+                list.push((format!("update ({})", d.name), d, at));
+            }
+            let timed: Vec<(&Dispatch, u32)> = list.iter().map(|(_, d, at)| (*d, *at)).collect();
+            let Some(secs) = self.ctx.time_dispatches(&timed)? else {
+                return Ok(None);
+            };
+            self.history_len -= 1;
+            return Ok(Some(
+                list.into_iter()
+                    .zip(secs)
+                    .map(|((label, _, _), s)| (label, s))
+                    .collect(),
+            ));
+        }
         let (Some(gather), Some(gather_at)) = (plan.gather.as_ref(), cur.gather_at) else {
             // host-fed data has no gather kernel to time
             return Ok(None);
