@@ -931,21 +931,19 @@ fn timed_entries<'a>(
             &c.dispatch,
             drops.next().copied().unwrap_or(0),
         )],
-        Op::Matmul(_, c) => {
-            let many = c.dispatches.len() > 1;
-            c.dispatches
-                .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let part = match (many, i) {
-                        (false, _) => String::new(),
-                        (true, 0) => ", partial products".into(),
-                        (true, _) => ", their sum".into(),
-                    };
-                    (format!("{label} [{}{part}]", c.choice.name()), d, 0)
-                })
-                .collect()
-        }
+        Op::Matmul(_, c) => c
+            .dispatches
+            .iter()
+            .map(|d| {
+                let part = match d.name {
+                    "pack_f16" => ", packing an operand as f16",
+                    "matmul_splitk" => ", summing the partial products",
+                    _ if c.choice.splits > 1 => ", partial products",
+                    _ => "",
+                };
+                (format!("{label} [{}{part}]", c.choice.name()), d, 0)
+            })
+            .collect(),
     }
 }
 
