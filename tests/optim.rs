@@ -402,3 +402,79 @@ fn adam_resumes_bit_exactly_from_a_mid_run_checkpoint() {
         let _ = std::fs::remove_dir_all(&d);
     }
 }
+
+/// `--autotune on` tunes on lavapipe too: the chosen kernels are recorded in the checkpoint, and a
+/// resume runs them, ending bit for bit where the uninterrupted run ends.
+#[test]
+fn tuned_kernels_are_recorded_in_checkpoints_and_a_resume_reproduces_the_run() {
+    let digits = shared("digits.csv");
+    let d = tmpdir("autotune-resume");
+    let ck = d.join("ck").display().to_string();
+    let (s, r) = (d.join("s.safetensors"), d.join("r.safetensors"));
+    let (ss, rs) = (s.display().to_string(), r.display().to_string());
+    let cache = d.join("cache.json");
+    let base = [
+        "train",
+        "--data",
+        &digits,
+        "--device",
+        "gpu",
+        "--model",
+        "mlp",
+        "--hidden",
+        "24",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--seed",
+        "2",
+        "--autotune",
+        "on",
+    ];
+    let run = |more: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dptrain"));
+        c.args(base)
+            .args(more)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir());
+        c.env("DPTRAIN_AUTOTUNE_CACHE", &cache);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--steps", "30", "--save", &ss]);
+    run(&[
+        "--steps",
+        "17",
+        "--checkpoint-dir",
+        &ck,
+        "--checkpoint-unit",
+        "step",
+        "--checkpoint-every",
+        "10",
+    ]);
+    let newest = dptrain::checkpoint::list(std::path::Path::new(&ck));
+    let state = dptrain::checkpoint::load(newest.last().unwrap())
+        .unwrap()
+        .state;
+    assert!(
+        state.kernels.len() >= 5,
+        "the checkpoint names the kernel of every product: {:?}",
+        state.kernels
+    );
+    let cached = std::fs::read_to_string(&cache).unwrap();
+    assert!(cached.contains("NT BiasRelu f32"), "{cached}");
+    run(&[
+        "--steps",
+        "30",
+        "--checkpoint-dir",
+        &ck,
+        "--resume",
+        "auto",
+        "--save",
+        &rs,
+    ]);
+    assert_eq!(params(&r), params(&s));
+    let _ = std::fs::remove_dir_all(&d);
+}
