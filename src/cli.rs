@@ -368,7 +368,9 @@ pub struct TrainArgs {
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) if v.is_finite() && v >= 0.0 => crate::limits::collective_timeout(v)
+            .map(|_| v)
+            .map_err(|e| e.to_string()),
         _ => Err(format!("{s:?} is not a number of seconds ≥ 0")),
     }
 }
@@ -406,6 +408,19 @@ pub fn load_data(spec: &str, csv: &CsvOptions, seed: u64) -> anyhow::Result<data
         let n = arg(0, 1000);
         if n == 0 {
             bail!("--data {spec}: the sample count must be at least 1");
+        }
+        let features = match kind {
+            "seed" => 2,
+            "linear" => arg(1, 5),
+            _ => arg(1, 10),
+        };
+        crate::limits::check_dataset(&format!("--data {spec}"), n as u64, features as u64)?;
+        if arg(2, 0) > crate::limits::MAX_CLASSES {
+            bail!(
+                "--data {spec}: {} classes, more than the {} dptrain takes",
+                arg(2, 0),
+                crate::limits::MAX_CLASSES
+            );
         }
         let ds = match kind {
             "seed" => synth::seed_example(n, seed),
@@ -522,6 +537,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     consistency::check_same(comm, &train::fingerprint(&cfg, &setup))?;
     // the step plan, computed once: the progress bar's length and the loop's rows
     let plan = StepPlan::of(&cfg, setup.total_train, comm.rank(), comm.size());
+    let total = consistency::agree(comm, cfg.total_steps(plan.steps_per_epoch))?;
     let spec = &setup.spec;
     let metrics_file = match (&a.metrics_out, comm.is_root()) {
         (Some(p), true) => Some(
@@ -576,7 +592,6 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             }
         );
     }
-    let total = cfg.total_steps(plan.steps_per_epoch);
     let pb = if comm.is_root() {
         progress_bar(total)
     } else {
@@ -711,6 +726,14 @@ pub fn run_data(cmd: &DataCommand) -> anyhow::Result<()> {
             }
             if s.kind != SynthKind::Seed && s.features == 0 {
                 bail!("--features must be at least 1");
+            }
+            crate::limits::check_dataset("data synth", s.samples as u64, s.features as u64)?;
+            if s.classes > crate::limits::MAX_CLASSES {
+                bail!(
+                    "--classes {} is more than the {} dptrain takes",
+                    s.classes,
+                    crate::limits::MAX_CLASSES
+                );
             }
             let ds = match s.kind {
                 SynthKind::Seed => synth::seed_example(s.samples, s.seed),

@@ -7,6 +7,7 @@ pub mod comm;
 pub mod consistency;
 pub mod data;
 pub mod fault;
+pub mod limits;
 pub mod model;
 pub mod modelfile;
 pub mod optim;

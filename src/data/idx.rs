@@ -148,6 +148,18 @@ fn parse_idx_from<R: Read>(
     let Some(payload) = payload else {
         return Err(DataError::ImplausibleHeader { path: name, shape });
     };
+    // images: the features per image are checked before the pixels are read
+    if let [_, rows, cols] = dims[..] {
+        let features = u64::from(rows) * u64::from(cols);
+        if features > crate::limits::MAX_FEATURES as u64 {
+            return Err(DataError::Limit {
+                msg: format!(
+                    "{name}: the header claims images of {rows}×{cols} = {features} pixels, more than the {} features dptrain takes",
+                    crate::limits::MAX_FEATURES
+                ),
+            });
+        }
+    }
 
     // Capacity is bounded by what the file could hold, so a lying header cannot force a huge allocation.
     let cap = if gzipped {

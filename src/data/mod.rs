@@ -124,6 +124,8 @@ pub enum DataError {
     TrailingData { path: String, shape: String },
     #[error("{path}: implausible IDX header: {shape} bytes is more than the 16 GiB limit")]
     ImplausibleHeader { path: String, shape: String },
+    #[error("{msg}")]
+    Limit { msg: String },
     #[error("{images}: holds {n_images} images but {labels} holds {n_labels} labels")]
     CountMismatch {
         images: String,
@@ -286,9 +288,18 @@ impl Dataset {
             .collect()
     }
 
-    /// Samples per class: index = class, len = max label + 1 (empty for an empty dataset).
+    /// Samples per class: index = class, len = max label + 1 (empty for an empty dataset). The
+    /// class count is checked against the samples and `limits::MAX_CLASSES` before it sizes
+    /// anything.
     pub fn class_counts(&self) -> Result<Vec<usize>, DataError> {
         let labels = self.class_labels()?;
+        if let Some((i, &m)) = labels.iter().enumerate().max_by_key(|(_, l)| **l) {
+            crate::limits::check_classes(&self.source, m, i + 1, self.n_samples).map_err(|e| {
+                DataError::Limit {
+                    msg: e.to_string(),
+                }
+            })?;
+        }
         let k = labels.iter().max().map_or(0, |&m| m as usize + 1);
         let mut counts = vec![0usize; k];
         for l in labels {

@@ -102,11 +102,10 @@ impl TrainConfig {
     }
 
     /// The run's length in optimiser steps: --steps, else --epochs (10 when neither is set).
-    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+    pub fn total_steps(&self, steps_per_epoch: u64) -> anyhow::Result<u64> {
         match (self.steps, self.epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => e * steps_per_epoch,
-            (None, None) => 10 * steps_per_epoch,
+            (Some(s), _) => Ok(s),
+            (None, e) => crate::limits::total_steps(e.unwrap_or(10), steps_per_epoch),
         }
     }
 
@@ -117,11 +116,7 @@ impl TrainConfig {
 
     /// Refuse values that cannot train, each with a one-line reason.
     pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!(
-            self.lr.is_finite() && self.lr > 0.0,
-            "--lr must be a positive number (got {})",
-            self.lr
-        );
+        crate::limits::check_f32_positive("--lr", self.lr)?;
         self.optim.validate()?;
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
         ensure!(self.accumulate >= 1, "--accumulate must be at least 1");

@@ -90,7 +90,7 @@ pub fn train_with(
         setup.train.n_samples,
         plan.local_samples()
     );
-    let total_steps = cfg.total_steps(plan.steps_per_epoch);
+    let total_steps = cfg.total_steps(plan.steps_per_epoch)?;
     tracing::info!(
         "rank {rank}/{ranks}: {} local samples, {} steps per epoch, {total_steps} steps in all",
         plan.local_samples(),

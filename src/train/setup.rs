@@ -106,6 +106,11 @@ pub fn setup_rank(
         cfg.activation,
     )?
     .with_dropout(cfg.dropout)?;
+    crate::limits::check_model(
+        &spec.widths(),
+        cfg.batch_size,
+        cfg.optim.rule().state_names().len(),
+    )?;
     ensure!(
         cfg.batch_size <= train.n_samples,
         "--batch-size {} is larger than the {} training samples",
