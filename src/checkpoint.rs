@@ -63,6 +63,9 @@ pub struct State {
     /// The kernel each matrix product ran (product → choice), so that a resume runs the same ones.
     #[serde(default)]
     pub kernels: std::collections::BTreeMap<String, String>,
+    /// The training set it was trained on (absent in checkpoints of older builds).
+    #[serde(default)]
+    pub data: Option<crate::train::setup::DataFingerprint>,
     pub world_size: usize,
     /// The settings that must match for an exact resume (see `compatible`).
     pub settings: serde_json::Value,
@@ -301,6 +304,11 @@ pub struct Expect<'a> {
     pub world_size: usize,
     /// Global sharding lets the world size change.
     pub global_shard: bool,
+    /// This run's training data and normaliser, which a checkpoint must share unless
+    /// `allow_changed_data`.
+    pub data: &'a crate::train::setup::DataFingerprint,
+    pub norm: &'a Normalizer,
+    pub allow_changed_data: bool,
 }
 
 /// Check that a checkpoint can continue this run: same model, optimizer and settings (the run's
@@ -335,6 +343,29 @@ pub fn compatible(path: &Path, ck: &Checkpoint, want: &Expect<'_>) -> Result<(),
             spec.kind,
             spec.widths()
         )));
+    }
+    if !want.allow_changed_data {
+        let changed = match &ck.data {
+            Some(d) if d != want.data => Some(
+                if (d.samples, d.features) != (want.data.samples, want.data.features) {
+                    format!(
+                        "it was trained on {} samples × {} features, this run has {} × {}",
+                        d.samples, d.features, want.data.samples, want.data.features
+                    )
+                } else {
+                    "it was trained on data of the same shape but other contents".to_string()
+                },
+            ),
+            _ if ck.norm != *want.norm => {
+                Some("its normaliser (fitted on its training data) differs from this run's".into())
+            }
+            _ => None,
+        };
+        if let Some(what) = changed {
+            return Err(mismatch(format!(
+                "the training data changed: {what}; pass --resume-allow-changed-data to continue on this data anyway"
+            )));
+        }
     }
     if ck.world_size != world_size && !global_shard {
         return Err(mismatch(format!(
@@ -380,6 +411,12 @@ mod tests {
                 lr_scale: 1.0,
                 optimizer: "adam".into(),
                 kernels: Default::default(),
+                data: Some(crate::train::setup::DataFingerprint {
+                    samples: 10,
+                    features: 3,
+                    features_crc: "0badcafe".into(),
+                    targets_crc: "12345678".into(),
+                }),
                 world_size: 1,
                 settings: serde_json::json!({"lr": 0.1, "seed": 3}),
                 norm: Normalizer::identity(3),
@@ -405,6 +442,9 @@ mod tests {
             defaults,
             world_size: 1,
             global_shard: true,
+            data: ck.state.data.as_ref().expect("sample has data"),
+            norm: &ck.state.norm,
+            allow_changed_data: false,
         }
     }
 
@@ -500,6 +540,69 @@ mod tests {
         // --resume auto takes the older, intact one
         assert_eq!(latest(&d).unwrap().unwrap().1.state.step, 1);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_checkpoint_of_other_data_is_refused_unless_allowed() {
+        let ck = sample(4);
+        let defaults = serde_json::json!({});
+        let mut other = ck.state.data.clone().unwrap();
+        other.targets_crc = "87654321".into();
+        let e = compatible(
+            Path::new("c"),
+            &ck,
+            &Expect {
+                data: &other,
+                ..expect(&ck, &defaults)
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("same shape but other contents"), "{e}");
+        assert!(e.contains("--resume-allow-changed-data"), "{e}");
+        other.samples = 11;
+        let e = compatible(
+            Path::new("c"),
+            &ck,
+            &Expect {
+                data: &other,
+                ..expect(&ck, &defaults)
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("10 samples × 3 features, this run has 11 × 3"),
+            "{e}"
+        );
+        let shifted = Normalizer {
+            shift: vec![1.0; 3],
+            ..Normalizer::identity(3)
+        };
+        let e = compatible(
+            Path::new("c"),
+            &ck,
+            &Expect {
+                norm: &shifted,
+                ..expect(&ck, &defaults)
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("normaliser"), "{e}");
+        assert!(
+            compatible(
+                Path::new("c"),
+                &ck,
+                &Expect {
+                    data: &other,
+                    norm: &shifted,
+                    allow_changed_data: true,
+                    ..expect(&ck, &defaults)
+                },
+            )
+            .is_ok()
+        );
     }
 
     #[test]

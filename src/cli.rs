@@ -350,6 +350,13 @@ pub struct TrainArgs {
     pub checkpoint_unit: CheckpointUnit,
     #[arg(long, default_value_t = 3)]
     pub keep_checkpoints: usize,
+    /// Take over a --checkpoint-dir lock held by a run on another host (one whose process is gone).
+    #[arg(long)]
+    pub break_lock: bool,
+    /// Resume even though the training data (its size, contents or normaliser) differ from the
+    /// checkpoint's.
+    #[arg(long)]
+    pub resume_allow_changed_data: bool,
     /// Resume from a checkpoint file, or `auto`: the newest intact one in --checkpoint-dir
     /// (a fresh start when there is none).
     #[arg(long)]
@@ -524,13 +531,51 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every path `train` reads and writes, for the checks before the run.
+fn run_paths(a: &TrainArgs) -> crate::outputs::RunPaths {
+    let data = |s: &str| (!s.starts_with("synth:")).then(|| PathBuf::from(s));
+    let mut p = crate::outputs::RunPaths::default();
+    p.inputs.extend(data(&a.data).map(|d| ("--data", d)));
+    p.inputs.extend(
+        a.test_data
+            .as_deref()
+            .and_then(data)
+            .map(|d| ("--test-data", d)),
+    );
+    p.inputs.extend(a.init.clone().map(|d| ("--init", d)));
+    p.inputs.extend(
+        a.resume
+            .as_deref()
+            .filter(|r| *r != "auto")
+            .map(|r| ("--resume", PathBuf::from(r))),
+    );
+    p.files.extend(a.save.clone().map(|f| ("--save", f)));
+    p.files
+        .extend(a.metrics_out.clone().map(|f| ("--metrics-out", f)));
+    p.dirs
+        .extend(a.checkpoint_dir.clone().map(|d| ("--checkpoint-dir", d)));
+    p
+}
+
 pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     let cfg = train_config(a);
-    // every failure before the first collective is shared, so no rank waits for one that quit
+    // rank 0 writes every output: its paths are checked, and its checkpoint folder locked, before
+    // any work; every failure before the first collective is shared, so no rank waits for one that quit
+    let lock = consistency::agree(
+        comm,
+        check_run_args(a).and_then(|_| match comm.is_root() {
+            true => run_paths(a).check().and_then(|_| {
+                a.checkpoint_dir
+                    .as_deref()
+                    .map(|d| crate::outputs::lock_dir(d, a.break_lock))
+                    .transpose()
+            }),
+            false => Ok(None),
+        }),
+    )?;
     let setup = consistency::agree(
         comm,
-        check_run_args(a)
-            .and_then(|_| cfg.validate())
+        cfg.validate()
             .and_then(|_| resolve_datasets(a))
             .and_then(|(tr, te)| train::setup_rank(&cfg, tr, te, comm.rank(), comm.size())),
     )?;
@@ -612,6 +657,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         on_nan: a.on_nan,
         max_rollbacks: a.max_rollbacks,
         kernels: tuning.choices.clone(),
+        allow_changed_data: a.resume_allow_changed_data,
         ..RunControl::default()
     };
     let mut write_err = None;
@@ -636,14 +682,18 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         |s| pb.set_position(s),
     )?;
     pb.finish_and_clear();
-    if let (Some(e), Some(p)) = (write_err, &a.metrics_out) {
-        bail!("{}: cannot write metrics: {e}", p.display());
+    // the model is saved even when the metrics could not be written, and the other way round
+    let saved = match (&a.save, comm.is_root()) {
+        (Some(path), true) => crate::modelfile::save(path, spec, &setup.norm, &outcome.params)
+            .map(|_| println!("dptrain: saved {}", path.display())),
+        _ => Ok(()),
+    };
+    drop(lock);
+    match (write_err, &a.metrics_out, saved) {
+        (Some(e), Some(p), Err(s)) => bail!("{}: cannot write metrics: {e}; and {s}", p.display()),
+        (Some(e), Some(p), Ok(())) => bail!("{}: cannot write metrics: {e}", p.display()),
+        (_, _, saved) => Ok(saved?),
     }
-    if let (Some(path), true) = (&a.save, comm.is_root()) {
-        crate::modelfile::save(path, spec, &setup.norm, &outcome.params)?;
-        println!("dptrain: saved {}", path.display());
-    }
-    Ok(())
 }
 
 pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {

@@ -11,5 +11,6 @@ pub mod limits;
 pub mod model;
 pub mod modelfile;
 pub mod optim;
+pub mod outputs;
 pub mod rng;
 pub mod train;

@@ -38,7 +38,12 @@ pub fn available_memory() -> u64 {
 
 /// Classes = largest label + 1, checked against the training samples and MAX_CLASSES before
 /// anything is sized by it: one stray label such as 16777215 must not make a 16-million-way layer.
-pub fn check_classes(source: &str, max_label: u32, sample: usize, rows: usize) -> anyhow::Result<()> {
+pub fn check_classes(
+    source: &str,
+    max_label: u32,
+    sample: usize,
+    rows: usize,
+) -> anyhow::Result<()> {
     let classes = max_label as usize + 1;
     if classes > MAX_CLASSES || classes > rows.max(2) {
         bail!(
@@ -135,8 +140,13 @@ mod tests {
     #[test]
     fn a_stray_label_is_refused_before_it_sizes_anything() {
         assert!(check_classes("d", 2, 5, 150).is_ok());
-        let e = check_classes("d", 16_777_215, 17, 150).unwrap_err().to_string();
-        assert!(e.contains("label 16777215 would make 16777216 classes, more than the limit"), "{e}");
+        let e = check_classes("d", 16_777_215, 17, 150)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("label 16777215 would make 16777216 classes, more than the limit"),
+            "{e}"
+        );
         let e = check_classes("d", 200, 3, 150).unwrap_err().to_string();
         assert!(e.contains("more than the 150 training samples"), "{e}");
     }
@@ -144,9 +154,13 @@ mod tests {
     #[test]
     fn models_and_steps_beyond_the_limits_are_refused() {
         assert!(check_model(&[784, 256, 10], 128, 1).is_ok());
-        let e = check_model(&[784, 100_000_000, 10], 64, 1).unwrap_err().to_string();
+        let e = check_model(&[784, 100_000_000, 10], 64, 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wider than"), "{e}");
-        let e = check_model(&[1 << 20, 1 << 20, 10], 64, 1).unwrap_err().to_string();
+        let e = check_model(&[1 << 20, 1 << 20, 10], 64, 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("parameters, more than"), "{e}");
         assert!(total_steps(u64::MAX / 2, 3).is_err());
         assert_eq!(total_steps(5, 7).unwrap(), 35);

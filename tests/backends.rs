@@ -67,7 +67,7 @@ fn gpu_and_cpu_agree(
 }
 
 fn digits() -> data::Dataset {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets/digits.csv");
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/digits.csv");
     data::load_csv(std::path::Path::new(p), &CsvOptions::default()).unwrap()
 }
 
@@ -138,7 +138,7 @@ fn host_fed_data_trains_like_device_resident_data() {
         c.args([
             "train",
             "--data",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets/digits.csv"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/digits.csv"),
         ])
         .args([
             "--model",
@@ -180,7 +180,7 @@ fn host_fed_data_trains_like_device_resident_data() {
 fn the_fused_small_model_step_trains_like_the_separate_kernels() {
     let d = std::env::temp_dir().join(format!("dptrain-fused-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    let iris = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets/iris.csv");
+    let iris = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/iris.csv");
     for (name, data, model) in [
         ("logreg", "synth:seed:700", "logreg"),
         ("softmax", iris, "softmax"),

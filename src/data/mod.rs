@@ -294,11 +294,8 @@ impl Dataset {
     pub fn class_counts(&self) -> Result<Vec<usize>, DataError> {
         let labels = self.class_labels()?;
         if let Some((i, &m)) = labels.iter().enumerate().max_by_key(|(_, l)| **l) {
-            crate::limits::check_classes(&self.source, m, i + 1, self.n_samples).map_err(|e| {
-                DataError::Limit {
-                    msg: e.to_string(),
-                }
-            })?;
+            crate::limits::check_classes(&self.source, m, i + 1, self.n_samples)
+                .map_err(|e| DataError::Limit { msg: e.to_string() })?;
         }
         let k = labels.iter().max().map_or(0, |&m| m as usize + 1);
         let mut counts = vec![0usize; k];

@@ -59,6 +59,8 @@ pub struct RunControl {
     pub rollback_lr_factor: f64,
     /// The kernel choices the run uses, recorded in its checkpoints so that a resume runs the same.
     pub kernels: crate::backend::KernelChoices,
+    /// Resume from a checkpoint trained on other data (`--resume-allow-changed-data`).
+    pub allow_changed_data: bool,
 }
 
 impl Default for RunControl {
@@ -73,6 +75,7 @@ impl Default for RunControl {
             max_rollbacks: 3,
             rollback_lr_factor: 0.5,
             kernels: Default::default(),
+            allow_changed_data: false,
         }
     }
 }
@@ -118,6 +121,9 @@ impl Checkpoints<'_> {
             defaults: &self.defaults,
             world_size: comm.size(),
             global_shard: self.global_shard,
+            data: &self.setup.data,
+            norm: &self.setup.norm,
+            allow_changed_data: self.ctl.allow_changed_data,
         };
         let found: anyhow::Result<Option<(PathBuf, checkpoint::Checkpoint)>> = if comm.is_root() {
             (|| {
@@ -213,6 +219,7 @@ impl Checkpoints<'_> {
                 lr_scale: pos.lr_scale,
                 optimizer: self.optimizer.to_string(),
                 kernels: self.kernels.clone(),
+                data: Some(self.setup.data.clone()),
                 world_size: comm.size(),
                 settings: self.settings.clone(),
                 spec: self.setup.spec.clone(),

@@ -18,6 +18,34 @@ pub struct Setup {
     pub test: Option<Dataset>,
     /// Training samples over all ranks.
     pub total_train: usize,
+    /// What the whole training set was, for checking that a resume trains on the same data.
+    pub data: DataFingerprint,
+}
+
+/// The training set's size, shape and a hash of every parsed row (features and targets).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataFingerprint {
+    pub samples: usize,
+    pub features: usize,
+    /// CRC-32 of the features' bytes (u8 pixels, or f32 in little-endian), then of the targets.
+    pub features_crc: String,
+    pub targets_crc: String,
+}
+
+impl DataFingerprint {
+    pub fn of(ds: &Dataset) -> Self {
+        let crc = |b: &[u8]| format!("{:08x}", crc32fast::hash(b));
+        let x = match &ds.x {
+            crate::data::Features::U8(v) => crc(v),
+            crate::data::Features::F32(v) => crc(bytemuck::cast_slice(v)),
+        };
+        Self {
+            samples: ds.n_samples,
+            features: ds.n_features,
+            features_crc: x,
+            targets_crc: crc(bytemuck::cast_slice(&ds.y)),
+        }
+    }
 }
 
 impl Setup {
@@ -119,6 +147,7 @@ pub fn setup_rank(
     );
     let norm = Normalizer::fit(&train, cfg.normalize);
     let total_train = train.n_samples;
+    let data = DataFingerprint::of(&train);
     let train = match cfg.shard {
         ShardMode::Split if ranks > 1 => {
             let (lo, hi) = shard_range(total_train, rank, ranks);
@@ -132,6 +161,7 @@ pub fn setup_rank(
         train,
         test,
         total_train,
+        data,
     })
 }
 

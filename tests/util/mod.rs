@@ -5,12 +5,78 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Path of a test dataset, named as in `../shared/datasets`: `"iris.csv"`, `"mnist"`, `"mnist/<file>"`.
+///
+/// The CSVs are vendored in `tests/data/` (byte-for-byte copies, checked by `tests/data.rs`), so a bare
+/// `git clone` has them. MNIST is not vendored: see [`mnist_dir`].
 pub fn shared(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/datasets")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if rel == "mnist" {
+        return mnist_dir().display().to_string();
+    }
+    if let Some(file) = rel.strip_prefix("mnist/") {
+        let dir = mnist_dir();
+        let p = dir.join(file);
+        // data/mnist holds the raw IDX files, ../shared the gzipped ones; the loader takes both.
+        let raw = file.strip_suffix(".gz").map(|f| dir.join(f));
+        return match raw {
+            Some(raw) if !p.exists() && raw.exists() => raw,
+            _ => p,
+        }
+        .display()
+        .to_string();
+    }
+    let vendored = root.join("tests/data").join(rel);
+    if vendored.exists() {
+        return vendored.display().to_string();
+    }
+    // Anything not vendored (nothing the tests use today) still comes from CI's folder beside the repo.
+    root.join("../shared/datasets")
         .join(rel)
         .display()
         .to_string()
+}
+
+const MNIST_FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Whether `dir` holds the four MNIST IDX files, raw or gzipped.
+fn holds_mnist(dir: &Path) -> bool {
+    MNIST_FILES
+        .iter()
+        .all(|f| dir.join(f).is_file() || dir.join(format!("{f}.gz")).is_file())
+}
+
+/// The MNIST directory: `$DPTRAIN_MNIST` when set (as `scripts/test.sh` does), else
+/// `../shared/datasets/mnist` when it exists (CI), else `data/mnist` in the repository when it holds
+/// the four files (`scripts/get-mnist.sh` fills it); else a panic saying what to run.
+pub fn mnist_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if let Some(d) = std::env::var_os("DPTRAIN_MNIST").filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        assert!(
+            holds_mnist(&d),
+            "DPTRAIN_MNIST={} does not hold the four MNIST IDX files: run `scripts/get-mnist.sh` and set DPTRAIN_MNIST to the directory it prints",
+            d.display()
+        );
+        return d;
+    }
+    let ci = root.join("../shared/datasets/mnist");
+    if ci.is_dir() {
+        return ci;
+    }
+    let local = root.join("data/mnist");
+    if holds_mnist(&local) {
+        return local;
+    }
+    panic!(
+        "MNIST not found (no $DPTRAIN_MNIST, no ../shared/datasets/mnist, no data/mnist): run `scripts/get-mnist.sh` in {} (it fetches data/mnist), or scripts/test.sh",
+        root.display()
+    );
 }
 
 /// A fresh temporary folder for one test.
