@@ -13,4 +13,5 @@ pub mod modelfile;
 pub mod optim;
 pub mod outputs;
 pub mod rng;
+pub mod stop;
 pub mod train;

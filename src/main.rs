@@ -37,7 +37,14 @@ fn main() -> ExitCode {
         Command::Train(a) => a.collective_timeout,
         _ => 300.0,
     };
-    let timeout = (timeout > 0.0).then(|| std::time::Duration::from_secs_f64(timeout));
+    // the value parser has checked the range
+    let timeout = dptrain::limits::collective_timeout(timeout).unwrap_or(None);
+    if matches!(cli.command, Command::Train(_))
+        && let Err(e) = dptrain::stop::install()
+    {
+        eprintln!("error: cannot catch the stop signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let comm = match dptrain::comm::from_env(timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -47,6 +54,14 @@ fn main() -> ExitCode {
     };
     match run(&cli, comm.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
+        // a stop asked for by a signal: every rank leaves normally, rank 0 says where to resume
+        Err(e) if e.downcast_ref::<dptrain::stop::Stopped>().is_some() => {
+            let stopped = e.downcast_ref::<dptrain::stop::Stopped>();
+            if comm.is_root() {
+                eprintln!("dptrain: {e}");
+            }
+            ExitCode::from(stopped.map_or(143, |s| s.status()))
+        }
         Err(e) => {
             // an error all ranks agreed on is reported once, by rank 0, and every rank exits
             // non-zero; an error on one rank alone ends the whole job so nobody waits for it

@@ -533,3 +533,133 @@ fn a_relaunched_job_with_a_rank_killed_at_a_random_moment_ends_like_an_uninterru
     assert_eq!(params(&relaunched), params(&straight));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Start `program args` with stdout piped, wait until a line containing `marker` appears on it,
+/// send `signal` to the process (the program itself, or mpirun, which forwards it), and return the
+/// exit status and everything printed.
+fn signal_when(
+    program: &str,
+    args: &[&str],
+    marker: &str,
+    signal: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, Read};
+    let mut c = Command::new(program);
+    mpi_env(&mut c)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap_or(0) > 0 {
+        seen += &line;
+        if line.contains(marker) {
+            break;
+        }
+        line.clear();
+    }
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    let status = child.wait().expect("wait");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status, seen + &rest, err)
+}
+
+#[test]
+fn a_signal_stops_after_a_step_with_a_checkpoint_that_resumes_exactly() {
+    use std::os::unix::process::ExitStatusExt;
+    let digits = shared("digits.csv");
+    let bin = env!("CARGO_BIN_EXE_dptrain");
+    for (device, signal, status) in [("cpu", "TERM", 143), ("gpu", "INT", 130)] {
+        let d = tmpdir(&format!("stop-{device}"));
+        let ck = d.join("ck").display().to_string();
+        let (s, r) = (d.join("s.safetensors"), d.join("r.safetensors"));
+        let (ss, rs) = (s.display().to_string(), r.display().to_string());
+        let epochs = if device == "cpu" { "40" } else { "6" };
+        let base = with(
+            &[
+                "train", "--data", &digits, "--device", device, "--epochs", epochs,
+            ],
+            DIGITS_MLP,
+        );
+        dptrain(&with(&base, &["--save", &ss])).ok();
+        let (st, out, err) = signal_when(
+            bin,
+            &with(&base, &["--checkpoint-dir", &ck, "--save", &rs]),
+            "epoch 1/",
+            signal,
+        );
+        assert_eq!(st.code(), Some(status), "{device}: {st:?}\n{out}\n{err}");
+        assert!(st.signal().is_none());
+        assert!(
+            err.contains(&format!("stopped by SIG{signal} after step"))
+                && err.contains("--resume auto"),
+            "{err}"
+        );
+        assert!(!r.exists(), "a stopped run saves no final model");
+        let resumed = dptrain(&with(
+            &base,
+            &["--checkpoint-dir", &ck, "--resume", "auto", "--save", &rs],
+        ))
+        .ok()
+        .stdout();
+        assert!(resumed.contains("resuming from"), "{resumed}");
+        assert_eq!(params(&r), params(&s), "{device}: the resumed run differs");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[test]
+fn sigusr1_to_mpirun_stops_three_ranks_at_one_step_and_the_resume_is_exact() {
+    let digits = shared("digits.csv");
+    let bin = env!("CARGO_BIN_EXE_dptrain");
+    let d = tmpdir("stop-mpi");
+    let ck = d.join("ck").display().to_string();
+    let (s, r) = (d.join("s.safetensors"), d.join("r.safetensors"));
+    let (ss, rs) = (s.display().to_string(), r.display().to_string());
+    let train = with(
+        &[
+            "train", "--data", &digits, "--device", "cpu", "--epochs", "25",
+        ],
+        DIGITS_MLP,
+    );
+    let np = ["--oversubscribe", "-np", "3", bin];
+    mpirun(3, &with(&train, &["--save", &ss]), &[]).ok();
+    let (st, out, err) = signal_when(
+        "mpirun",
+        &with(
+            &with(&np, &train),
+            &["--checkpoint-dir", &ck, "--save", &rs],
+        ),
+        "epoch 2/",
+        "USR1",
+    );
+    assert!(!st.success(), "{out}\n{err}");
+    assert!(
+        err.contains("stopped by SIGUSR1 after step"),
+        "{out}\n{err}"
+    );
+    let files = dptrain::checkpoint::list(Path::new(&ck));
+    assert!(!files.is_empty(), "no checkpoint\n{err}");
+    mpirun(
+        3,
+        &with(
+            &train,
+            &["--checkpoint-dir", &ck, "--resume", "auto", "--save", &rs],
+        ),
+        &[],
+    )
+    .ok();
+    assert_eq!(params(&r), params(&s), "the resumed 3-rank run differs");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -17,8 +17,9 @@ use super::config::{SyncMode, TrainConfig};
 use crate::backend::Backend;
 use crate::comm::Communicator;
 
-/// Words of training totals that travel after the first bucket: loss sum, correct, count.
-const TOTAL_WORDS: usize = 3;
+/// Words that travel after the first bucket: loss sum, correct, count, and the number of ranks that
+/// were asked to stop (so that all stop at the same step).
+const TOTAL_WORDS: usize = 4;
 
 /// Host time spent in the exchange, summed over a run (seconds).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -49,6 +50,8 @@ pub struct Summed {
     pub samples: u64,
     /// The step's totals over all ranks, when they travelled with the gradients.
     pub totals: Option<Totals>,
+    /// Some rank was asked to stop (a signal): every rank stops after this step.
+    pub stop: bool,
 }
 
 pub struct Exchange {
@@ -100,17 +103,25 @@ impl Exchange {
         global_rows: usize,
     ) -> anyhow::Result<Summed> {
         self.since_average += local_rows as u64;
+        let asked = u64::from(crate::stop::requested().is_some());
         if !self.exchanges_gradients() {
             let samples = match self.sync {
                 // local SGD: each rank steps on its own rows
                 SyncMode::Params => local_rows,
                 SyncMode::Grads => global_rows,
             };
+            // ranks that exchange no gradients agree on a stop with a one-word collective
+            let mut stop = [asked];
+            if self.ranks > 1 {
+                comm.allreduce_sum_u64(&mut stop)?;
+            }
             return Ok(Summed {
                 samples: samples as u64,
                 totals: None,
+                stop: stop[0] > 0,
             });
         }
+        let mut stop = false;
         let mut totals = Totals::default();
         for (i, bucket) in self.buckets.iter().enumerate() {
             let first = i == 0;
@@ -128,6 +139,7 @@ impl Exchange {
                 self.send[n] = local.loss_sum as f32;
                 self.send[n + 1] = local.correct as f32;
                 self.send[n + 2] = local.count as f32;
+                self.send[n + 3] = asked as f32;
             }
             let t1 = Instant::now();
             comm.allreduce_sum_f32_into(&self.send[..len], &mut self.recv[..len])?;
@@ -142,11 +154,13 @@ impl Exchange {
                     correct: self.recv[n + 1] as u64,
                     count: self.recv[n + 2] as u64,
                 };
+                stop = self.recv[n + 3] > 0.0;
             }
         }
         Ok(Summed {
             samples: totals.count,
             totals: Some(totals),
+            stop,
         })
     }
 

@@ -190,19 +190,20 @@ impl Checkpoints<'_> {
         }))
     }
 
-    /// Rank 0 writes the checkpoint for `pos` (parameters and optimizer state as the backend holds them).
+    /// Rank 0 writes the checkpoint for `pos` (parameters and optimizer state as the backend holds
+    /// them) and returns its path.
     pub fn write(
         &self,
         backend: &mut dyn Backend,
         comm: &dyn Communicator,
         pos: &Position,
         plan: &StepPlan,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<PathBuf>> {
         let Some(dir) = &self.ctl.checkpoint_dir else {
-            return Ok(());
+            return Ok(None);
         };
         if !comm.is_root() {
-            return Ok(());
+            return Ok(None);
         }
         let samples_in_epoch: u64 = (0..pos.steps_in_epoch)
             .map(|s| plan.global_rows(s) as u64)
@@ -230,7 +231,7 @@ impl Checkpoints<'_> {
         };
         let path = checkpoint::save(dir, &ck, self.ctl.keep)?;
         tracing::info!("checkpoint {}", path.display());
-        Ok(())
+        Ok(Some(path))
     }
 }
 

@@ -32,6 +32,8 @@ enum Halt {
         step: u64,
         loss: f64,
     },
+    /// A signal asked the run to stop; it stopped after a step, with a checkpoint if it could.
+    Stopped(crate::stop::Stopped),
     Error(anyhow::Error),
 }
 
@@ -152,6 +154,7 @@ pub fn train_with(
         match result {
             Ok(()) => break,
             Err(Halt::Error(e)) => return Err(e),
+            Err(Halt::Stopped(s)) => return Err(s.into()),
             Err(Halt::NotFinite { step, loss }) => {
                 let can = ctl.on_nan == NanPolicy::Rollback
                     && rollbacks < ctl.max_rollbacks
@@ -267,6 +270,9 @@ fn run_from(
     let exchange = stepper.exchange.exchanges_gradients();
     // the step of each training batch whose loss the backend keeps, until the next flush
     let mut recorded: Vec<u64> = Vec::new();
+    // whether a signal asked the ranks to stop, and the newest checkpoint written (rank 0)
+    let mut stop = false;
+    let mut written: Option<std::path::PathBuf> = None;
     while pos.step < total_steps {
         let epoch = pos.epochs_done + 1;
         backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
@@ -277,8 +283,9 @@ fn run_from(
             let batches = plan.micro_batches(s, pos.step).len();
             recorded.extend(std::iter::repeat_n(pos.step, batches));
             crate::fault::before_step(rank, pos.step);
-            let got = stepper.step(backend, comm, s, pos.step)?;
-            if let Some(t) = got {
+            let summed = stepper.step(backend, comm, s, pos.step)?;
+            stop |= summed.stop;
+            if let Some(t) = summed.totals {
                 if !t.loss_sum.is_finite() {
                     return Err(Halt::NotFinite {
                         step: pos.step + 1,
@@ -289,11 +296,14 @@ fn run_from(
             }
             pos.step += 1;
             s += 1;
+            // mid-epoch: by step, or because a signal asked to stop (at an epoch's end, the
+            // epoch's own report and checkpoint come first)
             let checkpoint_now = ctl.checkpoint_dir.is_some()
-                && ctl.checkpoint_unit == CheckpointUnit::Step
-                && ctl.checkpoint_every > 0
-                && pos.step.is_multiple_of(ctl.checkpoint_every)
-                && s < plan.steps_per_epoch;
+                && s < plan.steps_per_epoch
+                && ((ctl.checkpoint_unit == CheckpointUnit::Step
+                    && ctl.checkpoint_every > 0
+                    && pos.step.is_multiple_of(ctl.checkpoint_every))
+                    || stop);
             // the backend keeps the losses of HISTORY batches: read them before the next step's
             if recorded.len() + cfg.accumulate > HISTORY || checkpoint_now {
                 flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
@@ -302,9 +312,12 @@ fn run_from(
                 pos.epochs_done = epoch - 1;
                 pos.steps_in_epoch = s;
                 pos.totals = epoch_totals;
-                cks.write(backend, comm, pos, &plan)?;
+                written = cks.write(backend, comm, pos, &plan)?;
             }
             on_step(pos.step);
+            if stop && s < plan.steps_per_epoch {
+                return Err(stopped(pos.step, written));
+            }
         }
         flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
         let secs = epoch_start.elapsed().as_secs_f64();
@@ -352,10 +365,22 @@ fn run_from(
             && ctl.checkpoint_every > 0
             && pos.step.is_multiple_of(ctl.checkpoint_every);
         if ctl.checkpoint_dir.is_some()
-            && (by_epoch || by_step_at_boundary || pos.step >= total_steps)
+            && (by_epoch || by_step_at_boundary || pos.step >= total_steps || stop)
         {
-            cks.write(backend, comm, pos, &plan)?;
+            written = cks.write(backend, comm, pos, &plan)?;
+        }
+        if stop {
+            return Err(stopped(pos.step, written));
         }
     }
     Ok(())
+}
+
+/// The halt of a run that a signal stopped after `step`, its checkpoint `written` (rank 0's path).
+fn stopped(step: u64, written: Option<std::path::PathBuf>) -> Halt {
+    Halt::Stopped(crate::stop::Stopped {
+        signal: crate::stop::requested(),
+        step,
+        checkpoint: written,
+    })
 }

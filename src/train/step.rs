@@ -5,11 +5,10 @@
 
 use std::time::Instant;
 
-use dptrain_kernels::reduce_stats::Totals;
 use serde::Serialize;
 
 use super::config::TrainConfig;
-use super::exchange::Exchange;
+use super::exchange::{Exchange, Summed};
 use super::plan::StepPlan;
 use crate::backend::Backend;
 use crate::comm::Communicator;
@@ -50,15 +49,15 @@ impl Stepper {
         }
     }
 
-    /// Global step `step`, the `s`-th of its epoch. Returns the step's totals over all ranks when
-    /// they travelled with the gradients.
+    /// Global step `step`, the `s`-th of its epoch. Returns what the exchange summed: the step's
+    /// totals over all ranks when they travelled with the gradients, and whether to stop.
     pub fn step(
         &mut self,
         backend: &mut dyn Backend,
         comm: &dyn Communicator,
         s: u64,
         step: u64,
-    ) -> anyhow::Result<Option<Totals>> {
+    ) -> anyhow::Result<Summed> {
         let t = &mut self.phases;
         let batches = self.plan.micro_batches(s, step);
         for b in &batches {
@@ -80,7 +79,7 @@ impl Stepper {
         t.time(Phase::Average, || {
             self.exchange.average_if_due(backend, comm, step + 1, total)
         })?;
-        Ok(summed.totals)
+        Ok(summed)
     }
 }
 
