@@ -36,6 +36,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
+        .filter(|e| e.path().is_file())
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
@@ -76,6 +77,9 @@ fn every_bad_input_in_the_corpus_fails_cleanly_and_harms_nothing() {
     variants(&good, &variants_dir);
     let model_before = std::fs::read(&model).unwrap();
     let ck_before = snapshot(&ck);
+    // the inputs are good files too: no case may change them
+    let corpus_before = snapshot(&corpus);
+    let iris_before = std::fs::read(&iris).unwrap();
     let text = std::fs::read_to_string(corpus.join("CASES.tsv")).unwrap();
     let mut count = 0;
     for line in text
@@ -126,5 +130,14 @@ fn every_bad_input_in_the_corpus_fails_cleanly_and_harms_nothing() {
     }
     assert!(count >= 30, "only {count} cases");
     assert!(ck_before.iter().any(|(n, _)| *n == good_name));
+    assert!(
+        snapshot(&corpus) == corpus_before,
+        "a case changed a corpus file"
+    );
+    assert_eq!(
+        std::fs::read(&iris).unwrap(),
+        iris_before,
+        "a case changed iris.csv"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -663,3 +663,46 @@ fn sigusr1_to_mpirun_stops_three_ranks_at_one_step_and_the_resume_is_exact() {
     assert_eq!(params(&r), params(&s), "the resumed 3-rank run differs");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_second_run_on_a_locked_checkpoint_folder_is_refused_naming_the_holder() {
+    use std::io::BufRead;
+    let digits = shared("digits.csv");
+    let d = tmpdir("lock");
+    let ck = d.join("ck").display().to_string();
+    let args = with(
+        &[
+            "train",
+            "--data",
+            &digits,
+            "--device",
+            "cpu",
+            "--epochs",
+            "200",
+            "--checkpoint-dir",
+            &ck,
+        ],
+        DIGITS_MLP,
+    );
+    let mut first = Command::new(env!("CARGO_BIN_EXE_dptrain"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("epoch 1/") {
+        line.clear();
+    }
+    let second = dptrain(&args);
+    let _ = first.kill();
+    let _ = first.wait();
+    second.fails_with(&format!(
+        "is in use by another run (pid {} on this host",
+        first.id()
+    ));
+    // the first run's checkpoints are still there
+    assert!(!dptrain::checkpoint::list(Path::new(&ck)).is_empty());
+    let _ = std::fs::remove_dir_all(&d);
+}

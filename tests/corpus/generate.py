@@ -56,3 +56,11 @@ os.makedirs("idx-missing", exist_ok=True)
 w("idx-missing/README", "a directory without MNIST files\n")
 w("junk.safetensors", b'\x10\x00\x00\x00\x00\x00\x00\x00{"oops": true}  ')
 w("zero.safetensors", b"")
+
+# second round: limits checked before allocating, data that changed under a checkpoint
+w("stray-label.csv", "0,1,2\n1,2,3\n16777215,1,1\n0,2,2\n1,3,3\n")
+# a small gzip whose header claims 4 images of 16384 × 16384 pixels (268 M features each)
+mnist("idx-wide-images", struct.pack(">IIII", 0x803, 4, 16384, 16384) + bytes(1 << 16), labels(4))
+# iris with every sample's first feature moved by 0.1: the same shape, other contents
+rows = [r.split(",") for r in open(os.path.join("..", "data", "iris.csv")).read().split()]
+w("iris-edited.csv", "".join(",".join([r[0], "%g" % (float(r[1]) + 0.1)] + r[2:]) + "\n" for r in rows))
