@@ -71,6 +71,12 @@ pub struct State {
     pub settings: serde_json::Value,
     pub spec: ModelSpec,
     pub norm: Normalizer,
+    /// Early stopping's best validation value and evaluations since (absent: none yet).
+    #[serde(default)]
+    pub watch: crate::train::WatchState,
+    /// Class names when the training labels were text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
 }
 
 fn sgd_name() -> String {
@@ -421,6 +427,13 @@ mod tests {
                 settings: serde_json::json!({"lr": 0.1, "seed": 3}),
                 norm: Normalizer::identity(3),
                 spec: spec.clone(),
+                watch: crate::train::WatchState {
+                    best: Some(0.25),
+                    best_step: 7,
+                    best_epoch: 1,
+                    since_best: 2,
+                },
+                labels: Some(vec!["cat".into(), "dog".into()]),
             },
             params: spec.init(1),
             optim: vec![

@@ -26,7 +26,8 @@ use crate::train::{
     about = "Data-parallel training: WGSL gradients on every GPU, MPI allreduce between ranks"
 )]
 pub struct Cli {
-    /// More diagnostics on stderr (-v info, -vv debug); RUST_LOG overrides.
+    /// More diagnostics on stderr: -v dptrain's info, -vv its debug, -vvv every library's
+    /// (wgpu, naga); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -37,8 +38,15 @@ pub struct Cli {
 pub enum Command {
     /// Train a model.
     Train(Box<TrainArgs>),
-    /// Evaluate a saved model on a dataset.
+    /// Evaluate a saved model (or a checkpoint) on a dataset.
     Eval(EvalArgs),
+    /// Write a saved model's predictions for a dataset to CSV.
+    Predict(PredictArgs),
+    /// Look inside a saved model or checkpoint.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Draw the loss, accuracy and learning-rate curves of a --metrics-out file.
+    Plot(PlotArgs),
     /// Make or inspect datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -46,6 +54,13 @@ pub enum Command {
     Devices,
     /// Benchmarks: `bench --workload NAME` times the training step, `bench comm` the allreduce.
     Bench(BenchArgs),
+    /// Print a shell completion script: `dptrain completions bash > /etc/bash_completion.d/dptrain`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `dptrain man > dptrain.1`.
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -162,23 +177,38 @@ pub enum DataCommand {
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
+    /// What to generate (the same kinds and defaults as `train --data synth:KIND`).
     #[arg(long, value_enum, default_value = "seed")]
     pub kind: SynthKind,
+    /// Rows to write.
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
-    /// Features (ignored by --kind seed, which has 2).
-    #[arg(long, default_value_t = 2)]
-    pub features: usize,
-    /// Classes for blobs and random (0 with random: regression targets).
-    #[arg(long, default_value_t = 3)]
-    pub classes: usize,
+    /// Features (default: blobs 2, random 10, linear 5; seed always has 2).
+    #[arg(long)]
+    pub features: Option<usize>,
+    /// Classes for blobs and random (default: blobs 3, random 2; 0 with random: regression targets).
+    #[arg(long)]
+    pub classes: Option<usize>,
     /// Noise standard deviation for --kind linear.
     #[arg(long, default_value_t = 0.1)]
     pub noise: f64,
+    /// Seed of the generator.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The CSV file to write (label first, no header).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl SynthKind {
+    fn name(self) -> &'static str {
+        match self {
+            SynthKind::Seed => "seed",
+            SynthKind::Blobs => "blobs",
+            SynthKind::Random => "random",
+            SynthKind::Linear => "linear",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -193,27 +223,32 @@ pub enum SynthKind {
     Linear,
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[command(next_help_heading = "Data")]
 pub struct CsvArgs {
-    /// CSV label column: 0-based index or header name.
+    /// CSV label column: 0-based index, header name, or `last`.
     #[arg(long, default_value = "0")]
     pub label_column: String,
-    /// Whether the CSV's first row is a header.
+    /// Whether the CSV's first row is a header (auto: when any of its cells is not a number).
     #[arg(long, value_enum, default_value = "auto")]
     pub header: HeaderArg,
     /// CSV delimiter: comma, tab or semicolon (default: detected).
     #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<DelimiterArg>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HeaderArg {
     Auto,
     Yes,
     No,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DelimiterArg {
     Comma,
     Tab,
@@ -241,7 +276,8 @@ impl CsvArgs {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NormArg {
     /// Standardise CSV features (mean 0, std 1 on the training set); scale pixels to [0, 1].
     Auto,
@@ -249,128 +285,210 @@ pub enum NormArg {
     None,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[command(allow_negative_numbers = true, args_override_self = true)]
 pub struct TrainArgs {
     /// Training data: a CSV file, an MNIST directory (train + t10k IDX files, gzip or raw), or
     /// synth:KIND[:N[:F[:K]]] (seed, blobs, random, linear; seeded by --seed).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub data: String,
     /// Test data (CSV file or MNIST directory, whose t10k files are used); default: the MNIST
     /// directory's own test set, else a --test-fraction split.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub test_data: Option<String>,
     /// Fraction of the training file held out as a seeded test set when no test data is given (0: none).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, help_heading = "Data")]
     pub test_fraction: f64,
+    /// Fraction of the training data held out (seeded) as a validation set, evaluated every
+    /// --eval-every steps and at each epoch's end; early stopping and --save-best watch it (0: none).
+    #[arg(long, default_value_t = 0.0, help_heading = "Data")]
+    pub val_fraction: f64,
     #[command(flatten)]
+    #[serde(flatten)]
     pub csv: CsvArgs,
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Feature scaling: auto and standard standardise each feature on the training set (pixels are
+    /// scaled to [0, 1] instead); none leaves the values as they are.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Data")]
     pub normalize: NormArg,
-    #[arg(long, value_enum, default_value = "softmax")]
+    /// The model: logreg (sigmoid + BCE, labels 0/1), softmax (cross-entropy), linreg (MSE), mlp
+    /// (hidden layers from --hidden, cross-entropy).
+    #[arg(long, value_enum, default_value = "softmax", help_heading = "Model")]
     pub model: ModelKind,
     /// Hidden layer widths for --model mlp, e.g. 1024,1024.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', help_heading = "Model")]
     pub hidden: Vec<usize>,
     /// Hidden-layer activation for --model mlp.
-    #[arg(long, value_enum, default_value = "relu")]
+    #[arg(long, value_enum, default_value = "relu", help_heading = "Model")]
     pub activation: Activation,
     /// Dropout probability after each hidden layer of --model mlp (0: none; off in evaluation).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, help_heading = "Model")]
     pub dropout: f64,
     /// Initial parameters from a safetensors file (names and shapes as --save writes them).
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
     /// Passes over the training data (ignored when --steps is given).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, help_heading = "Run length")]
     pub epochs: u64,
     /// Total optimiser steps (overrides --epochs).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run length")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
+    /// Evaluate the validation set every N steps as well as at each epoch's end (0: epochs only).
+    #[arg(long, default_value_t = 0, help_heading = "Run length")]
+    pub eval_every: u64,
+    /// Stop when the --monitor value has not improved for K evaluations (0: never).
+    #[arg(long, default_value_t = 0, help_heading = "Run length")]
+    pub early_stop_patience: u64,
+    /// What early stopping and --save-best watch (on the --val-fraction split).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "val_loss",
+        help_heading = "Run length"
+    )]
+    pub monitor: crate::train::Monitor,
     /// Samples per micro-batch (per rank under mpirun).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, help_heading = "Optimizer")]
     pub batch_size: usize,
     /// Micro-batches per optimiser step: their gradients are summed, as one batch N× larger.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, help_heading = "Optimizer")]
     pub accumulate: usize,
     /// Base learning rate.
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.1, help_heading = "Optimizer")]
     pub lr: f64,
     #[command(flatten)]
+    #[serde(flatten)]
     pub optim: OptimArgs,
-    #[arg(long, value_enum, default_value = "constant")]
+    /// Learning-rate schedule after the warm-up.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "constant",
+        help_heading = "Schedule"
+    )]
     pub schedule: ScheduleKind,
     /// Linear warm-up steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Schedule")]
     pub warmup: u64,
     /// Epochs between decays for --schedule step.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, help_heading = "Schedule")]
     pub step_size: u64,
     /// Decay factor for --schedule step.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, help_heading = "Schedule")]
     pub gamma: f64,
     /// Final learning rate for --schedule cosine.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, help_heading = "Schedule")]
     pub min_lr: f64,
-    /// Seed for initialisation, shuffling, test split and synthetic data.
-    #[arg(long, default_value_t = 0)]
+    /// Seed for initialisation, shuffling, the test and validation splits, dropout and synthetic data.
+    #[arg(long, default_value_t = 0, help_heading = "Model")]
     pub seed: u64,
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Where the gradients are computed: auto (a hardware GPU, else the CPU), gpu (any wgpu
+    /// adapter, lavapipe included) or cpu (the ndarray reference).
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Device")]
     pub device: DeviceKind,
     /// Adapter index from `dptrain devices`.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<usize>,
     /// Matrix-product inputs: f32, or f16 with f32 accumulation and dynamic loss scaling (GPU).
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "f32", help_heading = "Device")]
     pub precision: Precision,
     /// Kernel tuning: auto (cached on a hardware GPU, off on lavapipe), on, off, cached.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Device")]
     pub autotune: AutotuneMode,
-    /// One JSON object per epoch.
-    #[arg(long)]
-    pub metrics_out: Option<PathBuf>,
-    /// Save the trained model (safetensors, PyTorch nn.Linear names).
-    #[arg(long)]
-    pub save: Option<PathBuf>,
-    /// Under mpirun: how ranks divide the training set.
-    #[arg(long, value_enum, default_value = "global")]
+    /// Under mpirun: how ranks divide the training set (global: every rank holds it all; split:
+    /// each keeps its 1/N).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "global",
+        help_heading = "Distributed"
+    )]
     pub shard: ShardMode,
     /// Under mpirun: allreduce gradients every step, or average parameters every --sync-every steps.
-    #[arg(long, value_enum, default_value = "grads")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "grads",
+        help_heading = "Distributed"
+    )]
     pub sync: SyncMode,
     /// Local steps between parameter averages with --sync params.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, help_heading = "Distributed")]
     pub sync_every: u64,
-    /// Folder for checkpoints (written atomically; the newest --keep-checkpoints kept).
-    #[arg(long)]
+    /// Under mpirun: seconds any collective may wait before the job is aborted, naming the ranks
+    /// that have not arrived (0: wait forever, with MPI's blocking collectives).
+    #[arg(long, default_value_t = 300.0, value_parser = non_negative_seconds, help_heading = "Distributed")]
+    pub collective_timeout: f64,
+    /// Folder for checkpoints (written atomically; locked while the run uses it).
+    #[arg(long, help_heading = "Checkpoints")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every N --checkpoint-unit (0: only at the end).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, help_heading = "Checkpoints")]
     pub checkpoint_every: u64,
-    #[arg(long, value_enum, default_value = "epoch")]
+    /// What --checkpoint-every counts: epochs or steps.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "epoch",
+        help_heading = "Checkpoints"
+    )]
     pub checkpoint_unit: CheckpointUnit,
-    #[arg(long, default_value_t = 3)]
+    /// Checkpoints kept in --checkpoint-dir (the newest).
+    #[arg(long, default_value_t = 3, help_heading = "Checkpoints")]
     pub keep_checkpoints: usize,
+    /// Resume from a checkpoint file, or `auto`: the newest intact one in --checkpoint-dir
+    /// (a fresh start when there is none).
+    #[arg(long, help_heading = "Checkpoints")]
+    #[serde(skip)]
+    pub resume: Option<String>,
     /// Take over a --checkpoint-dir lock held by a run on another host (one whose process is gone).
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints")]
+    #[serde(skip)]
     pub break_lock: bool,
     /// Resume even though the training data (its size, contents or normaliser) differ from the
     /// checkpoint's.
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints")]
     pub resume_allow_changed_data: bool,
-    /// Resume from a checkpoint file, or `auto`: the newest intact one in --checkpoint-dir
-    /// (a fresh start when there is none).
-    #[arg(long)]
-    pub resume: Option<String>,
     /// When the loss is not finite: stop naming the step, or roll back to the newest checkpoint
     /// with the learning rate halved.
-    #[arg(long, value_enum, default_value = "stop")]
+    #[arg(long, value_enum, default_value = "stop", help_heading = "Checkpoints")]
     pub on_nan: NanPolicy,
-    #[arg(long, default_value_t = 3)]
+    /// Rollbacks allowed with --on-nan rollback before the run gives up.
+    #[arg(long, default_value_t = 3, help_heading = "Checkpoints")]
     pub max_rollbacks: u32,
-    /// Under mpirun: seconds any collective may wait before the job is aborted, naming the ranks
-    /// that have not arrived (0: wait forever, with MPI's blocking collectives).
-    #[arg(long, default_value_t = 300.0, value_parser = non_negative_seconds)]
-    pub collective_timeout: f64,
+    /// Save the trained model (safetensors, PyTorch nn.Linear names); its settings go beside it as
+    /// <stem>.settings.toml.
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save: Option<PathBuf>,
+    /// Keep the model of the best --monitor value seen (needs --val-fraction).
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_best: Option<PathBuf>,
+    /// One JSON object per epoch (and per --log-every steps); appended to when resuming.
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_out: Option<PathBuf>,
+    /// Also record the training loss and rate every N steps (in --metrics-out and --tensorboard).
+    #[arg(long, default_value_t = 0, help_heading = "Output")]
+    pub log_every: u64,
+    /// Write TensorBoard event files (loss, accuracy, lr, samples/s) into this folder.
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<PathBuf>,
+    /// Seconds between the plain progress lines printed when stderr is not a terminal (0: none).
+    #[arg(long, default_value_t = 30.0, help_heading = "Output")]
+    pub progress_every: f64,
+    /// Flags from a TOML file (keys are flag names: lr = 0.1, hidden = [256]); the command line
+    /// overrides it.
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
 }
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {
@@ -384,7 +502,7 @@ fn non_negative_seconds(s: &str) -> Result<f64, String> {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A model file written by `train --save`.
+    /// A model file (`train --save`, `--save-best`) or a checkpoint.
     #[arg(long)]
     pub model_file: PathBuf,
     /// Data to evaluate on: a CSV file (all of it) or an MNIST directory (its t10k test set).
@@ -392,12 +510,70 @@ pub struct EvalArgs {
     pub data: String,
     #[command(flatten)]
     pub csv: CsvArgs,
+    /// Also print the confusion matrix and each class's precision, recall and F1.
+    #[arg(long)]
+    pub report: bool,
+    /// Where to evaluate: auto (a hardware GPU, else the CPU), gpu or cpu.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceKind,
+    /// Adapter index from `dptrain devices`.
     #[arg(long)]
     pub gpu: Option<usize>,
+    /// Rows evaluated at a time.
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// A model file (`train --save`, `--save-best`) or a checkpoint.
+    #[arg(long)]
+    pub model_file: PathBuf,
+    /// Rows to predict: a CSV file with the model's features, with or without the label column
+    /// (told apart by the column count), or an MNIST directory (its t10k images).
+    #[arg(long)]
+    pub data: String,
+    /// Where to write the predictions (CSV: id, predicted class and each class's probability, or
+    /// the predicted value); `-` for stdout.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A CSV column holding each row's id (index, header name or `last`), copied to the output
+    /// and not used as a feature; default: the 1-based row number.
+    #[arg(long)]
+    pub id_column: Option<String>,
+    #[command(flatten)]
+    pub csv: CsvArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A metrics file written by `train --metrics-out`.
+    pub metrics: PathBuf,
+    /// The picture: .svg or .png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Architecture, parameter count, training settings and, for linear models, the weights in
+    /// the raw units of the features.
+    Show {
+        /// A model file or a checkpoint.
+        path: PathBuf,
+    },
+}
+
+/// The features and classes of each synthetic kind when none are given, shared by `synth:KIND` and
+/// `data synth --kind KIND`.
+pub fn synth_defaults(kind: &str) -> Option<(usize, usize)> {
+    match kind {
+        "seed" => Some((2, 2)),
+        "blobs" => Some((2, 3)),
+        "random" => Some((10, 2)),
+        "linear" => Some((5, 0)),
+        _ => None,
+    }
 }
 
 /// Load `--data`: a synth: spec, an MNIST directory or a CSV file.
@@ -416,24 +592,29 @@ pub fn load_data(spec: &str, csv: &CsvOptions, seed: u64) -> anyhow::Result<data
         if n == 0 {
             bail!("--data {spec}: the sample count must be at least 1");
         }
-        let features = match kind {
-            "seed" => 2,
-            "linear" => arg(1, 5),
-            _ => arg(1, 10),
+        let Some((f0, k0)) = synth_defaults(kind) else {
+            bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)");
         };
+        let features = if kind == "seed" { 2 } else { arg(1, f0) };
         crate::limits::check_dataset(&format!("--data {spec}"), n as u64, features as u64)?;
-        if arg(2, 0) > crate::limits::MAX_CLASSES {
+        let classes = arg(2, k0);
+        if classes > crate::limits::MAX_CLASSES {
             bail!(
                 "--data {spec}: {} classes, more than the {} dptrain takes",
-                arg(2, 0),
+                classes,
                 crate::limits::MAX_CLASSES
             );
         }
         let ds = match kind {
             "seed" => synth::seed_example(n, seed),
-            "blobs" => synth::blobs(n, arg(1, 2), arg(2, 3), seed),
-            "random" => synth::random(n, arg(1, 10), arg(2, 2), seed),
-            "linear" => synth::linear(n, arg(1, 5), 0.1, seed).0,
+            "blobs" => {
+                if classes < 1 {
+                    bail!("--data {spec}: blobs need at least 1 class");
+                }
+                synth::blobs(n, features, classes, seed)
+            }
+            "random" => synth::random(n, features, classes, seed),
+            "linear" => synth::linear(n, features, 0.1, seed).0,
             _ => bail!(
                 "--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)"
             ),
@@ -475,6 +656,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         sync: a.sync,
         sync_every: a.sync_every,
         precision: a.precision,
+        val_fraction: a.val_fraction,
     }
 }
 
@@ -491,7 +673,16 @@ pub fn resolve_datasets(a: &TrainArgs) -> anyhow::Result<(Dataset, Option<Datase
     if let Some(t) = &a.test_data {
         let lt = load_data(t, &csv, a.seed.wrapping_add(1))?;
         // an MNIST directory as test data means its t10k files
-        let test = lt.test.unwrap_or(lt.train);
+        let mut test = lt.test.unwrap_or(lt.train);
+        // class names mean the training file's classes
+        if let Some(names) = &loaded.train.labels {
+            test.relabel(names)?;
+        } else if test.labels.is_some() {
+            bail!(
+                "{}: the labels are text, but the training data's are numbers",
+                test.source
+            );
+        }
         return Ok((loaded.train, Some(test)));
     }
     match loaded.test {
@@ -504,19 +695,6 @@ pub fn resolve_datasets(a: &TrainArgs) -> anyhow::Result<(Dataset, Option<Datase
     }
 }
 
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::with_draw_target(
-        Some(total),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta}")
-    {
-        pb.set_style(style);
-    }
-    pb
-}
-
 /// Checkpoint and recovery flags that cannot work together.
 fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     if a.keep_checkpoints == 0 {
@@ -527,6 +705,26 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     }
     if a.on_nan == NanPolicy::Rollback && a.checkpoint_dir.is_none() {
         bail!("--on-nan rollback needs --checkpoint-dir");
+    }
+    if a.val_fraction == 0.0 {
+        for (flag, used) in [
+            ("--early-stop-patience", a.early_stop_patience > 0),
+            ("--save-best", a.save_best.is_some()),
+            ("--eval-every", a.eval_every > 0),
+        ] {
+            if used {
+                bail!(
+                    "{flag} needs a validation set: add --val-fraction F (e.g. 0.1); the test set is never used to choose a model"
+                );
+            }
+        }
+    }
+    a.monitor.check(a.model == ModelKind::Linreg)?;
+    if !(a.progress_every.is_finite() && a.progress_every >= 0.0) {
+        bail!(
+            "--progress-every must be a number of seconds ≥ 0 (got {})",
+            a.progress_every
+        );
     }
     Ok(())
 }
@@ -543,6 +741,7 @@ fn run_paths(a: &TrainArgs) -> crate::outputs::RunPaths {
             .map(|d| ("--test-data", d)),
     );
     p.inputs.extend(a.init.clone().map(|d| ("--init", d)));
+    p.inputs.extend(a.config.clone().map(|d| ("--config", d)));
     p.inputs.extend(
         a.resume
             .as_deref()
@@ -552,24 +751,63 @@ fn run_paths(a: &TrainArgs) -> crate::outputs::RunPaths {
     p.files.extend(a.save.clone().map(|f| ("--save", f)));
     p.files
         .extend(a.metrics_out.clone().map(|f| ("--metrics-out", f)));
+    p.files
+        .extend(a.save_best.clone().map(|f| ("--save-best", f)));
+    p.dirs
+        .extend(a.tensorboard.clone().map(|d| ("--tensorboard", d)));
     p.dirs
         .extend(a.checkpoint_dir.clone().map(|d| ("--checkpoint-dir", d)));
     p
 }
 
+/// Where the run's resolved settings go: beside the model file as `<stem>.settings.toml`, else in
+/// the checkpoint folder; nowhere when the run saves neither.
+fn settings_path(a: &TrainArgs) -> Option<PathBuf> {
+    match (&a.save, &a.checkpoint_dir) {
+        (Some(m), _) => {
+            let stem = m.file_stem().map(|s| s.to_string_lossy().into_owned())?;
+            Some(m.with_file_name(format!("{stem}.settings.toml")))
+        }
+        (None, Some(d)) => Some(d.join("settings.toml")),
+        (None, None) => None,
+    }
+}
+
+/// Open the metrics file: appended to when the run resumes, else created afresh.
+fn open_metrics(
+    path: &Path,
+    resume: bool,
+) -> anyhow::Result<(PathBuf, std::io::BufWriter<std::fs::File>)> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume)
+        .truncate(!resume)
+        .open(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    Ok((path.to_path_buf(), std::io::BufWriter::new(f)))
+}
+
 pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     let cfg = train_config(a);
+    let settings = settings_path(a);
     // rank 0 writes every output: its paths are checked, and its checkpoint folder locked, before
     // any work; every failure before the first collective is shared, so no rank waits for one that quit
     let lock = consistency::agree(
         comm,
         check_run_args(a).and_then(|_| match comm.is_root() {
-            true => run_paths(a).check().and_then(|_| {
-                a.checkpoint_dir
-                    .as_deref()
-                    .map(|d| crate::outputs::lock_dir(d, a.break_lock))
-                    .transpose()
-            }),
+            true => {
+                let mut paths = run_paths(a);
+                paths
+                    .files
+                    .extend(settings.clone().map(|f| ("the settings file", f)));
+                paths.check().and_then(|_| {
+                    a.checkpoint_dir
+                        .as_deref()
+                        .map(|d| crate::outputs::lock_dir(d, a.break_lock))
+                        .transpose()
+                })
+            }
             false => Ok(None),
         }),
     )?;
@@ -580,18 +818,36 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             .and_then(|(tr, te)| train::setup_rank(&cfg, tr, te, comm.rank(), comm.size())),
     )?;
     consistency::check_same(comm, &train::fingerprint(&cfg, &setup))?;
-    // the step plan, computed once: the progress bar's length and the loop's rows
+    // the step plan, computed once: the progress display's length and the loop's rows
     let plan = StepPlan::of(&cfg, setup.total_train, comm.rank(), comm.size());
     let total = consistency::agree(comm, cfg.total_steps(plan.steps_per_epoch))?;
     let spec = &setup.spec;
-    let metrics_file = match (&a.metrics_out, comm.is_root()) {
-        (Some(p), true) => Some(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display())),
-        )
-        .transpose(),
-        _ => Ok(None),
+    let settings_value = serde_json::to_value(a).unwrap_or_default();
+    // the settings file, the metrics file and the TensorBoard folder, on rank 0
+    let opened = match comm.is_root() {
+        true => (|| {
+            if let Some(p) = &settings {
+                let text = settings_toml(a)?;
+                crate::modelfile::write_atomic(p, text.as_bytes())?;
+            }
+            let metrics = a
+                .metrics_out
+                .as_deref()
+                .map(|p| open_metrics(p, a.resume.is_some()))
+                .transpose()?;
+            let tb = a
+                .tensorboard
+                .as_deref()
+                .map(|d| {
+                    crate::tensorboard::EventWriter::new(d)
+                        .map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))
+                })
+                .transpose()?;
+            Ok::<_, anyhow::Error>(Some((metrics, tb)))
+        })(),
+        false => Ok(None),
     };
-    let mut metrics = consistency::agree(comm, metrics_file)?.map(std::io::BufWriter::new);
+    let (metrics, tensorboard) = consistency::agree(comm, opened)?.unwrap_or((None, None));
     let init = setup.backend_init(&cfg, &plan);
     let mut backend = consistency::agree(
         comm,
@@ -618,9 +874,14 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     }
     if comm.is_root() {
         println!(
-            "dptrain: {} samples × {} features{}, model {:?} {:?} ({} parameters), on {}{}",
+            "dptrain: {} samples × {} features{}{}, model {:?} {:?} ({} parameters), on {}{}",
             setup.total_train,
             setup.train.n_features,
+            setup
+                .val
+                .as_ref()
+                .map(|t| format!(", validation {}", t.n_samples))
+                .unwrap_or_default(),
             setup
                 .test
                 .as_ref()
@@ -637,11 +898,6 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
             }
         );
     }
-    let pb = if comm.is_root() {
-        progress_bar(total)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
     let ctl = RunControl {
         checkpoint_dir: a.checkpoint_dir.clone(),
         checkpoint_every: a.checkpoint_every,
@@ -658,41 +914,131 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         max_rollbacks: a.max_rollbacks,
         kernels: tuning.choices.clone(),
         allow_changed_data: a.resume_allow_changed_data,
+        log_every: a.log_every,
+        eval_every: a.eval_every,
+        patience: a.early_stop_patience,
+        monitor: a.monitor,
         ..RunControl::default()
     };
-    let mut write_err = None;
-    let outcome = train::train_with(
-        &cfg,
-        &ctl,
-        &setup,
-        &plan,
-        backend.as_mut(),
-        comm,
-        |r| {
-            if comm.is_root() {
-                pb.suspend(|| println!("{}", r.line(cfg.steps.is_none().then_some(a.epochs))));
-                if let Some(m) = metrics.as_mut() {
-                    let line = serde_json::to_string(r).unwrap_or_default();
-                    if let Err(e) = writeln!(m, "{line}").and_then(|_| m.flush()) {
-                        write_err.get_or_insert(e);
-                    }
-                }
-            }
-        },
-        |s| pb.set_position(s),
-    )?;
-    pb.finish_and_clear();
+    let meta = crate::modelfile::ModelMeta {
+        labels: setup.labels.clone(),
+        settings: Some(settings_value),
+    };
+    let epochs = cfg.steps.is_none().then_some(a.epochs);
+    let progress =
+        crate::progress::Progress::new(comm.is_root(), total, 0, epochs, a.progress_every);
+    let mut rec = crate::record::Recorder::new(comm.is_root(), epochs, progress);
+    rec.metrics = metrics;
+    rec.tensorboard = tensorboard;
+    rec.best = a.save_best.as_deref().map(|path| crate::record::BestModel {
+        path,
+        spec,
+        norm: &setup.norm,
+        meta: &meta,
+    });
+    let started = std::time::Instant::now();
+    let outcome = train::train_with(&cfg, &ctl, &setup, &plan, backend.as_mut(), comm, &mut rec);
+    rec.progress.finish();
+    let outcome = outcome?;
+    if comm.is_root() {
+        println!(
+            "{}",
+            summary(
+                &outcome,
+                a.monitor,
+                started.elapsed().as_secs_f64(),
+                rec.samples
+            )
+            .line()
+        );
+        if outcome.early_stopped {
+            println!(
+                "dptrain: early stop: {} has not improved for {} evaluations",
+                a.monitor.name(),
+                a.early_stop_patience
+            );
+        }
+        if let (Some(p), Some(best)) = (&a.save_best, outcome.watch.best) {
+            println!(
+                "dptrain: best model ({} {best:.4} at step {}) in {}",
+                a.monitor.name(),
+                outcome.watch.best_step,
+                p.display()
+            );
+        }
+    }
     // the model is saved even when the metrics could not be written, and the other way round
     let saved = match (&a.save, comm.is_root()) {
-        (Some(path), true) => crate::modelfile::save(path, spec, &setup.norm, &outcome.params)
-            .map(|_| println!("dptrain: saved {}", path.display())),
+        (Some(path), true) => {
+            crate::modelfile::save_with(path, spec, &setup.norm, &outcome.params, &meta)
+                .map(|_| println!("dptrain: saved {}", path.display()))
+        }
         _ => Ok(()),
     };
     drop(lock);
-    match (write_err, &a.metrics_out, saved) {
-        (Some(e), Some(p), Err(s)) => bail!("{}: cannot write metrics: {e}; and {s}", p.display()),
-        (Some(e), Some(p), Ok(())) => bail!("{}: cannot write metrics: {e}", p.display()),
-        (_, _, saved) => Ok(saved?),
+    match (rec.write_error, saved) {
+        (Some(e), Err(s)) => bail!("{e}; and {s}"),
+        (Some(e), Ok(())) => bail!("{e}"),
+        (None, saved) => Ok(saved?),
+    }
+}
+
+/// The final summary: figures of the last epoch, the best test accuracy (or lowest RMSE or loss)
+/// and the run's rate.
+fn summary(
+    o: &train::Outcome,
+    monitor: train::Monitor,
+    seconds: f64,
+    samples: u64,
+) -> crate::progress::Summary {
+    let last = o.reports.last();
+    let mut fin = Vec::new();
+    if let Some(r) = last {
+        for (k, v) in [
+            ("train_loss", Some(r.train_loss)),
+            ("test_loss", r.test_loss),
+            ("test_accuracy", r.test_accuracy),
+            ("test_rmse", r.test_rmse),
+            ("val_loss", r.val_loss),
+            ("val_accuracy", r.val_accuracy),
+            ("val_rmse", r.val_rmse),
+        ] {
+            if let Some(v) = v {
+                fin.push((k.to_string(), v));
+            }
+        }
+    }
+    // the best epoch by the test figure users read first, or by the watched validation value
+    let pick = |f: &dyn Fn(&train::EpochReport) -> Option<f64>, higher: bool| {
+        o.reports
+            .iter()
+            .filter_map(|r| f(r).map(|v| (v, r.epoch)))
+            .reduce(|b, c| {
+                if (c.0 > b.0) == higher && c.0 != b.0 {
+                    c
+                } else {
+                    b
+                }
+            })
+    };
+    let best = if o.watch.best.is_some() {
+        o.watch
+            .best
+            .map(|v| (monitor.name().to_string(), v, o.watch.best_epoch))
+    } else if let Some((v, e)) = pick(&|r| r.test_accuracy, true) {
+        Some(("test_accuracy".to_string(), v, e))
+    } else if let Some((v, e)) = pick(&|r| r.test_rmse, false) {
+        Some(("test_rmse".to_string(), v, e))
+    } else {
+        pick(&|r| r.test_loss, false).map(|(v, e)| ("test_loss".to_string(), v, e))
+    };
+    crate::progress::Summary {
+        steps: o.steps,
+        epochs: last.map_or(0, |r| r.epoch),
+        seconds,
+        samples,
+        best,
+        last: fin,
     }
 }
 
@@ -700,20 +1046,10 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let saved = crate::modelfile::load(&a.model_file)?;
-    let spec = saved.spec.clone().with_context(|| {
-        format!(
-            "{}: no dptrain model spec in its metadata (was it written by `dptrain train --save`?)",
-            a.model_file.display()
-        )
-    })?;
-    let norm = saved
-        .norm
-        .clone()
-        .with_context(|| format!("{}: no normaliser in its metadata", a.model_file.display()))?;
-    let theta = saved.flat_params(&spec, &a.model_file)?;
+    let model = crate::modelfile::load_usable(&a.model_file)?;
+    let spec = &model.spec;
     let loaded = load_data(&a.data, &a.csv.options(), 0)?;
-    let ds = loaded.test.unwrap_or(loaded.train);
+    let mut ds = loaded.test.unwrap_or(loaded.train);
     if ds.n_features != spec.inputs {
         bail!(
             "{}: {} features, but the model takes {}",
@@ -723,25 +1059,22 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     if !spec.is_regression() {
+        relabel_for(&mut ds, model.meta.labels.as_deref())?;
         let labels = ds.class_labels()?;
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, l)| **l as usize >= spec.outputs.max(2))
-        {
+        let k = crate::apply::classes(spec);
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= k) {
             bail!(
-                "{}: sample {}: label {l} is out of range for a model with {} classes",
+                "{}: sample {}: label {l} is out of range for a model with {k} classes",
                 ds.source,
                 i + 1,
-                spec.outputs.max(2)
             );
         }
     }
     let init = BackendInit {
-        spec: &spec,
+        spec,
         train: &ds,
         test: None,
-        norm: &norm,
+        norm: &model.norm,
         max_rows: a.batch_size.min(ds.n_samples).max(1),
         rule: OptimConfig::default().rule(),
         seed: 0,
@@ -749,7 +1082,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         precision: Precision::F32,
     };
     let mut backend = backend::open(a.device, a.gpu, 0, &init)?;
-    backend.set_params(&theta)?;
+    backend.set_params(&model.params)?;
     let r = train::evaluate(
         backend.as_mut(),
         &SingleProcess,
@@ -757,48 +1090,230 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         ds.n_samples,
         spec.is_regression(),
     )?;
-    let mut line = format!("samples {}  test_loss {:.4}", r.samples, r.loss);
+    // the metrics are named for what they are, on the data given, not "test_"
+    let mut line = format!("{}: {} samples  loss {:.4}", ds.source, r.samples, r.loss);
     if let Some(acc) = r.accuracy {
-        line += &format!("  test_acc {acc:.4}");
+        line += &format!("  accuracy {acc:.4}");
     }
     if let Some(rmse) = r.rmse {
-        line += &format!("  test_rmse {rmse:.4}");
+        line += &format!("  rmse {rmse:.4}");
     }
     println!("{line}");
+    if a.report {
+        if spec.is_regression() {
+            bail!("--report: a confusion matrix needs a classifier; this model is a regression");
+        }
+        let z = crate::apply::outputs(&model, &ds)?;
+        let mut c = crate::apply::Confusion::new(crate::apply::classes(spec));
+        for (row, &y) in z.outer_iter().zip(&ds.y) {
+            let p = crate::apply::class_of(spec.kind, row.as_slice().unwrap_or(&[]));
+            c.add(y as usize, p);
+        }
+        print!("{}", c.report(model.meta.labels.as_deref()));
+    }
     Ok(())
+}
+
+/// Map a dataset's text labels onto the classes a model was trained with (its stored names).
+fn relabel_for(ds: &mut Dataset, names: Option<&[String]>) -> anyhow::Result<()> {
+    match (names, ds.labels.is_some()) {
+        (Some(n), true) => Ok(ds.relabel(n)?),
+        (None, true) => bail!(
+            "{}: the labels are text, but the model was trained on numeric labels",
+            ds.source
+        ),
+        // numeric labels are class indices, whatever names the model has
+        (_, false) => Ok(()),
+    }
+}
+
+/// `dptrain predict`: the model's outputs for every row, as CSV.
+pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
+    let to_stdout = a.out.as_os_str() == "-";
+    let mut paths = crate::outputs::RunPaths::default();
+    paths.inputs.push(("--model-file", a.model_file.clone()));
+    if !a.data.starts_with("synth:") {
+        paths.inputs.push(("--data", PathBuf::from(&a.data)));
+    }
+    if !to_stdout {
+        paths.files.push(("--out", a.out.clone()));
+    }
+    paths.check()?;
+    let model = crate::modelfile::load_usable(&a.model_file)?;
+    let spec = &model.spec;
+    let opts = a.csv.options();
+    let id = a
+        .id_column
+        .as_deref()
+        .map(|c| c.parse::<LabelColumn>().unwrap_or(LabelColumn::Index(0)));
+    let path = Path::new(&a.data);
+    let (mut ds, ids, labelled) = if a.data.starts_with("synth:") || path.is_dir() {
+        if id.is_some() {
+            bail!("--id-column needs a CSV file");
+        }
+        let loaded = load_data(&a.data, &opts, 0)?;
+        (loaded.test.unwrap_or(loaded.train), None, true)
+    } else {
+        // with the label column or without: whichever reading gives the model's feature count
+        let with = data::csv::load_rows(path, &opts, true, id.as_ref());
+        match with {
+            Ok(r) if r.ds.n_features == spec.inputs => (r.ds, r.ids, true),
+            with => match data::csv::load_rows(path, &opts, false, id.as_ref()) {
+                Ok(r) if r.ds.n_features == spec.inputs => (r.ds, r.ids, false),
+                Ok(r) => bail!(
+                    "{}: {} feature columns{}, but the model takes {} (and a label column may be added)",
+                    r.ds.source,
+                    r.ds.n_features,
+                    if id.is_some() { " besides the id" } else { "" },
+                    spec.inputs
+                ),
+                Err(e) => return Err(with.err().map_or(e.into(), Into::into)),
+            },
+        }
+    };
+    if ds.n_features != spec.inputs {
+        bail!(
+            "{}: {} features, but the model takes {}",
+            ds.source,
+            ds.n_features,
+            spec.inputs
+        );
+    }
+    if labelled && !spec.is_regression() {
+        relabel_for(&mut ds, model.meta.labels.as_deref())?;
+    }
+    let names = model.meta.labels.as_deref();
+    let z = crate::apply::outputs(&model, &ds)?;
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    let mut header = vec!["id".to_string(), "predicted".to_string()];
+    let classes = crate::apply::classes(spec);
+    if !spec.is_regression() {
+        header.extend((0..classes).map(|c| format!("p_{}", crate::apply::class_name(names, c))));
+    }
+    if labelled {
+        header.push(
+            if spec.is_regression() {
+                "target"
+            } else {
+                "label"
+            }
+            .to_string(),
+        );
+    }
+    let csv_err = |e: ::csv::Error| anyhow::anyhow!("--out {}: {e}", a.out.display());
+    w.write_record(&header).map_err(csv_err)?;
+    let mut right = 0u64;
+    for (i, row) in z.outer_iter().enumerate() {
+        let zr = row.to_vec();
+        let id = ids
+            .as_ref()
+            .and_then(|v| v.get(i).cloned())
+            .unwrap_or_else(|| (i + 1).to_string());
+        let mut rec = vec![id];
+        if spec.is_regression() {
+            rec.push(zr[0].to_string());
+        } else {
+            let c = crate::apply::class_of(spec.kind, &zr);
+            rec.push(crate::apply::class_name(names, c));
+            rec.extend(
+                crate::apply::probabilities(spec.kind, &zr)
+                    .iter()
+                    .map(|p| format!("{p:.6}")),
+            );
+            if labelled && ds.y[i] as usize == c {
+                right += 1;
+            }
+        }
+        if labelled {
+            let y = ds.y[i];
+            rec.push(if spec.is_regression() {
+                y.to_string()
+            } else {
+                crate::apply::class_name(names, y as usize)
+            });
+        }
+        w.write_record(&rec).map_err(csv_err)?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", a.out.display()))?;
+    if to_stdout {
+        std::io::stdout()
+            .write_all(&bytes)
+            .context("cannot write the predictions to stdout")?;
+    } else {
+        crate::modelfile::write_atomic(&a.out, &bytes)?;
+    }
+    let mut line = format!(
+        "dptrain: {} predictions{}",
+        ds.n_samples,
+        if to_stdout {
+            String::new()
+        } else {
+            format!(" in {}", a.out.display())
+        }
+    );
+    if labelled && !spec.is_regression() {
+        line += &format!(
+            "; accuracy {:.4} on the file's labels",
+            right as f64 / ds.n_samples.max(1) as f64
+        );
+    }
+    eprintln!("{line}");
+    Ok(())
+}
+
+/// `dptrain plot METRICS --out PICTURE`.
+pub fn run_plot(a: &PlotArgs) -> anyhow::Result<()> {
+    crate::plot::plot(&a.metrics, &a.out)?;
+    println!("dptrain: wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `dptrain model show FILE`.
+pub fn run_model(cmd: &ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Show { path } => {
+            let m = crate::modelfile::load_usable(path)?;
+            print!("{}", crate::apply::show(&m, &path.display().to_string()));
+            Ok(())
+        }
+    }
 }
 
 pub fn run_data(cmd: &DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Synth(s) => {
+            let (f0, k0) = synth_defaults(s.kind.name()).unwrap_or((2, 2));
+            let (features, classes) = (s.features.unwrap_or(f0), s.classes.unwrap_or(k0));
             if s.samples == 0 {
                 bail!("--samples must be at least 1");
             }
-            if s.kind != SynthKind::Seed && s.features == 0 {
+            if s.kind != SynthKind::Seed && features == 0 {
                 bail!("--features must be at least 1");
             }
-            crate::limits::check_dataset("data synth", s.samples as u64, s.features as u64)?;
-            if s.classes > crate::limits::MAX_CLASSES {
+            crate::limits::check_dataset("data synth", s.samples as u64, features as u64)?;
+            if classes > crate::limits::MAX_CLASSES {
                 bail!(
                     "--classes {} is more than the {} dptrain takes",
-                    s.classes,
+                    classes,
                     crate::limits::MAX_CLASSES
                 );
             }
             let ds = match s.kind {
                 SynthKind::Seed => synth::seed_example(s.samples, s.seed),
                 SynthKind::Blobs => {
-                    if s.classes < 1 {
+                    if classes < 1 {
                         bail!("--classes must be at least 1 for blobs");
                     }
-                    synth::blobs(s.samples, s.features, s.classes, s.seed)
+                    synth::blobs(s.samples, features, classes, s.seed)
                 }
-                SynthKind::Random => synth::random(s.samples, s.features, s.classes, s.seed),
+                SynthKind::Random => synth::random(s.samples, features, classes, s.seed),
                 SynthKind::Linear => {
                     if !(s.noise.is_finite() && s.noise >= 0.0) {
                         bail!("--noise must be ≥ 0");
                     }
-                    synth::linear(s.samples, s.features, s.noise, s.seed).0
+                    synth::linear(s.samples, features, s.noise, s.seed).0
                 }
             };
             data::write_csv(&ds, &s.out)?;
@@ -978,5 +1493,84 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
                 .with_context(|| format!("{}: cannot write", p.display()))?;
         }
     }
+    Ok(())
+}
+
+/// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
+/// so that the command line overrides them (every train flag overrides an earlier use of itself).
+/// Keys are flag names (`lr`, `batch-size` or `batch_size`); arrays join with commas; `true`
+/// gives a switch, `false` leaves it off.
+pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let Some(sub) = args.iter().position(|a| a == "train") else {
+        return Ok(args);
+    };
+    let mut path = None;
+    for (i, a) in args.iter().enumerate().skip(sub + 1) {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            path = args.get(i + 1).map(PathBuf::from);
+        } else if let Some(p) = s.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--config {}: cannot read", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow::anyhow!("--config {}: {}", path.display(), e.message())
+    })?;
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let scalar = |v: &toml::Value| -> anyhow::Result<String> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => bail!(
+                    "--config {}: {key} = {other}: expected a string, a number or a list of them",
+                    path.display()
+                ),
+            })
+        };
+        match &value {
+            toml::Value::Boolean(true) => flags.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            // an empty list is the flag's default (no values)
+            toml::Value::Array(items) if items.is_empty() => {}
+            toml::Value::Array(items) => {
+                let parts = items
+                    .iter()
+                    .map(scalar)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                flags.push(format!("{flag}={}", parts.join(",")).into());
+            }
+            v => flags.push(format!("{flag}={}", scalar(v)?).into()),
+        }
+    }
+    let mut out: Vec<std::ffi::OsString> = args[..=sub].to_vec();
+    out.extend(flags);
+    out.extend(args[sub + 1..].iter().cloned());
+    Ok(out)
+}
+
+/// The resolved settings of a run as TOML, usable again as `--config`.
+pub fn settings_toml(a: &TrainArgs) -> anyhow::Result<String> {
+    Ok(toml::to_string(a)?)
+}
+
+/// `dptrain completions SHELL` and `dptrain man`: generated from the same definitions as the parser.
+pub fn run_completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "dptrain", &mut std::io::stdout());
+    Ok(())
+}
+
+pub fn run_man() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
     Ok(())
 }

@@ -54,9 +54,37 @@ pub fn launched_by_mpi() -> bool {
     .any(|v| std::env::var_os(v).is_some())
 }
 
+/// What non-MPI launchers say about the job: (variable, ranks) when torchrun's `WORLD_SIZE` or
+/// Slurm's `SLURM_NTASKS` names more than one rank.
+fn other_launcher() -> Option<(&'static str, u64)> {
+    ["WORLD_SIZE", "SLURM_NTASKS"].into_iter().find_map(|v| {
+        let n = std::env::var(v).ok()?.trim().parse::<u64>().ok()?;
+        (n > 1).then_some((v, n))
+    })
+}
+
 /// MPI when launched by an MPI launcher (and built with the `mpi` feature), else a single process.
 /// `timeout`: how long any collective may wait before the job is aborted (None: forever).
+///
+/// A job that another launcher says has several ranks (torchrun's `WORLD_SIZE`, `srun` without
+/// PMI) is refused: N lonely copies would each train alone and overwrite one another's files.
 pub fn from_env(timeout: Option<std::time::Duration>) -> anyhow::Result<Box<dyn Communicator>> {
+    if !launched_by_mpi()
+        && let Some((var, n)) = other_launcher()
+    {
+        let how = if var == "WORLD_SIZE" {
+            format!(
+                "torchrun-style launch; dptrain's ranks talk through MPI: use `mpirun -np {n} dptrain ...`"
+            )
+        } else {
+            format!(
+                "srun without an MPI plug-in: use `srun --mpi=pmix ...` (or `mpirun -np {n} dptrain ...`)"
+            )
+        };
+        anyhow::bail!(
+            "{var}={n} says this is one of {n} ranks, but no MPI launcher started it ({how})"
+        );
+    }
     if launched_by_mpi() {
         #[cfg(feature = "mpi")]
         return Ok(Box::new(mpi_comm::MpiComm::init(timeout)?));

@@ -1,4 +1,5 @@
 //! dptrain: data-parallel training with WGSL gradients on every GPU and an MPI allreduce between ranks.
+pub mod apply;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -12,6 +13,10 @@ pub mod model;
 pub mod modelfile;
 pub mod optim;
 pub mod outputs;
+pub mod plot;
+pub mod progress;
+pub mod record;
 pub mod rng;
 pub mod stop;
+pub mod tensorboard;
 pub mod train;

@@ -64,7 +64,7 @@ pub fn check_dataset(source: &str, samples: u64, features: u64) -> anyhow::Resul
         features as usize <= MAX_FEATURES,
         "{source}: {features} features per sample, more than the {MAX_FEATURES} dptrain takes"
     );
-    let elements = samples.checked_mul(features).unwrap_or(u64::MAX);
+    let elements = samples.saturating_mul(features);
     ensure!(
         elements <= MAX_ELEMENTS && elements.saturating_mul(4) <= available_memory(),
         "{source}: {samples} samples × {features} features ({} GiB as f32) do not fit in this machine's memory",

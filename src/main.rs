@@ -13,25 +13,16 @@ fn main() -> ExitCode {
         // SAFETY: first statement of main, before any thread exists.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
     }
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    // `train --config FILE` puts the file's flags before the command line's
+    let args = match cli::expand_config(std::env::args_os().collect()) {
+        Ok(a) => a,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
-                return ExitCode::SUCCESS;
-            }
-            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                eprint!("{e}");
-                return ExitCode::from(2);
-            }
-            // clap's message without its usage block: one line
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first}");
-            return ExitCode::from(2);
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
         }
     };
+    // usage errors in clap's own words (suggestions, valid values, usage) and exit status 2
+    let cli = Cli::parse_from(args);
     init_tracing(cli.verbose);
     let timeout = match &cli.command {
         Command::Train(a) => a.collective_timeout,
@@ -94,10 +85,14 @@ fn one_line(e: &anyhow::Error) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// dptrain's own diagnostics at -v (info) and -vv (debug); the libraries under it (wgpu, naga, ...)
+/// speak only of errors until -vvv (or RUST_LOG, which overrides). Colour only on a terminal.
 fn init_tracing(verbose: u8) {
+    use std::io::IsTerminal;
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "error,dptrain=warn,dptrain_kernels=warn",
+        1 => "error,dptrain=info,dptrain_kernels=info",
+        2 => "warn,dptrain=debug,dptrain_kernels=debug",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -105,16 +100,27 @@ fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .try_init();
 }
 
 fn run(cli: &Cli, comm: &dyn Communicator) -> anyhow::Result<()> {
+    // one process's commands: under mpirun, rank 0 alone runs them (and prints once)
+    let collective = matches!(cli.command, Command::Train(_) | Command::Bench(_));
+    if !collective && !comm.is_root() {
+        return Ok(());
+    }
     match &cli.command {
         Command::Train(a) => cli::run_train(a, comm),
         Command::Eval(a) => cli::run_eval(a),
+        Command::Predict(a) => cli::run_predict(a),
+        Command::Model(m) => cli::run_model(m),
+        Command::Plot(a) => cli::run_plot(a),
         Command::Data(d) => cli::run_data(d),
         Command::Devices => cli::run_devices(),
         Command::Bench(b) => cli::run_bench(b, comm),
+        Command::Completions { shell } => cli::run_completions(*shell),
+        Command::Man => cli::run_man(),
     }
 }

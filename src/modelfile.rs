@@ -41,6 +41,16 @@ pub struct SavedModel {
     pub spec: Option<ModelSpec>,
     pub norm: Option<Normalizer>,
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub meta: ModelMeta,
+}
+
+/// What a model file carries besides the spec and normaliser.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelMeta {
+    /// Class names when the training labels were text (class i first).
+    pub labels: Option<Vec<String>>,
+    /// The training run's resolved settings.
+    pub settings: Option<serde_json::Value>,
 }
 
 /// Write `theta` (laid out by `spec`) with metadata, atomically.
@@ -49,6 +59,17 @@ pub fn save(
     spec: &ModelSpec,
     norm: &Normalizer,
     theta: &[f32],
+) -> Result<(), ModelFileError> {
+    save_with(path, spec, norm, theta, &ModelMeta::default())
+}
+
+/// As [`save`], with the class names and the run's settings in the metadata.
+pub fn save_with(
+    path: &Path,
+    spec: &ModelSpec,
+    norm: &Normalizer,
+    theta: &[f32],
+    extra: &ModelMeta,
 ) -> Result<(), ModelFileError> {
     let layout = spec.layout();
     let bytes: &[u8] = bytemuck::cast_slice(theta);
@@ -70,7 +91,7 @@ pub fn save(
             msg: e.to_string(),
         })
     };
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("dptrain.format".to_string(), FORMAT.to_string()),
         (
@@ -82,6 +103,12 @@ pub fn save(
             json(serde_json::to_string(norm))?,
         ),
     ]);
+    if let Some(l) = &extra.labels {
+        meta.insert("dptrain.labels".into(), json(serde_json::to_string(l))?);
+    }
+    if let Some(v) = &extra.settings {
+        meta.insert("dptrain.settings".into(), json(serde_json::to_string(v))?);
+    }
     let out = safetensors::serialize(views, Some(meta)).map_err(|e| ModelFileError::Content {
         path: p.clone(),
         msg: e.to_string(),
@@ -157,6 +184,16 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<SavedModel, ModelFileError> {
         .map(|s| serde_json::from_str::<Normalizer>(s))
         .transpose()
         .map_err(|e| content(format!("bad normaliser in metadata: {e}")))?;
+    let labels = meta
+        .get("dptrain.labels")
+        .map(|s| serde_json::from_str::<Vec<String>>(s))
+        .transpose()
+        .map_err(|e| content(format!("bad class names in metadata: {e}")))?;
+    let settings = meta
+        .get("dptrain.settings")
+        .map(|s| serde_json::from_str::<serde_json::Value>(s))
+        .transpose()
+        .map_err(|e| content(format!("bad settings in metadata: {e}")))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -176,6 +213,63 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<SavedModel, ModelFileError> {
         spec,
         norm,
         tensors,
+        meta: ModelMeta { labels, settings },
+    })
+}
+
+/// A model ready to use, from a model file or a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Usable {
+    pub spec: ModelSpec,
+    pub norm: Normalizer,
+    pub params: Vec<f32>,
+    pub meta: ModelMeta,
+    /// The checkpoint's step when the file was a checkpoint.
+    pub checkpoint_step: Option<u64>,
+}
+
+/// Read a model file (`train --save`, `--save-best`) or a checkpoint, for eval, predict and show.
+pub fn load_usable(path: &Path) -> anyhow::Result<Usable> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ModelFileError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    let is_checkpoint = SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, h)| h.metadata().clone())
+        .and_then(|m| m.get("dptrain.format").cloned())
+        .is_some_and(|f| f.starts_with("dptrain-checkpoint"));
+    if is_checkpoint {
+        let ck = crate::checkpoint::parse(&bytes, &p)?;
+        return Ok(Usable {
+            meta: ModelMeta {
+                labels: ck.state.labels.clone(),
+                settings: Some(ck.state.settings.clone()),
+            },
+            spec: ck.state.spec,
+            norm: ck.state.norm,
+            params: ck.params,
+            checkpoint_step: Some(ck.state.step),
+        });
+    }
+    let saved = parse(&bytes, &p)?;
+    let spec = saved.spec.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{p}: no dptrain model spec in its metadata (was it written by `dptrain train --save`?)"
+        )
+    })?;
+    let norm = saved
+        .norm
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("{p}: no normaliser in its metadata"))?;
+    let params = saved.flat_params(&spec, path)?;
+    Ok(Usable {
+        spec,
+        norm,
+        params,
+        meta: saved.meta,
+        checkpoint_step: None,
     })
 }
 

@@ -228,6 +228,7 @@ mod tests {
         let d = dir("paths");
         let data = d.join("data.csv");
         std::fs::write(&data, "0,1\n").unwrap();
+        std::fs::create_dir_all(d.join("sub")).unwrap();
         let paths = |files: Vec<(&'static str, PathBuf)>| RunPaths {
             inputs: vec![("--data", data.clone())],
             files,

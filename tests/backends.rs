@@ -40,8 +40,8 @@ fn gpu_and_cpu_agree(
     let init = setup.backend_init(&cfg, &plan);
     let mut gpu = GpuBackend::new(&init, &Default::default()).unwrap();
     let mut cpu = CpuBackend::new(&init).unwrap();
-    let g = train::train(&cfg, &setup, &mut gpu, &SingleProcess, |_| {}, |_| {}).unwrap();
-    let c = train::train(&cfg, &setup, &mut cpu, &SingleProcess, |_| {}, |_| {}).unwrap();
+    let g = train::train(&cfg, &setup, &mut gpu, &SingleProcess).unwrap();
+    let c = train::train(&cfg, &setup, &mut cpu, &SingleProcess).unwrap();
     assert_eq!(g.steps, 100);
     let initial = setup.spec.init(cfg.seed);
     assert!(
@@ -110,7 +110,7 @@ fn linear_regression_recovers_the_true_weights() {
         let setup = train::setup(&cfg, ds, None).unwrap();
         let plan = StepPlan::of(&cfg, setup.total_train, 0, 1);
         let mut be = backend::open(device, None, 0, &setup.backend_init(&cfg, &plan)).unwrap();
-        let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess, |_| {}, |_| {}).unwrap();
+        let out = train::train(&cfg, &setup, be.as_mut(), &SingleProcess).unwrap();
         // layout: weight [1, 6] then bias [1]
         for (j, (got, want)) in out.params.iter().zip(&w).enumerate() {
             assert!(

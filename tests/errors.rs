@@ -131,11 +131,12 @@ fn a_failed_run_never_touches_an_existing_model_file() {
     // wrong shapes for --init: refused, nothing written
     train(
         &iris,
-        &[
-            "--model", "mlp", "--hidden", "5", "--init", &model, "--save", &model,
-        ],
+        &["--model", "mlp", "--hidden", "5", "--init", &model],
     )
     .fails_with("layers.0.weight has shape [3, 4], the model needs [5, 4]");
+    // the model file as both --init and --save: refused before the work
+    train(&iris, &["--init", &model, "--save", &model])
+        .fails_with("is an input of this run (--init)");
     assert_eq!(std::fs::read(&model).unwrap(), before);
     let _ = std::fs::remove_dir_all(&d);
 }

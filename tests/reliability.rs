@@ -211,8 +211,8 @@ fn resuming_with_another_world_size_in_global_mode_continues_training() {
     );
     let acc: f64 = out
         .lines()
-        .last()
-        .and_then(|l| l.split("test_acc ").nth(1))
+        .rev()
+        .find_map(|l| l.split("test_acc ").nth(1))
         .and_then(|t| t.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap();

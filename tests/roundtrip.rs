@@ -80,7 +80,7 @@ fn eval_of_a_saved_model_reports_the_final_test_metrics() {
         .ok()
         .stdout();
         let want = format!(
-            "samples 200  test_loss {:.4}  test_acc {:.4}",
+            "{test}: 200 samples  loss {:.4}  accuracy {:.4}",
             last["test_loss"].as_f64().unwrap(),
             last["test_accuracy"].as_f64().unwrap()
         );

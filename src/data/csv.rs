@@ -2,12 +2,23 @@
 //!
 //! The reader is deliberately strict: ragged rows, empty cells, NaN/inf and non-numbers are errors with the line
 //! and column, because silently skipping or imputing them would train on data the user did not mean.
-//! Quoting is limited to one pair of double quotes around a whole cell (enough for quoted header names).
+//!
+//! Records come from the `csv` crate (RFC 4180 quoting: a quoted cell may hold the delimiter, `""` and line
+//! breaks), read one at a time from the file, so memory holds the parsed numbers (4 bytes a value) and never the
+//! text. On top of the crate: a UTF-8 BOM is skipped, spaces around a cell and one pair of quotes left inside them
+//! (`a, "class" ,b`) are removed, whitespace-only lines are skipped like empty ones, and each record's line is
+//! computed exactly (the crate's own record position can point at a blank line or the end of the line before).
+//!
+//! The label column may hold numbers (class indices or regression targets) or text (class names). Text labels
+//! become class indices 0..K-1 in sorted order of the names, recorded in `Dataset::labels`; when a column mixes
+//! numbers and text, every label is taken as a name (a number by its shortest text: `1.0` is "1").
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use super::{DataError, Dataset, Features};
+use crate::limits::MAX_CLASSES;
 
 /// Which column holds the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +27,8 @@ pub enum LabelColumn {
     Index(usize),
     /// Column name from the header row (requires one).
     Name(String),
+    /// The last column.
+    Last,
 }
 
 impl Default for LabelColumn {
@@ -26,8 +39,12 @@ impl Default for LabelColumn {
 
 impl std::str::FromStr for LabelColumn {
     type Err = std::convert::Infallible;
-    /// All digits → a 0-based index; anything else → a header name.
+    /// `last` → the last column; all digits → a 0-based index; anything else → a header name. A negative
+    /// number such as `-1` is not an index: it is a name, which the file's header will not hold.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "last" {
+            return Ok(LabelColumn::Last);
+        }
         Ok(match s.parse::<usize>() {
             Ok(i) => LabelColumn::Index(i),
             Err(_) => LabelColumn::Name(s.to_string()),
@@ -38,7 +55,9 @@ impl std::str::FromStr for LabelColumn {
 /// Whether the first row is a header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeaderMode {
-    /// A header iff at least one of its non-empty cells is not a number.
+    /// A header iff at least one of its non-empty cells is not a number. One exception, for class names in the
+    /// label column: when the label cell is the only text and the next row's label is text too, the first row
+    /// is data (before class names were read, such a file failed on its second row).
     #[default]
     Auto,
     Yes,
@@ -49,11 +68,15 @@ pub enum HeaderMode {
 pub struct CsvOptions {
     pub label: LabelColumn,
     pub header: HeaderMode,
-    /// None = auto among `,` `\t` `;` (whichever occurs most in the first non-empty line; ties go to comma).
+    /// None = auto among `,` `\t` `;` (whichever occurs most, outside quotes, in the first non-empty line; ties
+    /// go to comma).
     pub delimiter: Option<u8>,
 }
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The longest cell text quoted in a message.
+const SHOWN_CHARS: usize = 64;
 
 /// One cell as written, minus surrounding spaces and one pair of enclosing double quotes.
 fn clean(cell: &str) -> &str {
@@ -65,96 +88,431 @@ fn clean(cell: &str) -> &str {
     }
 }
 
-fn detect_delimiter(line: &str) -> u8 {
-    let mut best = b',';
-    let mut best_count = line.bytes().filter(|&b| b == b',').count();
-    for d in [b'\t', b';'] {
-        let c = line.bytes().filter(|&b| b == d).count();
-        if c > best_count {
-            best = d;
-            best_count = c;
+/// Cell text for a one-line message: control characters (a line break inside a quoted cell) escaped, and
+/// cut after `SHOWN_CHARS` characters (an unterminated quote can swallow the rest of the file).
+fn shown(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == SHOWN_CHARS {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
-    best
+    out
 }
 
-/// Parses one numeric cell, mapping every failure to the error that names its line and 1-based column.
-fn parse_cell(path: &str, line: usize, column: usize, raw: &str) -> Result<f32, DataError> {
-    let text = clean(raw);
-    if text.is_empty() {
-        return Err(DataError::Missing {
-            path: path.to_string(),
-            line,
-            column,
-        });
+/// Counts `,` `\t` `;` outside double-quoted cells (a quote opens a cell only right after a candidate
+/// delimiter or at the start, as in the `csv` crate) and picks the most frequent; ties go to comma.
+fn detect_delimiter(line: &[u8]) -> u8 {
+    const CANDIDATES: [u8; 3] = [b',', b'\t', b';'];
+    let mut counts = [0usize; 3];
+    let mut quoted = false;
+    let mut prev: Option<u8> = None;
+    let mut i = 0;
+    while i < line.len() {
+        let b = line[i];
+        if quoted {
+            if b == b'"' {
+                if line.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if b == b'"' && prev.is_none_or(|p| CANDIDATES.contains(&p)) {
+            quoted = true;
+        } else if let Some(k) = CANDIDATES.iter().position(|&d| d == b) {
+            counts[k] += 1;
+        }
+        prev = Some(b);
+        i += 1;
     }
-    let v: f32 = text.parse().map_err(|_| DataError::Parse {
-        path: path.to_string(),
-        line,
-        column,
-        text: text.to_string(),
-    })?;
+    let mut best = 0;
+    for k in 1..3 {
+        if counts[k] > counts[best] {
+            best = k;
+        }
+    }
+    CANDIDATES[best]
+}
+
+/// Why a cell is not a usable number.
+enum NumError {
+    Missing,
+    NotNumber,
+    NonFinite,
+    OutOfRange,
+}
+
+/// A cleaned cell as a finite f32.
+fn number(text: &str) -> Result<f32, NumError> {
+    if text.is_empty() {
+        return Err(NumError::Missing);
+    }
+    let v: f32 = text.parse().map_err(|_| NumError::NotNumber)?;
     if v.is_finite() {
         return Ok(v);
     }
     // Distinguish "1e39" (a finite number that f32 cannot hold) from NaN, inf and 1e999.
     match text.parse::<f64>() {
-        Ok(w) if w.is_finite() => Err(DataError::OutOfRange {
-            path: path.to_string(),
-            line,
-            column,
-            text: text.to_string(),
-        }),
-        _ => Err(DataError::NonFinite {
-            path: path.to_string(),
-            line,
-            column,
-        }),
+        Ok(w) if w.is_finite() => Err(NumError::OutOfRange),
+        _ => Err(NumError::NonFinite),
     }
 }
 
+fn number_error(e: NumError, path: &str, line: usize, column: usize, text: &str) -> DataError {
+    let path = path.to_string();
+    match e {
+        NumError::Missing => DataError::Missing { path, line, column },
+        NumError::NotNumber => DataError::Parse {
+            path,
+            line,
+            column,
+            text: shown(text),
+        },
+        NumError::NonFinite => DataError::NonFinite { path, line, column },
+        NumError::OutOfRange => DataError::OutOfRange {
+            path,
+            line,
+            column,
+            text: shown(text),
+        },
+    }
+}
+
+/// Parses one numeric cell, mapping every failure to the error that names its line and 1-based column.
+fn parse_cell(path: &str, line: usize, column: usize, raw: &str) -> Result<f32, DataError> {
+    let text = clean(raw);
+    number(text).map_err(|e| number_error(e, path, line, column, text))
+}
+
+/// Whether a cleaned cell counts as a number for header detection (empty cells count).
+fn numeric(text: &str) -> bool {
+    text.is_empty() || text.parse::<f64>().is_ok()
+}
+
 /// Reads a delimited text file: one label column (see `opts.label`), every other column a feature.
-/// The result has F32 storage and `pixels = false`; the trainer decides whether to compact it.
+/// The file is streamed record by record; nothing but the parsed values is kept. The result has F32 storage
+/// and `pixels = false`; the trainer decides whether to compact it.
 pub fn load_csv(path: &Path, opts: &CsvOptions) -> Result<Dataset, DataError> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
         path: name.clone(),
         source,
     })?;
-    parse_csv(&bytes, &name, opts)
+    let size = file.metadata().ok().map(|m| m.len());
+    parse_reader(file, &name, opts, size)
 }
 
 /// The parser behind `load_csv`, on bytes already read; `name` is used in messages and as the source.
 pub fn parse_csv(bytes: &[u8], name: &str, opts: &CsvOptions) -> Result<Dataset, DataError> {
-    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
-    let err_path = || name.to_string();
+    parse_reader(bytes, name, opts, Some(bytes.len() as u64))
+}
 
-    // Non-blank lines with their 1-based line numbers; `\r\n` endings lose the `\r`.
-    let mut lines = bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .filter_map(|(i, raw)| {
-            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            match std::str::from_utf8(raw) {
-                Ok(s) if s.trim().is_empty() => None,
-                Ok(s) => Some(Ok((i + 1, s))),
-                Err(_) => Some(Err(DataError::Utf8 {
-                    path: err_path(),
-                    line: i + 1,
-                })),
+/// The bytes handed to the `csv` reader: the lines read ahead to detect the delimiter, then the rest. It
+/// counts what it hands over and keeps the last byte, from which a record's line is computed exactly.
+struct Source<R> {
+    head: Vec<u8>,
+    at: usize,
+    rest: R,
+    total: u64,
+    last: Option<u8>,
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.len());
+            buf[..n].copy_from_slice(&self.head[self.at..self.at + n]);
+            self.at += n;
+            n
+        } else {
+            self.rest.read(buf)?
+        };
+        if n > 0 {
+            self.total += n as u64;
+            self.last = Some(buf[n - 1]);
+        }
+        Ok(n)
+    }
+}
+
+/// The non-blank records of a file, each with its 1-based line (where the record starts).
+struct Records<R: Read> {
+    rdr: ::csv::Reader<Source<BufReader<R>>>,
+    rec: ::csv::ByteRecord,
+    path: String,
+}
+
+impl<R: Read> Records<R> {
+    /// Reads up to the first non-blank line (skipping a BOM) to pick the delimiter, then opens the `csv`
+    /// reader on everything. None when the file holds nothing but blank lines.
+    fn open(reader: R, path: &str, delimiter: Option<u8>) -> Result<Option<Self>, DataError> {
+        let read_err = |source| DataError::Read {
+            path: path.to_string(),
+            source,
+        };
+        let mut input = BufReader::with_capacity(1 << 16, reader);
+        let mut head = Vec::new();
+        let delim = loop {
+            let start = head.len();
+            if input.read_until(b'\n', &mut head).map_err(read_err)? == 0 {
+                return Ok(None);
             }
-        });
+            if start == 0 && head.starts_with(BOM) {
+                head.drain(..BOM.len());
+            }
+            let line = &head[start..];
+            let blank = std::str::from_utf8(line).is_ok_and(|s| s.trim().is_empty());
+            if !blank {
+                break delimiter.unwrap_or_else(|| detect_delimiter(line));
+            }
+        };
+        let rdr = ::csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(delim)
+            // Only `\n` ends a record (a `\r` before it is trimmed with the cell), so that the bytes the
+            // crate skips between records are all line breaks and every record's line can be computed.
+            .terminator(::csv::Terminator::Any(b'\n'))
+            .buffer_capacity(1 << 16)
+            .from_reader(Source {
+                head,
+                at: 0,
+                rest: input,
+                total: 0,
+                last: None,
+            });
+        Ok(Some(Records {
+            rdr,
+            rec: ::csv::ByteRecord::new(),
+            path: path.to_string(),
+        }))
+    }
 
-    let Some(first) = lines.next() else {
+    /// The next non-blank record into `self.rec`, and its line; None at the end.
+    fn next(&mut self) -> Result<Option<usize>, DataError> {
+        loop {
+            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| {
+                let source = match e.into_kind() {
+                    ::csv::ErrorKind::Io(io) => io,
+                    other => std::io::Error::other(format!("{other:?}")),
+                };
+                DataError::Read {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+            if !more {
+                return Ok(None);
+            }
+            let end = self.rdr.position();
+            let start = self.rec.position().unwrap_or(end);
+            let src = self.rdr.get_ref();
+            // The record ended with its `\n` unless it ran to the end of the input without one.
+            let ended_by_newline = end.byte() < src.total || src.last == Some(b'\n');
+            let term = u64::from(ended_by_newline);
+            let inner = self.rec.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
+            // The crate counted every `\n` it consumed: the blank lines it skipped, those inside quoted cells
+            // and the terminator; the record starts after the skipped ones. (Saturating: an unterminated quote
+            // that ends in a line break at the end of the file leaves `term` one too high.)
+            let line = end
+                .line()
+                .saturating_sub(inner + term)
+                .max(start.line())
+                .max(1);
+            let skipped = line - start.line().min(line);
+            let raw_len = (end.byte() - start.byte()).saturating_sub(skipped + term);
+            // A whitespace-only line is one unquoted cell of whitespace (`""` is a quoted empty cell).
+            let blank = self.rec.len() == 1
+                && raw_len == self.rec.as_slice().len() as u64
+                && std::str::from_utf8(self.rec.as_slice()).is_ok_and(|s| s.trim().is_empty());
+            if !blank {
+                return Ok(Some(line as usize));
+            }
+        }
+    }
+
+    /// Bytes consumed so far.
+    fn byte(&self) -> u64 {
+        self.rdr.position().byte()
+    }
+}
+
+/// The cells of a record as text, or the error naming its line when one is not UTF-8.
+fn cells<'a>(
+    rec: &'a ::csv::ByteRecord,
+    path: &str,
+    line: usize,
+) -> Result<Vec<&'a str>, DataError> {
+    rec.iter()
+        .map(|c| {
+            std::str::from_utf8(c).map_err(|_| DataError::Utf8 {
+                path: path.to_string(),
+                line,
+            })
+        })
+        .collect()
+}
+
+/// The label column's values as they are read: numbers until the first text label, then class names.
+#[derive(Default)]
+struct Labels {
+    /// Targets: numbers, or (once `names` exists) class ids in order of first appearance.
+    y: Vec<f32>,
+    /// Class name → id, from the first text label on.
+    names: Option<HashMap<String, u32>>,
+    /// Whether any label was a number, and the first text label with its line (for the mixed warning).
+    any_number: bool,
+    first_text: Option<(usize, String)>,
+}
+
+impl Labels {
+    fn intern(
+        names: &mut HashMap<String, u32>,
+        name: String,
+        path: &str,
+        line: usize,
+    ) -> Result<u32, DataError> {
+        let next = names.len() as u32;
+        if let Some(&id) = names.get(&name) {
+            return Ok(id);
+        }
+        if names.len() >= MAX_CLASSES {
+            return Err(DataError::Limit {
+                msg: format!(
+                    "{path}: line {line}: the label column holds more than {MAX_CLASSES} distinct class names (\"{}\" is one more); is it the right column?",
+                    shown(&name)
+                ),
+            });
+        }
+        names.insert(name, next);
+        Ok(next)
+    }
+
+    fn push(
+        &mut self,
+        path: &str,
+        line: usize,
+        column: usize,
+        text: &str,
+    ) -> Result<(), DataError> {
+        match number(text) {
+            Ok(v) => {
+                self.any_number = true;
+                match &mut self.names {
+                    None => self.y.push(v),
+                    Some(names) => {
+                        let id = Self::intern(names, v.to_string(), path, line)?;
+                        self.y.push(id as f32);
+                    }
+                }
+            }
+            Err(NumError::NotNumber) => {
+                if self.names.is_none() {
+                    // From now on every label is a name: the numbers so far become names too.
+                    let mut names = HashMap::new();
+                    for v in &mut self.y {
+                        *v = Self::intern(&mut names, v.to_string(), path, line)? as f32;
+                    }
+                    self.names = Some(names);
+                    self.first_text = Some((line, text.to_string()));
+                }
+                let names = self.names.as_mut().expect("set above");
+                let id = Self::intern(names, text.to_string(), path, line)?;
+                self.y.push(id as f32);
+            }
+            Err(e) => return Err(number_error(e, path, line, column, text)),
+        }
+        Ok(())
+    }
+
+    /// The targets, and the class names in sorted order with the targets renumbered to match.
+    fn finish(self) -> (Vec<f32>, Option<Vec<String>>) {
+        let Some(names) = self.names else {
+            return (self.y, None);
+        };
+        let mut sorted: Vec<(String, u32)> = names.into_iter().collect();
+        sorted.sort_unstable();
+        let mut new_id = vec![0u32; sorted.len()];
+        for (k, (_, old)) in sorted.iter().enumerate() {
+            new_id[*old as usize] = k as u32;
+        }
+        let y = self
+            .y
+            .iter()
+            .map(|&old| new_id[old as usize] as f32)
+            .collect();
+        (y, Some(sorted.into_iter().map(|(n, _)| n).collect()))
+    }
+}
+
+/// Reads delimited text from any reader, streaming record by record (see `load_csv`). `size` (the input's
+/// length, when known) lets the feature buffer be sized once instead of grown by doubling.
+pub fn parse_reader<R: Read>(
+    reader: R,
+    name: &str,
+    opts: &CsvOptions,
+    size: Option<u64>,
+) -> Result<Dataset, DataError> {
+    parse_columns(reader, name, opts, size, true, None).map(|(ds, _)| ds)
+}
+
+/// Rows to predict: `ds` holds the features (and the labels when `labelled`; zeros otherwise), `ids`
+/// the text of the id column when one was named.
+pub struct Rows {
+    pub ds: Dataset,
+    pub labelled: bool,
+    pub ids: Option<Vec<String>>,
+}
+
+/// Read a CSV file for prediction: with its label column (`opts.label`) when `labelled`, every
+/// other column a feature but the `id` column, whose cells are kept as text.
+pub fn load_rows(
+    path: &Path,
+    opts: &CsvOptions,
+    labelled: bool,
+    id: Option<&LabelColumn>,
+) -> Result<Rows, DataError> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let size = file.metadata().ok().map(|m| m.len());
+    let (ds, ids) = parse_columns(file, &name, opts, size, labelled, id)?;
+    Ok(Rows { ds, labelled, ids })
+}
+
+/// The parser: the label column read when `labelled` (else every row's target is 0), the `id`
+/// column's cells kept apart as text.
+fn parse_columns<R: Read>(
+    reader: R,
+    name: &str,
+    opts: &CsvOptions,
+    size: Option<u64>,
+    labelled: bool,
+    id: Option<&LabelColumn>,
+) -> Result<(Dataset, Option<Vec<String>>), DataError> {
+    let err_path = || name.to_string();
+    let Some(mut records) = Records::open(reader, name, opts.delimiter)? else {
         return Err(DataError::Empty { path: err_path() });
     };
-    let (first_line, first_text) = first?;
-    let delim = opts
-        .delimiter
-        .unwrap_or_else(|| detect_delimiter(first_text)) as char;
-    let first_cells: Vec<&str> = first_text.split(delim).collect();
+    let Some(first_line) = records.next()? else {
+        return Err(DataError::Empty { path: err_path() });
+    };
+    let first = records.rec.clone();
+    let first_cells: Vec<&str> = cells(&first, name, first_line)?
+        .into_iter()
+        .map(clean)
+        .collect();
     let n_cols = first_cells.len();
-    if n_cols < 2 {
+    if n_cols < 1 + usize::from(labelled) + usize::from(id.is_some()) {
         return Err(DataError::TooFewColumns {
             path: err_path(),
             line: first_line,
@@ -162,16 +520,96 @@ pub fn parse_csv(bytes: &[u8], name: &str, opts: &CsvOptions) -> Result<Dataset,
         });
     }
 
+    // The label's index when it does not depend on the header.
+    let position = |c: &LabelColumn| match c {
+        LabelColumn::Index(i) => Some(*i),
+        LabelColumn::Last => Some(n_cols - 1),
+        LabelColumn::Name(_) => None,
+    };
+    let positional = if labelled {
+        position(&opts.label)
+    } else {
+        None
+    };
+    // an id column's text says nothing about a header
+    let id_positional = id.and_then(position);
+    // A second record read early, to tell a header from a first row whose label is a class name.
+    let mut peeked: Option<(usize, ::csv::ByteRecord)> = None;
+    let mut text_label_first_row = false;
     let has_header = match opts.header {
         HeaderMode::Yes => true,
         HeaderMode::No => false,
-        HeaderMode::Auto => first_cells.iter().any(|c| {
-            let t = clean(c);
-            !t.is_empty() && t.parse::<f64>().is_err()
-        }),
+        HeaderMode::Auto => match positional.filter(|&i| i < n_cols) {
+            None => first_cells
+                .iter()
+                .enumerate()
+                .any(|(j, c)| Some(j) != id_positional && !numeric(c)),
+            Some(li) => {
+                let others_text = first_cells
+                    .iter()
+                    .enumerate()
+                    .any(|(j, c)| j != li && Some(j) != id_positional && !numeric(c));
+                if others_text {
+                    true
+                } else if numeric(first_cells[li]) {
+                    false
+                } else if let Some(line) = records.next()? {
+                    let rec = records.rec.clone();
+                    let next_label_is_text = rec
+                        .get(li)
+                        .and_then(|c| std::str::from_utf8(c).ok())
+                        .is_some_and(|c| !numeric(clean(c)));
+                    peeked = Some((line, rec));
+                    text_label_first_row = next_label_is_text;
+                    !next_label_is_text
+                } else {
+                    true
+                }
+            }
+        },
     };
 
+    let id_col = match id {
+        None => None,
+        Some(LabelColumn::Index(i)) if *i >= n_cols => {
+            return Err(DataError::Limit {
+                msg: format!(
+                    "{name}: --id-column {i} is out of range: rows have {n_cols} columns (indices 0..={})",
+                    n_cols - 1
+                ),
+            });
+        }
+        Some(LabelColumn::Index(i)) => Some(*i),
+        Some(LabelColumn::Last) => Some(n_cols - 1),
+        Some(LabelColumn::Name(want)) => {
+            let found = has_header
+                .then(|| first_cells.iter().position(|c| *c == want.as_str()))
+                .flatten();
+            match found {
+                Some(i) => Some(i),
+                None if !has_header => {
+                    return Err(DataError::Limit {
+                        msg: format!(
+                            "{name}: --id-column {} is a name, but the file has no header row",
+                            shown(want)
+                        ),
+                    });
+                }
+                None => {
+                    let columns: Vec<String> = first_cells.iter().map(|c| shown(c)).collect();
+                    return Err(DataError::Limit {
+                        msg: format!(
+                            "{name}: --id-column {} is not in the header ({})",
+                            shown(want),
+                            columns.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+    };
     let label = match &opts.label {
+        _ if !labelled => usize::MAX,
         LabelColumn::Index(i) => {
             if *i >= n_cols {
                 return Err(DataError::LabelOutOfRange {
@@ -182,20 +620,21 @@ pub fn parse_csv(bytes: &[u8], name: &str, opts: &CsvOptions) -> Result<Dataset,
             }
             *i
         }
+        LabelColumn::Last => n_cols - 1,
         LabelColumn::Name(want) => {
             if !has_header {
                 return Err(DataError::LabelNeedsHeader {
                     path: err_path(),
-                    name: want.clone(),
+                    name: shown(want),
                 });
             }
-            match first_cells.iter().position(|c| clean(c) == want.as_str()) {
+            match first_cells.iter().position(|c| *c == want.as_str()) {
                 Some(i) => i,
                 None => {
-                    let columns: Vec<&str> = first_cells.iter().map(|c| clean(c)).collect();
+                    let columns: Vec<String> = first_cells.iter().map(|c| shown(c)).collect();
                     return Err(DataError::LabelNotFound {
                         path: err_path(),
-                        name: want.clone(),
+                        name: shown(want),
                         columns: columns.join(", "),
                     });
                 }
@@ -203,55 +642,135 @@ pub fn parse_csv(bytes: &[u8], name: &str, opts: &CsvOptions) -> Result<Dataset,
         }
     };
 
-    let n_features = n_cols - 1;
+    // pandas writes a frame with default column names as a header `0,1,...,n-1`, which looks like data.
+    // With 2 or 3 columns a first data row `0,1` or `0,1,2` is too plausible to warn about.
+    let pandas_header = opts.header == HeaderMode::Auto
+        && !has_header
+        && n_cols >= 4
+        && first_cells
+            .iter()
+            .enumerate()
+            .all(|(j, c)| c.parse::<f64>() == Ok(j as f64));
+
+    if labelled && id_col == Some(label) {
+        return Err(DataError::Limit {
+            msg: format!(
+                "{name}: the id column is the label column (column {}); name another with --id-column or --label-column",
+                label + 1
+            ),
+        });
+    }
+    let n_features = n_cols - usize::from(labelled) - usize::from(id_col.is_some());
     let mut x: Vec<f32> = Vec::new();
-    let mut y: Vec<f32> = Vec::new();
-    let mut parse_row = |line: usize, text: &str| -> Result<(), DataError> {
+    let mut labels = Labels::default();
+    let mut ids: Option<Vec<String>> = id_col.map(|_| Vec::new());
+    let mut parse_row = |x: &mut Vec<f32>,
+                         labels: &mut Labels,
+                         line: usize,
+                         rec: &::csv::ByteRecord|
+     -> Result<(), DataError> {
+        let row = cells(rec, name, line)?;
         // Width is checked before parsing so that a short row reports "expected N columns", not a
         // misleading parse error in whichever cell shifted.
-        let found = text.split(delim).count();
-        if found != n_cols {
+        if row.len() != n_cols {
             return Err(DataError::Ragged {
                 path: name.to_string(),
                 line,
                 expected: n_cols,
-                found,
+                found: row.len(),
             });
         }
-        for (col, cell) in text.split(delim).enumerate() {
-            let v = parse_cell(name, line, col + 1, cell)?;
+        for (col, cell) in row.into_iter().enumerate() {
             if col == label {
-                y.push(v);
+                labels.push(name, line, col + 1, clean(cell))?;
+            } else if Some(col) == id_col {
+                if let Some(ids) = ids.as_mut() {
+                    ids.push(clean(cell).to_string());
+                }
             } else {
-                x.push(v);
+                x.push(parse_cell(name, line, col + 1, cell)?);
             }
+        }
+        if !labelled {
+            labels.push(name, line, 0, "0")?;
         }
         Ok(())
     };
 
     if !has_header {
-        parse_row(first_line, first_text)?;
+        parse_row(&mut x, &mut labels, first_line, &first)?;
     }
-    for item in lines {
-        let (line, text) = item?;
-        parse_row(line, text)?;
+    if let Some((line, rec)) = &peeked {
+        parse_row(&mut x, &mut labels, *line, rec)?;
     }
-
+    let mut rows = usize::from(!has_header) + usize::from(peeked.is_some());
+    let mut sized = false;
+    while let Some(line) = records.next()? {
+        parse_row(&mut x, &mut labels, line, &records.rec)?;
+        rows += 1;
+        // After some rows, size the feature buffer for the whole input from the bytes per row so far.
+        if !sized && rows == 1024 {
+            sized = true;
+            if let Some(total) = size {
+                let per_row = records.byte().max(1) as f64 / rows as f64;
+                let want = ((total as f64 / per_row) * 1.02) as usize * n_features;
+                x.reserve_exact(want.saturating_sub(x.len()).min(isize::MAX as usize / 8));
+            }
+        }
+    }
+    let mixed = labels.first_text.clone().filter(|_| labels.any_number);
+    let (y, names) = labels.finish();
     if y.is_empty() {
         return Err(DataError::NoRows { path: err_path() });
     }
-    Ok(Dataset {
+    x.shrink_to_fit();
+
+    if pandas_header {
+        tracing::warn!(
+            "{name}: the first row ({}) looks like the header pandas writes for unnamed columns but is read as data (--header auto); pass --header yes to skip it",
+            first_cells.join(",")
+        );
+    }
+    if let Some((line, text)) = &mixed {
+        tracing::warn!(
+            "{name}: the label column holds both numbers and text (\"{}\" at line {line}): every label is read as a class name",
+            shown(text)
+        );
+    }
+    if text_label_first_row {
+        let first_class = y[0];
+        if y.iter().filter(|&&v| v == first_class).count() == 1 {
+            tracing::warn!(
+                "{name}: line {first_line}: the first row was read as data, so its label \"{}\" is a class with one sample; if that row is a header, pass --header yes",
+                shown(first_cells[label])
+            );
+        }
+    }
+    let ds = Dataset {
         n_samples: y.len(),
         n_features,
         x: Features::F32(x),
         y,
         pixels: false,
         source: name.to_string(),
-    })
+        labels: names,
+    };
+    Ok((ds, ids))
+}
+
+/// A class name as a CSV cell: quoted when it holds a delimiter, a quote, a line break or outer spaces.
+fn quote_name(name: &str) -> String {
+    let needs = name.contains([',', '\t', ';', '"', '\n', '\r']) || name.trim() != name;
+    if needs {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    } else {
+        name.to_string()
+    }
 }
 
 /// Writes `ds` as comma-separated text: label first, then the features, no header. f32 `Display` prints the
-/// shortest text that parses back to the same value, so `load_csv` recovers the data exactly.
+/// shortest text that parses back to the same value, so `load_csv` recovers the data exactly. Class names
+/// (`ds.labels`) are written as names, quoted where needed, so they read back as the same classes.
 pub fn write_csv(ds: &Dataset, path: &Path) -> Result<(), DataError> {
     let werr = |source| DataError::Write {
         path: path.display().to_string(),
@@ -261,7 +780,16 @@ pub fn write_csv(ds: &Dataset, path: &Path) -> Result<(), DataError> {
     let mut w = std::io::BufWriter::new(file);
     let nf = ds.n_features;
     for i in 0..ds.n_samples {
-        write!(w, "{}", ds.y[i]).map_err(werr)?;
+        let name = ds.labels.as_ref().and_then(|names| {
+            let v = ds.y[i];
+            (v >= 0.0 && v.fract() == 0.0)
+                .then(|| names.get(v as usize))
+                .flatten()
+        });
+        match name {
+            Some(n) => write!(w, "{}", quote_name(n)).map_err(werr)?,
+            None => write!(w, "{}", ds.y[i]).map_err(werr)?,
+        }
         match &ds.x {
             Features::F32(v) => {
                 for a in &v[i * nf..(i + 1) * nf] {
@@ -381,6 +909,12 @@ mod tests {
             "y".parse::<LabelColumn>(),
             Ok(LabelColumn::Name("y".into()))
         );
+        assert_eq!("last".parse::<LabelColumn>(), Ok(LabelColumn::Last));
+        // not an index counted from the end: a name, which a file without that header refuses
+        assert_eq!(
+            "-1".parse::<LabelColumn>(),
+            Ok(LabelColumn::Name("-1".into()))
+        );
     }
 
     #[test]
@@ -399,11 +933,16 @@ mod tests {
             header: HeaderMode::No,
             ..Default::default()
         };
+        // Column 1 is the label column, which may hold class names, so the first cell that cannot be
+        // read is column 2's.
         let e = err("nohdr.csv", b"label,x\n1,2\n", &opts);
-        assert!(
-            e.contains("line 1, column 1: cannot parse \"label\""),
-            "{e}"
-        );
+        assert!(e.contains("line 1, column 2: cannot parse \"x\""), "{e}");
+        let opts = CsvOptions {
+            label: LabelColumn::Index(1),
+            ..opts
+        };
+        let e = err("nohdr2.csv", b"a,label\n1,2\n", &opts);
+        assert!(e.contains("line 1, column 1: cannot parse \"a\""), "{e}");
     }
 
     #[test]
@@ -538,6 +1077,7 @@ mod tests {
             y,
             pixels: false,
             source: "mem".into(),
+            labels: None,
         };
         let p = temp_path("roundtrip.csv");
         write_csv(&ds, &p).unwrap();
@@ -571,5 +1111,443 @@ mod tests {
         let ds = crate::data::synth::random(2, 2, 2, 0);
         let e = write_csv(&ds, &p).unwrap_err().to_string();
         assert!(e.contains("out.csv: cannot write: "), "{e}");
+    }
+
+    fn opts_label(label: LabelColumn) -> CsvOptions {
+        CsvOptions {
+            label,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn quoted_header_field_with_a_comma_and_quoted_values_parse() {
+        let text = b"\"width, cm\",label,\"height\"\n\"1.5\",0,2\n3,\"1\", \"4\" \n";
+        let ds = load_str(
+            "quoted.csv",
+            text,
+            &opts_label(LabelColumn::Name("label".into())),
+        )
+        .unwrap();
+        assert_eq!((ds.n_samples, ds.n_features), (2, 2));
+        assert_eq!(ds.y, vec![0.0, 1.0]);
+        assert_eq!(f32s(&ds), &[1.5, 2.0, 3.0, 4.0]);
+        assert_eq!(ds.labels, None);
+        // the quoted name holds the delimiter, and names the column
+        let ds = load_str(
+            "quoted2.csv",
+            text,
+            &opts_label(LabelColumn::Name("width, cm".into())),
+        )
+        .unwrap();
+        assert_eq!(ds.y, vec![1.5, 3.0]);
+        // `""` is a quote inside a quoted cell; the message shows the cell as read
+        let e = err(
+            "quoted3.csv",
+            b"y,\"x\"\n1,\"say \"\"hi\"\"\"\n",
+            &CsvOptions::default(),
+        );
+        assert!(
+            e.ends_with("line 2, column 2: cannot parse \"say \"hi\"\" as a number"),
+            "{e}"
+        );
+        // the delimiter inside quotes does not count when the delimiter is detected
+        let ds = load_str(
+            "quoted4.csv",
+            b"\"a, b, c\";\"d, e\";f\n1;2;3\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        assert_eq!((ds.n_samples, ds.n_features), (1, 2));
+    }
+
+    #[test]
+    fn crlf_bom_blank_lines_and_multiline_cells_keep_exact_line_numbers() {
+        let ds = load_str(
+            "crlf.csv",
+            b"\xEF\xBB\xBF\"y\",\"x\"\r\n\"1\",\"2\"\r\n\r\n0,3\r\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (ds.y.clone(), f32s(&ds).to_vec()),
+            (vec![1.0, 0.0], vec![2.0, 3.0])
+        );
+        let e = err(
+            "crlf2.csv",
+            b"\xEF\xBB\xBFy,x\r\n\r\n \r\n1,2\r\n0,abc\r\n",
+            &CsvOptions::default(),
+        );
+        assert!(
+            e.ends_with("line 5, column 2: cannot parse \"abc\" as a number"),
+            "{e}"
+        );
+        // a quoted header cell spanning two lines: the next rows are lines 3 and 4
+        let e = err(
+            "multi.csv",
+            b"y,\"x\ncm\"\n1,2\n\n\n0,\n",
+            &CsvOptions::default(),
+        );
+        assert!(e.ends_with("line 6, column 2: missing value"), "{e}");
+        let e = err("last.csv", b"y,x\n\n1,2\n\n0,", &CsvOptions::default());
+        assert!(e.ends_with("line 5, column 2: missing value"), "{e}");
+        // a line break inside a cell is shown escaped, so the message stays one line
+        let e = err("nl.csv", b"y,x\n1,\"2\n3\"\n", &CsvOptions::default());
+        assert!(
+            e.contains("line 2, column 2: cannot parse \"2\\n3\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unterminated_quote_gives_one_short_line() {
+        let mut text = b"0,1\n1,\"2\n".to_vec();
+        for i in 0..1000 {
+            text.extend_from_slice(format!("{i},{i}\n").as_bytes());
+        }
+        let e = err("open-quote.csv", &text, &CsvOptions::default());
+        assert!(
+            e.contains("line 2, column 2: cannot parse \"2\\n0,0\\n1,1"),
+            "{e}"
+        );
+        assert!(e.len() < 200, "{e}");
+    }
+
+    /// Hands out at most `chunk` bytes a read, to move the reader's buffer boundaries.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        chunk: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.chunk.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn results_and_lines_do_not_depend_on_how_the_input_arrives() {
+        let cases: [&[u8]; 8] = [
+            b"y,x\r\n\r\n1,2\r\n\n0,abc\r\n",
+            b"\xEF\xBB\xBF1,2\n\n\n3,4",
+            b"\n \n\"a\nb\",c\n1,2\n3,\n",
+            b"1,2\n3,4\n\n\n5\n",
+            b"1;\"2\"\r\n\"3\";4\r\n",
+            b"1,2\n3,\"4\n",
+            b"\"\"\n1,2\n",
+            b"a,b\n\"x\ny\",1\n\"z\",2\nw,3",
+        ];
+        for text in cases {
+            let whole = parse_csv(text, "t.csv", &CsvOptions::default())
+                .map(|d| (d.y, d.x, d.labels))
+                .map_err(|e| e.to_string());
+            for chunk in 1..8 {
+                let got = parse_reader(
+                    Trickle { bytes: text, chunk },
+                    "t.csv",
+                    &CsvOptions::default(),
+                    None,
+                )
+                .map(|d| (d.y, d.x, d.labels))
+                .map_err(|e| e.to_string());
+                assert_eq!(
+                    got,
+                    whole,
+                    "{:?} in chunks of {chunk}",
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn label_column_last_takes_the_last_column() {
+        let ds = load_str(
+            "last.csv",
+            b"1,2,0\n3,4,1\n",
+            &opts_label(LabelColumn::Last),
+        )
+        .unwrap();
+        assert_eq!(ds.y, vec![0.0, 1.0]);
+        assert_eq!(f32s(&ds), &[1.0, 2.0, 3.0, 4.0]);
+        let ds = load_str("last2.csv", b"a,b\n7,8\n", &opts_label(LabelColumn::Last)).unwrap();
+        assert_eq!((ds.y.clone(), f32s(&ds).to_vec()), (vec![8.0], vec![7.0]));
+        let e = err("neg.csv", b"1,2\n", &opts_label("-1".parse().unwrap()));
+        assert!(e.contains("label column \"-1\" is given by name"), "{e}");
+    }
+
+    #[test]
+    fn string_labels_map_to_sorted_class_indices_and_keep_their_names() {
+        // no header: the first row's label is text, and so is the next row's, so it is data
+        let text = b"6.3,3.3,virginica\n5.1,3.5,setosa\n7.0,3.2,versicolor\n4.9,3.0,setosa\n";
+        let ds = load_str("names.csv", text, &opts_label(LabelColumn::Last)).unwrap();
+        assert_eq!(ds.n_samples, 4);
+        assert_eq!(ds.y, vec![2.0, 0.0, 1.0, 0.0]);
+        let names: Vec<String> = ["setosa", "versicolor", "virginica"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(ds.labels.as_ref(), Some(&names));
+        assert_eq!(ds.class_counts().unwrap(), vec![2, 1, 1]);
+        // with a header, by name, rows in another order: the same mapping
+        let text = b"a,b,species\n5.1,3.5,setosa\n6.3,3.3,\"virginica\"\n7.0,3.2,versicolor\n";
+        let ds = load_str(
+            "names2.csv",
+            text,
+            &opts_label(LabelColumn::Name("species".into())),
+        )
+        .unwrap();
+        assert_eq!(ds.y, vec![0.0, 2.0, 1.0]);
+        assert_eq!(ds.labels, Some(names));
+        // a header whose label name is the only text, above numeric labels, is still a header
+        let ds = load_str(
+            "names3.csv",
+            b"1,2,label\n1,2,0\n",
+            &opts_label(LabelColumn::Last),
+        )
+        .unwrap();
+        assert_eq!((ds.n_samples, ds.labels), (1, None));
+        // the subset keeps the names
+        let ds = load_str("names4.csv", b"b,1\na,2\n", &CsvOptions::default()).unwrap();
+        assert_eq!(ds.subset(&[1]).labels, Some(vec!["a".into(), "b".into()]));
+        // a text label still needs a value, and NaN is still refused
+        let e = err("names5.csv", b"a,1\n,2\n", &CsvOptions::default());
+        assert!(e.ends_with("line 2, column 1: missing value"), "{e}");
+        let e = err("names6.csv", b"a,1\nNaN,2\n", &CsvOptions::default());
+        assert!(
+            e.ends_with("line 2, column 1: value is NaN or infinite"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mixed_numeric_and_text_labels_are_all_names() {
+        let ds = load_str(
+            "mixed.csv",
+            b"1,5\ncat,6\n2.0,7\n1,8\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(ds.labels, Some(vec!["1".into(), "2".into(), "cat".into()]));
+        assert_eq!(ds.y, vec![0.0, 2.0, 1.0, 0.0]);
+        assert_eq!(f32s(&ds), &[5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn too_many_class_names_is_an_error() {
+        let mut text = Vec::new();
+        for i in 0..=MAX_CLASSES {
+            text.extend_from_slice(format!("c{i},1\n").as_bytes());
+        }
+        let e = err("many.csv", &text, &CsvOptions::default());
+        assert!(
+            e.contains(&format!(
+                "line {}: the label column holds more than {MAX_CLASSES}",
+                MAX_CLASSES + 1
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relabel_maps_onto_the_training_names_and_refuses_unknown_ones() {
+        let train = load_str(
+            "train.csv",
+            b"setosa,1\nversicolor,2\nvirginica,3\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        let names = train.labels.clone().unwrap();
+        let mut test = load_str(
+            "test.csv",
+            b"virginica,1\nsetosa,2\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(test.y, vec![1.0, 0.0]);
+        test.relabel(&names).unwrap();
+        assert_eq!(test.y, vec![2.0, 0.0]);
+        assert_eq!(test.labels.as_ref(), Some(&names));
+        let mut bad = load_str("bad.csv", b"setosa,1\ndaisy,2\n", &CsvOptions::default()).unwrap();
+        let before = bad.clone();
+        let e = bad.relabel(&names).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "bad.csv: sample 2: class \"daisy\" is not one of the 3 known classes (setosa, versicolor, virginica)"
+            ),
+            "{e}"
+        );
+        assert_eq!(bad, before);
+        // numeric labels are looked up by their text
+        let mut nums = load_str("nums.csv", b"1,5\n0,6\n", &CsvOptions::default()).unwrap();
+        nums.relabel(&["0".into(), "1".into(), "cat".into()])
+            .unwrap();
+        assert_eq!(nums.y, vec![1.0, 0.0]);
+        let mut nums = load_str("nums2.csv", b"7,5\n", &CsvOptions::default()).unwrap();
+        let e = nums.relabel(&names).unwrap_err().to_string();
+        assert!(e.contains("sample 1: class \"7\""), "{e}");
+        // a name holding a line break is shown escaped: one line
+        let mut odd = load_str("odd.csv", b"\"a\nb\",1\nc,2\n", &CsvOptions::default()).unwrap();
+        let e = odd.relabel(&names).unwrap_err().to_string();
+        assert!(e.contains("sample 1: class \"a\\nb\""), "{e}");
+    }
+
+    #[test]
+    fn class_names_round_trip_through_write_csv() {
+        let ds = load_str(
+            "w.csv",
+            b"\"a, b\",1\n\"say \"\"x\"\"\",2\nplain,3\n",
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        let p = temp_path("names-roundtrip.csv");
+        write_csv(&ds, &p).unwrap();
+        let back = load_csv(&p, &CsvOptions::default()).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!((back.y, back.labels), (ds.y, ds.labels));
+    }
+
+    /// The warnings `f` emits, as text.
+    fn warnings(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf(Arc::new(Mutex::new(Vec::new())));
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_max_level(tracing::Level::WARN)
+            .without_time()
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_pandas_index_header_is_read_as_data_with_a_warning() {
+        let text = b"0,1,2,3,4\n1,5,6,7,8\n0,1,1,1,1\n";
+        let mut ds = None;
+        let w =
+            warnings(|| ds = Some(load_str("pandas.csv", text, &CsvOptions::default()).unwrap()));
+        let ds = ds.unwrap();
+        assert_eq!(ds.n_samples, 3);
+        assert_eq!(ds.y, vec![0.0, 1.0, 0.0]);
+        assert!(
+            w.contains("pandas.csv: the first row (0,1,2,3,4) looks like the header pandas writes"),
+            "{w}"
+        );
+        assert!(w.contains("--header yes"), "{w}");
+        let yes = CsvOptions {
+            header: HeaderMode::Yes,
+            ..Default::default()
+        };
+        let w = warnings(|| assert_eq!(load_str("pandas2.csv", text, &yes).unwrap().n_samples, 2));
+        assert!(w.is_empty(), "{w}");
+        // not for three columns (a first data row 0,1,2 is plausible), nor for other numbers
+        for text in [
+            &b"0,1,2\n1,2,3\n"[..],
+            b"0,1,2,4\n1,2,3,4\n",
+            b"1,0,2,3\n1,2,3,4\n",
+        ] {
+            let w = warnings(|| {
+                load_str("plain.csv", text, &CsvOptions::default()).unwrap();
+            });
+            assert!(w.is_empty(), "{w}");
+        }
+    }
+
+    #[test]
+    fn doubtful_first_rows_and_mixed_labels_are_warned_about() {
+        let w = warnings(|| {
+            let ds = load_str(
+                "doubt.csv",
+                b"species,1,2\nsetosa,1,2\nvirginica,3,4\n",
+                &CsvOptions::default(),
+            )
+            .unwrap();
+            assert_eq!(ds.n_samples, 3);
+        });
+        assert!(
+            w.contains(
+                "doubt.csv: line 1: the first row was read as data, so its label \"species\""
+            ),
+            "{w}"
+        );
+        let w = warnings(|| {
+            load_str("mixed.csv", b"1,5\ncat,6\n", &CsvOptions::default()).unwrap();
+        });
+        assert!(
+            w.contains(
+                "mixed.csv: the label column holds both numbers and text (\"cat\" at line 2)"
+            ),
+            "{w}"
+        );
+        let w = warnings(|| {
+            load_str(
+                "clean.csv",
+                b"setosa,1\nsetosa,2\nvirginica,3\n",
+                &CsvOptions::default(),
+            )
+            .unwrap();
+        });
+        assert!(w.is_empty(), "{w}");
+    }
+
+    #[test]
+    fn a_large_file_streams_into_exactly_sized_features() {
+        let (n, nf) = (200_000usize, 10usize);
+        let p = temp_path("large.csv");
+        {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&p).unwrap());
+            writeln!(
+                w,
+                "label,{}",
+                (0..nf)
+                    .map(|j| format!("f{j}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+            .unwrap();
+            for i in 0..n {
+                write!(w, "{}", i % 3).unwrap();
+                for j in 0..nf {
+                    write!(w, ",{}", ((i * nf + j) % 4096) as f32 / 8.0).unwrap();
+                }
+                w.write_all(b"\n").unwrap();
+            }
+            w.flush().unwrap();
+        }
+        let ds = load_csv(&p, &CsvOptions::default()).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!((ds.n_samples, ds.n_features), (n, nf));
+        let Features::F32(v) = &ds.x else {
+            panic!("f32 storage")
+        };
+        assert_eq!(v.len(), n * nf);
+        // sized from the file, not grown by doubling (which could leave up to twice the values allocated)
+        assert!(
+            v.capacity() <= v.len() + v.len() / 50,
+            "{} for {}",
+            v.capacity(),
+            v.len()
+        );
+        for i in [0, 1, 12_345, n - 1] {
+            assert_eq!(ds.y[i], (i % 3) as f32);
+            for j in 0..nf {
+                assert_eq!(ds.value(i, j), ((i * nf + j) % 4096) as f32 / 8.0);
+            }
+        }
     }
 }

@@ -214,6 +214,7 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, DataError>
         y: lab.data.iter().map(|&l| f32::from(l)).collect(),
         pixels: true,
         source: images.display().to_string(),
+        labels: None,
     })
 }
 

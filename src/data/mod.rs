@@ -154,6 +154,17 @@ pub enum DataError {
         sample: usize,
         value: f32,
     },
+    #[error(
+        "{source_name}: sample {sample}: class \"{value}\" is not one of the {count} known classes ({names})"
+    )]
+    UnknownClass {
+        source_name: String,
+        sample: usize,
+        value: String,
+        count: usize,
+        /// The known names, shortened when there are many.
+        names: String,
+    },
     #[error("test fraction {fraction} must be strictly between 0 and 1")]
     SplitFraction { fraction: f64 },
     #[error(
@@ -209,6 +220,10 @@ pub struct Dataset {
     pub pixels: bool,
     /// Where it came from, for messages (a path or "synthetic:blobs").
     pub source: String,
+    /// Class names when the labels were text (a CSV label column such as `setosa`): `names[i]` is
+    /// class i, in sorted order, so the mapping does not depend on the row order. None for numeric
+    /// labels (and for every source other than CSV).
+    pub labels: Option<Vec<String>>,
 }
 
 /// Largest class label accepted: f32 holds every integer up to 2^24 exactly, and `class_counts`
@@ -265,6 +280,7 @@ impl Dataset {
             y: idx.iter().map(|&i| self.y[i]).collect(),
             pixels: self.pixels,
             source: self.source.clone(),
+            labels: self.labels.clone(),
         }
     }
 
@@ -303,6 +319,75 @@ impl Dataset {
             counts[l as usize] += 1;
         }
         Ok(counts)
+    }
+
+    /// Maps this dataset's class labels onto `names` (the training set's `labels`), so that a test
+    /// set or a file to predict on numbers its classes as the model does. String labels are looked
+    /// up by name; numeric labels (`labels` None) by their text, as the CSV reader writes a number
+    /// among class names ("1", "2.5"). Afterwards `labels` is `names`. A label that `names` lacks
+    /// is an error naming the 1-based sample and the value; the dataset is then left unchanged.
+    pub fn relabel(&mut self, names: &[String]) -> Result<(), DataError> {
+        let index: std::collections::HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let unknown = |sample: usize, value: String| {
+            const SHOWN: usize = 10;
+            // One line whatever the names hold (a quoted CSV cell may hold a line break).
+            let one_line = |s: &str| -> String {
+                s.chars()
+                    .flat_map(|c| {
+                        let esc = c.is_control().then(|| c.escape_default());
+                        esc.into_iter()
+                            .flatten()
+                            .chain((!c.is_control()).then_some(c))
+                    })
+                    .collect()
+            };
+            let mut list: Vec<String> = names.iter().take(SHOWN).map(|n| one_line(n)).collect();
+            if names.len() > SHOWN {
+                list.push("...".into());
+            }
+            DataError::UnknownClass {
+                source_name: self.source.clone(),
+                sample,
+                value: one_line(&value),
+                count: names.len(),
+                names: list.join(", "),
+            }
+        };
+        let mut y = Vec::with_capacity(self.y.len());
+        match &self.labels {
+            Some(own) => {
+                let map: Vec<Option<usize>> =
+                    own.iter().map(|n| index.get(n.as_str()).copied()).collect();
+                for (i, &v) in self.y.iter().enumerate() {
+                    let class = (v >= 0.0 && v.fract() == 0.0)
+                        .then_some(v as usize)
+                        .filter(|&c| c < own.len());
+                    match class.and_then(|c| map[c]) {
+                        Some(k) => y.push(k as f32),
+                        None => {
+                            let value = class.map_or_else(|| v.to_string(), |c| own[c].clone());
+                            return Err(unknown(i + 1, value));
+                        }
+                    }
+                }
+            }
+            None => {
+                for (i, &v) in self.y.iter().enumerate() {
+                    let text = v.to_string();
+                    match index.get(text.as_str()) {
+                        Some(&k) => y.push(k as f32),
+                        None => return Err(unknown(i + 1, text)),
+                    }
+                }
+            }
+        }
+        self.y = y;
+        self.labels = Some(names.to_vec());
+        Ok(())
     }
 
     /// Convert F32 storage to U8 when every value is an integer in 0..=255 (returns whether it did;
@@ -630,9 +715,33 @@ pub(crate) mod test_util {
         p
     }
 
-    /// Path of a file in the shared datasets folder.
+    /// Path of a test dataset, named as in `../shared/datasets`, resolved like `shared()` in
+    /// `tests/util/mod.rs`: CSVs from the vendored `tests/data/`; `mnist` (and `mnist/<file>`) from
+    /// `$DPTRAIN_MNIST`, else `../shared/datasets/mnist`, else `data/mnist` (raw IDX: a `.gz` name
+    /// falls back to the raw file), else a panic saying to run `scripts/get-mnist.sh`.
     pub fn shared(rel: &str) -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/datasets")).join(rel)
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let Some(file) = rel.strip_prefix("mnist").map(|f| f.trim_start_matches('/')) else {
+            return root.join("tests/data").join(rel);
+        };
+        let dir = std::env::var_os("DPTRAIN_MNIST")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| Some(root.join("../shared/datasets/mnist")).filter(|d| d.is_dir()))
+            .or_else(|| {
+                Some(root.join("data/mnist")).filter(|d| d.join("t10k-labels-idx1-ubyte").is_file())
+            })
+            .unwrap_or_else(|| {
+                panic!("MNIST not found (no $DPTRAIN_MNIST, ../shared/datasets/mnist or data/mnist): run scripts/get-mnist.sh")
+            });
+        if file.is_empty() {
+            return dir;
+        }
+        let p = dir.join(file);
+        match file.strip_suffix(".gz").map(|raw| dir.join(raw)) {
+            Some(raw) if !p.exists() && raw.exists() => raw,
+            _ => p,
+        }
     }
 }
 
@@ -649,6 +758,7 @@ mod tests {
             y,
             pixels: false,
             source: "test".into(),
+            labels: None,
         }
     }
 

@@ -20,6 +20,7 @@ fn dataset(n: usize, features: usize, x: Vec<f32>, y: Vec<f32>, name: &str) -> D
         y,
         pixels: false,
         source: format!("synthetic:{name}"),
+        labels: None,
     }
 }
 

@@ -139,7 +139,9 @@ impl OptimConfig {
 }
 
 /// The optimizer's flags, shared by every command that trains.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[command(next_help_heading = "Optimizer")]
 pub struct OptimArgs {
     /// Update rule: sgd, adam (L2 decay added to the gradient) or adamw (decoupled decay).
     #[arg(long, value_enum, default_value = "sgd")]
@@ -164,6 +166,7 @@ pub struct OptimArgs {
     pub eps: f64,
     /// Clip the global norm of the mean gradient (over all ranks and micro-batches) to this value.
     #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
 }
 

@@ -45,6 +45,8 @@ pub struct TrainConfig {
     /// Local steps between parameter averages for `SyncMode::Params`.
     pub sync_every: u64,
     pub precision: Precision,
+    /// Fraction of the training data held out, seeded, as the validation set (0: none).
+    pub val_fraction: f64,
 }
 
 /// How the training set is divided between ranks.
@@ -98,6 +100,7 @@ impl TrainConfig {
             sync: SyncMode::Grads,
             sync_every: 1,
             precision: Precision::F32,
+            val_fraction: 0.0,
         }
     }
 
@@ -141,6 +144,14 @@ impl TrainConfig {
             "--dropout must be in [0, 1) (got {})",
             self.dropout
         );
+        ensure!(
+            self.val_fraction.is_finite() && (0.0..1.0).contains(&self.val_fraction),
+            "--val-fraction must be in [0, 1) (got {})",
+            self.val_fraction
+        );
+        if self.model == ModelKind::Mlp && self.hidden.is_empty() {
+            bail!("--model mlp needs --hidden W1[,W2,...]: the widths of its hidden layers");
+        }
         if self.hidden.contains(&0) {
             bail!(
                 "--hidden: layer widths must be at least 1 (got {:?})",

@@ -9,6 +9,7 @@
 //! - `report.rs`: evaluation and each epoch's figures.
 //! - `resume.rs`: checkpoints, resuming, rollback.
 //! - `run.rs`: the loop around the step.
+//! - `watch.rs`: early stopping and the best model on the validation split.
 
 pub mod config;
 pub mod exchange;
@@ -18,11 +19,16 @@ pub mod resume;
 pub mod run;
 pub mod setup;
 pub mod step;
+pub mod watch;
 
 pub use config::{DeviceKind, ShardMode, SyncMode, TrainConfig};
 pub use plan::{StepPlan, epoch_order, shard_range};
-pub use report::{EpochReport, EvalReport, evaluate};
+pub use report::{
+    EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord, evaluate,
+    evaluate_rows,
+};
 pub use resume::{CheckpointUnit, NanPolicy, ResumeFrom, RunControl};
 pub use run::{Outcome, train, train_with};
 pub use setup::{Setup, fingerprint, initial_params, resume_settings, setup, setup_rank};
 pub use step::{PhaseTimes, Stepper};
+pub use watch::{Monitor, WatchState};

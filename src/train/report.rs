@@ -22,9 +22,76 @@ pub struct EpochReport {
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_rmse: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_rmse: Option<f64>,
     pub samples_per_s: f64,
     pub elapsed_s: f64,
 }
+
+/// What the loop tells its observer after every step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInfo {
+    /// The epoch in progress (1-based) and the steps taken so far.
+    pub epoch: u64,
+    pub step: u64,
+    /// Samples trained on in this step, over all ranks.
+    pub samples: u64,
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// The mean training loss of the epoch so far, over all ranks, when known (with `--sync params`
+    /// the ranks' losses are summed only every few steps).
+    pub epoch_loss: Option<f64>,
+}
+
+/// A `"kind":"step"` record (`--log-every N`): the mean training loss over the steps since the
+/// previous record, over all ranks.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepRecord {
+    pub epoch: u64,
+    pub step: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_accuracy: Option<f64>,
+    pub samples_per_s: f64,
+}
+
+/// A `"kind":"eval"` record: the validation set evaluated (`--val-fraction`, every
+/// `--eval-every` steps or at each epoch's end) and whether it is the best so far.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ValRecord {
+    pub epoch: u64,
+    pub step: u64,
+    pub val_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_rmse: Option<f64>,
+    /// The monitored value improved on every earlier evaluation.
+    pub best: bool,
+}
+
+/// What a training run reports as it goes; every method defaults to doing nothing. Every rank's
+/// loop calls it; the caller decides what rank 0 alone prints or writes.
+pub trait Observer {
+    fn step(&mut self, _s: &StepInfo) {}
+    fn step_record(&mut self, _r: &StepRecord) {}
+    fn val(&mut self, _r: &ValRecord) {}
+    fn epoch(&mut self, _r: &EpochReport) {}
+    /// The best model so far by the monitored value (called when it improves): rank 0 gets the
+    /// parameters, the other ranks an empty slice.
+    fn best(&mut self, _params: &[f32], _r: &ValRecord) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
 
 impl EpochReport {
     /// The rank-0 log line.
@@ -43,9 +110,19 @@ impl EpochReport {
         if let Some(v) = self.test_rmse {
             s += &format!("  test_rmse {v:.4}");
         }
+        if let Some(v) = self.val_loss {
+            s += &format!("  val_loss {v:.4}");
+        }
+        if let Some(v) = self.val_accuracy {
+            s += &format!("  val_acc {v:.4}");
+        }
+        if let Some(v) = self.val_rmse {
+            s += &format!("  val_rmse {v:.4}");
+        }
         s += &format!(
-            "  samples/s {:.0}  elapsed {:.1}s",
-            self.samples_per_s, self.elapsed_s
+            "  samples/s {}  elapsed {:.1}s",
+            crate::progress::rate(self.samples_per_s),
+            self.elapsed_s
         );
         s
     }
@@ -83,8 +160,20 @@ pub fn evaluate(
     n: usize,
     regression: bool,
 ) -> anyhow::Result<EvalReport> {
+    evaluate_rows(backend, comm, split, 0..n, regression)
+}
+
+/// Evaluate the backend's current parameters on the rows `rows` of a split, sharded across ranks.
+pub fn evaluate_rows(
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    split: Split,
+    rows: std::ops::Range<usize>,
+    regression: bool,
+) -> anyhow::Result<EvalReport> {
     let (r, size) = (comm.rank(), comm.size());
-    let range = (n * r / size)..(n * (r + 1) / size);
+    let n = rows.len();
+    let range = (rows.start + n * r / size)..(rows.start + n * (r + 1) / size);
     let local = if range.is_empty() {
         Totals::default()
     } else {

@@ -61,6 +61,13 @@ pub struct RunControl {
     pub kernels: crate::backend::KernelChoices,
     /// Resume from a checkpoint trained on other data (`--resume-allow-changed-data`).
     pub allow_changed_data: bool,
+    /// A `"kind":"step"` record every N steps (0: none).
+    pub log_every: u64,
+    /// Evaluate the validation set every N steps as well as at each epoch's end (0: epochs only).
+    pub eval_every: u64,
+    /// Stop after this many evaluations without an improvement (0: never).
+    pub patience: u64,
+    pub monitor: super::watch::Monitor,
 }
 
 impl Default for RunControl {
@@ -76,6 +83,10 @@ impl Default for RunControl {
             rollback_lr_factor: 0.5,
             kernels: Default::default(),
             allow_changed_data: false,
+            log_every: 0,
+            eval_every: 0,
+            patience: 0,
+            monitor: super::watch::Monitor::ValLoss,
         }
     }
 }
@@ -88,6 +99,8 @@ pub(super) struct Position {
     pub steps_in_epoch: u64,
     pub totals: Totals,
     pub lr_scale: f64,
+    /// Early stopping's record of the validation evaluations.
+    pub watch: super::watch::WatchState,
 }
 
 /// What this run's checkpoints hold and what a checkpoint must match to be resumed.
@@ -225,6 +238,8 @@ impl Checkpoints<'_> {
                 settings: self.settings.clone(),
                 spec: self.setup.spec.clone(),
                 norm: self.setup.norm.clone(),
+                watch: pos.watch,
+                labels: self.setup.labels.clone(),
             },
             params: backend.params()?,
             optim: backend.optim_state()?,
@@ -265,5 +280,6 @@ pub(super) fn position_of(
             count: st.partial_count,
         },
         lr_scale: st.lr_scale,
+        watch: st.watch,
     }
 }

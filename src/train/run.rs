@@ -9,7 +9,9 @@ use dptrain_kernels::reduce_stats::Totals;
 use super::config::{ShardMode, TrainConfig};
 use super::exchange::sum_totals;
 use super::plan::{StepPlan, epoch_order};
-use super::report::{EpochReport, EvalReport, evaluate};
+use super::report::{
+    EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord, evaluate_rows,
+};
 use super::resume::{
     CheckpointUnit, Checkpoints, NanPolicy, Position, ResumeFrom, RunControl, position_of,
 };
@@ -23,6 +25,9 @@ pub struct Outcome {
     pub params: Vec<f32>,
     pub reports: Vec<EpochReport>,
     pub steps: u64,
+    /// The validation record of the best model, and whether early stopping ended the run.
+    pub watch: super::watch::WatchState,
+    pub early_stopped: bool,
 }
 
 /// Why a stretch of training stopped early.
@@ -43,14 +48,12 @@ impl From<anyhow::Error> for Halt {
     }
 }
 
-/// Train with the default run control (no checkpoints, stop on a non-finite loss).
+/// Train with the default run control (no checkpoints, stop on a non-finite loss), quietly.
 pub fn train(
     cfg: &TrainConfig,
     setup: &Setup,
     backend: &mut dyn Backend,
     comm: &dyn Communicator,
-    on_epoch: impl FnMut(&EpochReport),
-    on_step: impl FnMut(u64),
 ) -> anyhow::Result<Outcome> {
     let plan = StepPlan::of(cfg, setup.total_train, comm.rank(), comm.size());
     train_with(
@@ -60,20 +63,19 @@ pub fn train(
         &plan,
         backend,
         comm,
-        on_epoch,
-        on_step,
+        &mut Quiet,
     )
 }
 
-/// Train one model: every rank runs this with the same configuration and its own `plan`; only rank
-/// 0's callbacks print.
+/// Train one model: every rank runs this with the same configuration and its own `plan`, and tells
+/// `obs` what happens (every rank's observer is called; the caller decides who prints).
 ///
 /// Each step (`step.rs`): gather this rank's rows of the global batch → forward → loss → backward
 /// (per-sample gradient sums, over its micro-batches) → exchange: the gradients and totals summed
 /// over the ranks → the optimizer's update scaled by 1 / samples in the global batch. Around it:
-/// resume from a checkpoint, checkpoints every N steps or epochs and at the end, and a non-finite
-/// loss either stops the run naming the step or rolls back to the newest checkpoint.
-#[allow(clippy::too_many_arguments)]
+/// resume from a checkpoint, checkpoints every N steps or epochs and at the end, validation
+/// evaluations with early stopping, and a non-finite loss either stops the run naming the step or
+/// rolls back to the newest checkpoint.
 pub fn train_with(
     cfg: &TrainConfig,
     ctl: &RunControl,
@@ -81,8 +83,7 @@ pub fn train_with(
     plan: &StepPlan,
     backend: &mut dyn Backend,
     comm: &dyn Communicator,
-    mut on_epoch: impl FnMut(&EpochReport),
-    mut on_step: impl FnMut(u64),
+    obs: &mut dyn Observer,
 ) -> anyhow::Result<Outcome> {
     let (rank, ranks) = (comm.rank(), comm.size());
     let plan = *plan;
@@ -148,8 +149,7 @@ pub fn train_with(
             &mut stepper,
             &mut pos,
             &mut reports,
-            &mut on_epoch,
-            &mut on_step,
+            obs,
         );
         match result {
             Ok(()) => break,
@@ -197,6 +197,8 @@ pub fn train_with(
         params,
         reports,
         steps: pos.step,
+        watch: pos.watch,
+        early_stopped: pos.watch.exhausted(ctl.patience) && setup.val.is_some(),
     })
 }
 
@@ -257,8 +259,7 @@ fn run_from(
     stepper: &mut Stepper,
     pos: &mut Position,
     reports: &mut Vec<EpochReport>,
-    on_epoch: &mut dyn FnMut(&EpochReport),
-    on_step: &mut dyn FnMut(u64),
+    obs: &mut dyn Observer,
 ) -> Result<(), Halt> {
     use crate::backend::gpu::HISTORY;
     let (ctl, setup) = (cks.ctl, cks.setup);
@@ -273,13 +274,19 @@ fn run_from(
     // whether a signal asked the ranks to stop, and the newest checkpoint written (rank 0)
     let mut stop = false;
     let mut written: Option<std::path::PathBuf> = None;
-    while pos.step < total_steps {
+    // early stopping: the run is over once `patience` evaluations have not improved
+    let watching = setup.val.is_some();
+    let mut early = watching && pos.watch.exhausted(ctl.patience);
+    while pos.step < total_steps && !early {
         let epoch = pos.epochs_done + 1;
         backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
         let epoch_start = Instant::now();
         let mut epoch_totals = pos.totals;
         let mut s = pos.steps_in_epoch;
-        while s < plan.steps_per_epoch && pos.step < total_steps {
+        // the totals at the previous step record, and when it was written
+        let mut mark = (epoch_totals, Instant::now());
+        while s < plan.steps_per_epoch && pos.step < total_steps && !early {
+            let samples = plan.global_rows(s) as u64;
             let batches = plan.micro_batches(s, pos.step).len();
             recorded.extend(std::iter::repeat_n(pos.step, batches));
             crate::fault::before_step(rank, pos.step);
@@ -314,7 +321,46 @@ fn run_from(
                 pos.totals = epoch_totals;
                 written = cks.write(backend, comm, pos, &plan)?;
             }
-            on_step(pos.step);
+            if ctl.log_every > 0 && pos.step.is_multiple_of(ctl.log_every) {
+                if !exchange && !recorded.is_empty() {
+                    flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
+                }
+                let d = Totals {
+                    loss_sum: epoch_totals.loss_sum - mark.0.loss_sum,
+                    correct: epoch_totals.correct.saturating_sub(mark.0.correct),
+                    count: epoch_totals.count.saturating_sub(mark.0.count),
+                };
+                if d.count > 0 {
+                    let n = d.count as f64;
+                    obs.step_record(&StepRecord {
+                        epoch,
+                        step: pos.step,
+                        lr: stepper.last_lr,
+                        train_loss: d.loss_sum / n,
+                        train_accuracy: (!regression).then(|| d.correct as f64 / n),
+                        samples_per_s: n / mark.1.elapsed().as_secs_f64().max(1e-9),
+                    });
+                }
+                mark = (epoch_totals, Instant::now());
+            }
+            obs.step(&StepInfo {
+                epoch,
+                step: pos.step,
+                samples,
+                lr: stepper.last_lr,
+                epoch_loss: (epoch_totals.count > 0)
+                    .then(|| epoch_totals.loss_sum / epoch_totals.count as f64),
+            });
+            // a validation evaluation every --eval-every steps (the epoch's end has its own)
+            if watching
+                && ctl.eval_every > 0
+                && pos.step.is_multiple_of(ctl.eval_every)
+                && s < plan.steps_per_epoch
+            {
+                let (rec, _) = validate(setup, ctl, backend, comm, pos, epoch, obs)?;
+                obs.val(&rec);
+                early = pos.watch.exhausted(ctl.patience);
+            }
             if stop && s < plan.steps_per_epoch {
                 return Err(stopped(pos.step, written));
             }
@@ -323,15 +369,16 @@ fn run_from(
         let secs = epoch_start.elapsed().as_secs_f64();
         let fresh = epoch_totals.count.saturating_sub(pos.totals.count);
         let train = EvalReport::from_totals(&epoch_totals, regression);
-        let test = match &setup.test {
-            Some(t) => Some(evaluate(
-                backend,
-                comm,
-                Split::Test,
-                t.n_samples,
-                regression,
-            )?),
+        let test = match setup.test_rows() {
+            Some(rows) => Some(evaluate_rows(backend, comm, Split::Test, rows, regression)?),
             None => None,
+        };
+        let val = if watching && !early {
+            let (_, r) = validate(setup, ctl, backend, comm, pos, epoch, obs)?;
+            early = pos.watch.exhausted(ctl.patience);
+            Some(r)
+        } else {
+            None
         };
         let report = EpochReport {
             epoch,
@@ -342,10 +389,13 @@ fn run_from(
             test_loss: test.map(|t| t.loss),
             test_accuracy: test.and_then(|t| t.accuracy),
             test_rmse: test.and_then(|t| t.rmse),
+            val_loss: val.map(|v| v.loss),
+            val_accuracy: val.and_then(|v| v.accuracy),
+            val_rmse: val.and_then(|v| v.rmse),
             samples_per_s: fresh as f64 / secs.max(1e-9),
             elapsed_s: start.elapsed().as_secs_f64(),
         };
-        on_epoch(&report);
+        obs.epoch(&report);
         reports.push(report);
         let finished_epoch = s >= plan.steps_per_epoch;
         if finished_epoch {
@@ -365,7 +415,7 @@ fn run_from(
             && ctl.checkpoint_every > 0
             && pos.step.is_multiple_of(ctl.checkpoint_every);
         if ctl.checkpoint_dir.is_some()
-            && (by_epoch || by_step_at_boundary || pos.step >= total_steps || stop)
+            && (by_epoch || by_step_at_boundary || pos.step >= total_steps || stop || early)
         {
             written = cks.write(backend, comm, pos, &plan)?;
         }
@@ -374,6 +424,41 @@ fn run_from(
         }
     }
     Ok(())
+}
+
+/// Evaluate the validation rows, update early stopping's record and, when the model is the best so
+/// far, hand its parameters (rank 0's) to the observer.
+fn validate(
+    setup: &Setup,
+    ctl: &RunControl,
+    backend: &mut dyn Backend,
+    comm: &dyn Communicator,
+    pos: &mut Position,
+    epoch: u64,
+    obs: &mut dyn Observer,
+) -> Result<(ValRecord, EvalReport), Halt> {
+    let regression = setup.spec.is_regression();
+    let rows = setup.val_rows().unwrap_or(0..0);
+    let r = evaluate_rows(backend, comm, Split::Test, rows, regression)?;
+    let value = ctl.monitor.value(&r).unwrap_or(r.loss);
+    let best = pos.watch.observe(ctl.monitor, value, pos.step, epoch);
+    let rec = ValRecord {
+        epoch,
+        step: pos.step,
+        val_loss: r.loss,
+        val_accuracy: r.accuracy,
+        val_rmse: r.rmse,
+        best,
+    };
+    if best {
+        let params = if comm.is_root() {
+            backend.params()?
+        } else {
+            Vec::new()
+        };
+        obs.best(&params, &rec)?;
+    }
+    Ok((rec, r))
 }
 
 /// The halt of a run that a signal stopped after `step`, its checkpoint `written` (rank 0's path).

@@ -16,6 +16,13 @@ pub struct Setup {
     /// This rank's training samples (all of them in global mode, its shard in split mode).
     pub train: Dataset,
     pub test: Option<Dataset>,
+    /// The validation set (`--val-fraction`), held out of the training data before sharding.
+    pub val: Option<Dataset>,
+    /// What the backend evaluates as its held-out split when there is a validation set: the
+    /// validation rows, then the test rows (see [`Setup::val_rows`], [`Setup::test_rows`]).
+    pub heldout: Option<Dataset>,
+    /// Class names when the labels were text, class i first.
+    pub labels: Option<Vec<String>>,
     /// Training samples over all ranks.
     pub total_train: usize,
     /// What the whole training set was, for checking that a resume trains on the same data.
@@ -49,12 +56,23 @@ impl DataFingerprint {
 }
 
 impl Setup {
+    /// The validation rows of the backend's held-out split.
+    pub fn val_rows(&self) -> Option<std::ops::Range<usize>> {
+        self.val.as_ref().map(|v| 0..v.n_samples)
+    }
+
+    /// The test rows of the backend's held-out split.
+    pub fn test_rows(&self) -> Option<std::ops::Range<usize>> {
+        let start = self.val.as_ref().map_or(0, |v| v.n_samples);
+        self.test.as_ref().map(|t| start..start + t.n_samples)
+    }
+
     /// What a backend needs to train this set-up with `cfg` on the rank that `plan` describes.
     pub fn backend_init<'a>(&'a self, cfg: &TrainConfig, plan: &StepPlan) -> BackendInit<'a> {
         BackendInit {
             spec: &self.spec,
             train: &self.train,
-            test: self.test.as_ref(),
+            test: self.heldout.as_ref().or(self.test.as_ref()),
             norm: &self.norm,
             max_rows: cfg.batch_size,
             rule: cfg.optim.rule(),
@@ -88,14 +106,6 @@ pub fn setup_rank(
             t.source,
             t.n_features,
             train.n_features
-        );
-    }
-    if cfg.shard == ShardMode::Split {
-        let smallest = train.n_samples / ranks;
-        ensure!(
-            smallest >= 1,
-            "--shard split: {} training samples cannot give each of {ranks} ranks one",
-            train.n_samples
         );
     }
     let classes = if cfg.model == ModelKind::Linreg {
@@ -139,15 +149,41 @@ pub fn setup_rank(
         cfg.batch_size,
         cfg.optim.rule().state_names().len(),
     )?;
+    // the fingerprint is the whole training file's; the validation rows come out of it, seeded
+    let data = DataFingerprint::of(&train);
+    let labels = train.labels.clone();
+    let (train, val) = if cfg.val_fraction > 0.0 {
+        let (tr, mut va) =
+            crate::data::train_test_split(&train, cfg.val_fraction, cfg.seed ^ VAL_SEED)?;
+        va.source = format!("{} (validation split)", va.source);
+        (tr, Some(va))
+    } else {
+        (train, None)
+    };
     ensure!(
         cfg.batch_size <= train.n_samples,
-        "--batch-size {} is larger than the {} training samples",
+        "--batch-size {} is larger than the {} training samples{}",
         cfg.batch_size,
-        train.n_samples
+        train.n_samples,
+        if val.is_some() {
+            " left after --val-fraction"
+        } else {
+            ""
+        }
     );
+    if cfg.shard == ShardMode::Split {
+        ensure!(
+            train.n_samples / ranks >= 1,
+            "--shard split: {} training samples cannot give each of {ranks} ranks one",
+            train.n_samples
+        );
+    }
     let norm = Normalizer::fit(&train, cfg.normalize);
     let total_train = train.n_samples;
-    let data = DataFingerprint::of(&train);
+    let heldout = val.as_ref().map(|v| match &test {
+        Some(t) => concat(v, t),
+        None => v.subset(&(0..v.n_samples).collect::<Vec<_>>()),
+    });
     let train = match cfg.shard {
         ShardMode::Split if ranks > 1 => {
             let (lo, hi) = shard_range(total_train, rank, ranks);
@@ -160,9 +196,44 @@ pub fn setup_rank(
         norm,
         train,
         test,
+        val,
+        heldout,
+        labels,
         total_train,
         data,
     })
+}
+
+/// Mixed into the seed for the validation split, so that it is not the test split's draw.
+const VAL_SEED: u64 = 0x7661_6c69_6461_7465;
+
+/// The rows of `a`, then those of `b` (same feature count); pixels stay pixels when both are.
+fn concat(a: &Dataset, b: &Dataset) -> Dataset {
+    use crate::data::Features;
+    let x = match (&a.x, &b.x) {
+        (Features::U8(u), Features::U8(v)) => Features::U8([u.as_slice(), v].concat()),
+        (Features::F32(u), Features::F32(v)) => Features::F32([u.as_slice(), v].concat()),
+        _ => {
+            let mut out = Vec::with_capacity((a.n_samples + b.n_samples) * a.n_features);
+            for ds in [a, b] {
+                for i in 0..ds.n_samples {
+                    for j in 0..ds.n_features {
+                        out.push(ds.value(i, j));
+                    }
+                }
+            }
+            Features::F32(out)
+        }
+    };
+    Dataset {
+        n_samples: a.n_samples + b.n_samples,
+        n_features: a.n_features,
+        x,
+        y: [a.y.as_slice(), &b.y].concat(),
+        pixels: a.pixels && b.pixels,
+        source: format!("{} + {}", a.source, b.source),
+        labels: a.labels.clone(),
+    }
 }
 
 /// Initial parameters: from `--init` or seeded.
@@ -223,5 +294,6 @@ pub fn settings_defaults() -> serde_json::Value {
         "accumulate": 1,
         "dropout": 0.0,
         "precision": "f32",
+        "val_fraction": 0.0,
     })
 }
