@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the system packages dptrain needs on Debian/Ubuntu, only those that are missing:
 # the Vulkan loader and Mesa's drivers (lavapipe runs WGSL on the CPU when there is no GPU),
-# Open MPI (headers for the mpi crate, mpirun for multi-rank runs) and libclang (the mpi crate's bindgen).
+# Open MPI (headers for the mpi crate, mpirun for multi-rank runs), libclang (the mpi crate's bindgen) and
+# DejaVu (the TrueType font `dptrain plot` draws PNG text with; without it, a built-in bitmap font serves).
 set -euo pipefail
-pkgs=(mesa-vulkan-drivers libvulkan1 libopenmpi-dev openmpi-bin libclang-dev pkg-config)
+pkgs=(mesa-vulkan-drivers libvulkan1 libopenmpi-dev openmpi-bin libclang-dev pkg-config fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

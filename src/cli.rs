@@ -56,6 +56,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print a shell completion script: `dptrain completions bash > /etc/bash_completion.d/dptrain`.
     Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -80,10 +81,13 @@ pub struct StepBenchArgs {
     /// Custom model instead of a named workload.
     #[arg(long, value_enum)]
     pub model: Option<ModelKind>,
+    /// Input features of the custom --model.
     #[arg(long, default_value_t = 784)]
     pub features: usize,
+    /// Hidden widths of a custom --model mlp, e.g. 1024,1024.
     #[arg(long, value_delimiter = ',')]
     pub hidden: Vec<usize>,
+    /// Classes of the custom --model.
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
     /// Per-rank batch (default: the workload's first reference batch).
@@ -92,12 +96,16 @@ pub struct StepBenchArgs {
     /// Steps per timed repeat.
     #[arg(long, default_value_t = 30)]
     pub steps: u64,
+    /// Timed repeats (the report gives the median and the spread).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Untimed steps before the first repeat (shader compilation, caches).
     #[arg(long, default_value_t = 10)]
     pub warmup: u64,
+    /// Where to run: auto (a hardware GPU, else the CPU), gpu or cpu.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceKind,
+    /// Adapter index from `dptrain devices`.
     #[arg(long)]
     pub gpu: Option<usize>,
     /// Matrix-product inputs: f32, or f16 with f32 accumulation.
@@ -139,8 +147,10 @@ pub struct MatmulBenchArgs {
     /// Timed runs of each kernel (the fastest counts).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    /// Adapter index from `dptrain devices`.
     #[arg(long)]
     pub gpu: Option<usize>,
+    /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -153,8 +163,10 @@ pub struct CommBenchArgs {
     /// Largest buffer in bytes (default 256 MiB).
     #[arg(long, default_value_t = 256 << 20)]
     pub max_bytes: u64,
+    /// Untimed allreduces of each size before timing.
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Timed allreduces of each size (the mean is reported).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
     /// Also write the rows as JSON.
