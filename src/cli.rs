@@ -482,7 +482,8 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Output")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_best: Option<PathBuf>,
-    /// One JSON object per epoch (and per --log-every steps); appended to when resuming.
+    /// Metrics as JSON lines, or CSV when the name ends in .csv: a record per epoch, per --log-every
+    /// steps and per validation evaluation; appended to when resuming.
     #[arg(long, help_heading = "Output")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_out: Option<PathBuf>,

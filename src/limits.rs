@@ -115,7 +115,11 @@ pub fn total_steps(epochs: u64, steps_per_epoch: u64) -> anyhow::Result<u64> {
 pub fn check_f32_positive(flag: &str, v: f64) -> anyhow::Result<()> {
     let f = v as f32;
     ensure!(
-        v.is_finite() && v > 0.0 && f.is_finite() && f > 0.0,
+        !v.is_nan() && v > 0.0,
+        "{flag} must be a positive number (got {v})"
+    );
+    ensure!(
+        v.is_finite() && f.is_finite() && f > 0.0,
         "{flag} must be a positive number that f32 can hold (got {v:e}; the kernels compute in f32, where it {})",
         if f == 0.0 { "is 0" } else { "is not finite" }
     );

@@ -48,11 +48,60 @@ impl Metrics {
     }
 }
 
-/// Reads a metrics file of JSON lines (see [`parse_metrics`]).
+/// Reads a metrics file of JSON lines (see [`parse_metrics`]), or the CSV form that `train
+/// --metrics-out FILE.csv` writes (a header row naming the fields; empty cells are absent).
 pub fn read_metrics(path: &Path) -> anyhow::Result<Metrics> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = if crate::record::is_csv(path) {
+        csv_to_json_lines(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+    } else {
+        text
+    };
     parse_metrics(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// A CSV metrics file as JSON lines, line for line (the header becomes a blank line, so that line
+/// numbers in messages stay the file's): numbers stay numbers, other cells strings.
+fn csv_to_json_lines(text: &str) -> anyhow::Result<String> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| anyhow!("no metrics records"))?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let mut out = String::from("\n");
+    for (i, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            out += "\n";
+            continue;
+        }
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() != header.len() {
+            bail!(
+                "line {}: {} cells, the header names {}",
+                i + 2,
+                cells.len(),
+                header.len()
+            );
+        }
+        let mut o = serde_json::Map::new();
+        for (k, c) in header.iter().zip(cells) {
+            let c = c.trim();
+            if c.is_empty() {
+                continue;
+            }
+            let v = match c.parse::<f64>() {
+                Ok(x) => serde_json::json!(x),
+                Err(_) => serde_json::Value::String(c.to_string()),
+            };
+            o.insert((*k).to_string(), v);
+        }
+        out += &serde_json::Value::Object(o).to_string();
+        out += "\n";
+    }
+    Ok(out)
 }
 
 /// Parses JSON lines: one object a line with a numeric `step`, blank lines skipped, unknown

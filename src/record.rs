@@ -12,6 +12,31 @@ use crate::progress::Progress;
 use crate::tensorboard::EventWriter;
 use crate::train::{EpochReport, Observer, StepInfo, StepRecord, ValRecord};
 
+/// The columns of a CSV metrics file, in order; a record leaves the ones it lacks empty.
+pub const CSV_COLUMNS: [&str; 15] = [
+    "kind",
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "test_rmse",
+    "val_loss",
+    "val_accuracy",
+    "val_rmse",
+    "best",
+    "samples_per_s",
+    "elapsed_s",
+];
+
+/// Whether a metrics file is CSV (by its name).
+pub fn is_csv(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
 /// The best model's destination and what it is saved with.
 pub struct BestModel<'a> {
     pub path: &'a Path,
@@ -52,7 +77,8 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Append one JSON record of `kind` to the metrics file.
+    /// Append one record of `kind` to the metrics file: a JSON line, or a CSV row when the file's
+    /// name ends in `.csv` (the header first when the file is empty).
     fn record(&mut self, kind: &str, value: &impl serde::Serialize) {
         let Some((path, w)) = self.metrics.as_mut() else {
             return;
@@ -61,7 +87,28 @@ impl<'a> Recorder<'a> {
         if let Some(o) = v.as_object_mut() {
             o.insert("kind".into(), kind.into());
         }
-        if let Err(e) = writeln!(w, "{v}").and_then(|_| w.flush()) {
+        let csv = is_csv(path);
+        let written = if csv {
+            let empty = w.get_ref().metadata().map(|m| m.len() == 0).unwrap_or(false)
+                && w.buffer().is_empty();
+            let head = if empty {
+                format!("{}\n", CSV_COLUMNS.join(","))
+            } else {
+                String::new()
+            };
+            let row: Vec<String> = CSV_COLUMNS
+                .iter()
+                .map(|c| match v.get(*c) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Null) | None => String::new(),
+                    Some(x) => x.to_string(),
+                })
+                .collect();
+            write!(w, "{head}{}\n", row.join(","))
+        } else {
+            writeln!(w, "{v}")
+        };
+        if let Err(e) = written.and_then(|_| w.flush()) {
             let msg = format!("{}: cannot write metrics: {e}", path.display());
             self.write_error.get_or_insert(msg);
             self.metrics = None;
@@ -164,5 +211,104 @@ impl Observer for Recorder<'_> {
             crate::modelfile::save_with(b.path, b.spec, b.norm, params, b.meta)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Mode;
+
+    fn report(epoch: u64) -> EpochReport {
+        EpochReport {
+            epoch,
+            step: epoch * 10,
+            lr: 0.5,
+            train_loss: 1.0 / epoch as f64,
+            train_accuracy: Some(0.5),
+            test_loss: Some(0.25),
+            test_accuracy: Some(0.75),
+            test_rmse: None,
+            val_loss: None,
+            val_accuracy: None,
+            val_rmse: None,
+            samples_per_s: 100.0,
+            elapsed_s: 1.0,
+        }
+    }
+
+    fn recorder(path: &Path, append: bool) -> Recorder<'static> {
+        let progress =
+            Progress::with_mode(Mode::Hidden, Box::new(std::io::sink()), 0, 0, None, 0.0);
+        let mut r = Recorder::new(true, None, progress);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .unwrap();
+        r.metrics = Some((path.to_path_buf(), std::io::BufWriter::new(f)));
+        r
+    }
+
+    #[test]
+    fn csv_metrics_have_one_header_and_read_back_for_plotting() {
+        let p = std::env::temp_dir().join(format!("dptrain-rec-{}.csv", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let mut r = recorder(&p, false);
+        r.epoch(&report(1));
+        r.step_record(&StepRecord {
+            epoch: 2,
+            step: 15,
+            lr: 0.25,
+            train_loss: 0.75,
+            train_accuracy: None,
+            samples_per_s: 9.0,
+        });
+        drop(r);
+        // a resumed run appends without a second header
+        let mut r = recorder(&p, true);
+        r.epoch(&report(2));
+        drop(r);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0], CSV_COLUMNS.join(","));
+        assert!(lines[1].starts_with("epoch,1,10,0.5,1.0,0.5,0.25,0.75,,,,,,100.0,1.0"), "{text}");
+        assert!(lines[2].starts_with("step,2,15,0.25,0.75,,"), "{text}");
+        let m = crate::plot::read_metrics(&p).unwrap();
+        assert_eq!(m.epoch["train_loss"], vec![(10.0, 1.0), (20.0, 0.5)]);
+        assert_eq!(m.step["train_loss"], vec![(15.0, 0.75)]);
+        assert_eq!(m.epoch["test_accuracy"], vec![(10.0, 0.75), (20.0, 0.75)]);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn json_metrics_carry_their_kind() {
+        let p = std::env::temp_dir().join(format!("dptrain-rec-{}.jsonl", std::process::id()));
+        let mut r = recorder(&p, false);
+        r.epoch(&report(3));
+        r.val(&ValRecord {
+            epoch: 3,
+            step: 25,
+            val_loss: 0.5,
+            val_accuracy: Some(0.9),
+            val_rmse: None,
+            best: true,
+        });
+        drop(r);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let v: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(v[0]["kind"], "epoch");
+        assert_eq!(v[0]["test_accuracy"], 0.75);
+        assert_eq!(v[1]["kind"], "eval");
+        assert_eq!(v[1]["best"], true);
+        let m = crate::plot::read_metrics(&p).unwrap();
+        assert_eq!(m.epoch["val_loss"], vec![(25.0, 0.5)]);
+        let _ = std::fs::remove_file(&p);
     }
 }
