@@ -706,3 +706,86 @@ fn a_second_run_on_a_locked_checkpoint_folder_is_refused_naming_the_holder() {
     assert!(!dptrain::checkpoint::list(Path::new(&ck)).is_empty());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A rank frozen with SIGSTOP at a moment drawn per trial (before, between or inside collectives,
+/// the data transfer included) ends the job within --collective-timeout + 5 s, with one line naming
+/// the timeout, in each of 10 trials.
+#[test]
+fn a_rank_frozen_by_sigstop_at_random_moments_ends_the_job_within_the_deadline() {
+    let digits = shared("digits.csv");
+    let timeout = 5.0;
+    // a fixed draw: the delays cover data loading, the first steps and the middle of training
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for trial in 0..10 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let delay = Duration::from_millis(100 + x % 2900);
+        let frozen = trial % 2;
+        let marker = format!("DPTRAIN_TEST_MARKER=stop-{}-{trial}", std::process::id());
+        let child = spawn_mpirun(
+            2,
+            &[
+                "train",
+                "--data",
+                &digits,
+                "--device",
+                "cpu",
+                "--model",
+                "mlp",
+                "--hidden",
+                "32",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "100000",
+                "--collective-timeout",
+                "5",
+            ],
+            &marker[20..],
+        );
+        let t = Instant::now();
+        let pid = loop {
+            if let Some(pid) = rank_pid(frozen, &marker) {
+                break pid;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "trial {trial}: no rank {frozen}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(delay);
+        let stopped = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(stopped, "trial {trial}: cannot stop rank {frozen}");
+        let t = Instant::now();
+        let mut child = child;
+        // a job that does not end is killed (with its frozen rank) and the trial fails
+        while child.try_wait().unwrap().is_none() && t.elapsed().as_secs_f64() < timeout + 15.0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = t.elapsed().as_secs_f64();
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            for r in 0..2 {
+                if let Some(p) = rank_pid(r, &marker) {
+                    let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+                }
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            took < timeout + 5.0,
+            "trial {trial} (rank {frozen} frozen after {delay:?}): the job took {took:.1} s to end\n{err}"
+        );
+        assert!(!out.status.success(), "trial {trial}: {err}");
+        assert!(
+            err.contains("--collective-timeout"),
+            "trial {trial} (rank {frozen} frozen after {delay:?}): {err}"
+        );
+    }
+}
