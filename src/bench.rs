@@ -1,16 +1,21 @@
 //! Benchmarks behind `dptrain bench`: the allreduce itself (`bench comm`), laid out like nccl-tests
 //! so that the trainer's exchange can be set beside raw MPI.
 
+use std::hint::black_box;
 use std::time::Instant;
 
-use anyhow::ensure;
-use serde::Serialize;
+use anyhow::{Context, ensure};
+use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 
 /// One row of `bench comm`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CommRow {
+    /// Ranks in the allreduce (absent in files of older builds: `bench scaling` then infers it
+    /// from busbw / algbw).
+    #[serde(default)]
+    pub ranks: u64,
     pub bytes: u64,
     pub count: u64,
     pub time_us: f64,
@@ -23,6 +28,14 @@ pub struct CommRow {
     /// The same allreduce through the stall watchdog (non-blocking, polled), as training runs it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guarded_time_us: Option<f64>,
+    /// A one-process `copy_from_slice` of the same bytes between two preallocated buffers, on every
+    /// rank at once, as many times as the allreduce (the fastest copy, slowest rank): bytes / time.
+    #[serde(default)]
+    pub memcpy_gbs: f64,
+    /// busbw / memcpy: how close the allreduce comes to the memory copy (a shared-memory ring moves
+    /// every byte twice, so about 0.5 is as good as it gets on one node).
+    #[serde(default)]
+    pub busbw_over_memcpy: f64,
 }
 
 /// Sizes from `min` to `max` bytes, doubling (each a multiple of 4).
@@ -56,7 +69,48 @@ pub fn comm_bench(
             row.wrong += g.wrong;
         }
     }
+    for row in &mut rows {
+        comm.barrier()?;
+        let mine = memcpy_secs(row.bytes, warmup, iters);
+        // a timer tick at the least: a few bytes copy faster than the clock resolves
+        let secs = slowest(comm, &[mine])?[0].max(1e-9);
+        row.memcpy_gbs = row.bytes as f64 / secs / 1e9;
+        row.busbw_over_memcpy = row.busbw_gbs / row.memcpy_gbs;
+    }
     Ok(rows)
+}
+
+/// Seconds of the fastest of `iters` `copy_from_slice`s of `bytes` bytes between two preallocated
+/// f32 buffers, each timed alone, after `warmup` (at least one, which also faults the pages in).
+/// The best, not the mean: the copy stands for what the memory can do, and on a busy machine one
+/// preemption would otherwise decide a small copy's figure.
+fn memcpy_secs(bytes: u64, warmup: usize, iters: usize) -> f64 {
+    let count = (bytes / 4) as usize;
+    let src = vec![1f32; count];
+    let mut dst = vec![0f32; count];
+    for _ in 0..warmup.max(1) {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// The largest value over the ranks of each of `mine` (collective).
+fn slowest(comm: &dyn Communicator, mine: &[f64]) -> anyhow::Result<Vec<f64>> {
+    let k = mine.len();
+    let mut all = vec![0f64; k * comm.size()];
+    all[comm.rank() * k..(comm.rank() + 1) * k].copy_from_slice(mine);
+    comm.allreduce_sum_f64(&mut all)?;
+    Ok((0..k)
+        .map(|i| all.iter().skip(i).step_by(k).cloned().fold(0.0, f64::max))
+        .collect())
 }
 
 fn comm_rows(
@@ -91,6 +145,7 @@ fn comm_rows(
         comm.allreduce_sum_u64(&mut wrong)?;
         let algbw = bytes as f64 / secs / 1e9;
         rows.push(CommRow {
+            ranks: n as u64,
             bytes,
             count: count as u64,
             time_us: secs * 1e6,
@@ -98,6 +153,8 @@ fn comm_rows(
             busbw_gbs: algbw * 2.0 * (n - 1.0) / n,
             wrong: wrong[0],
             guarded_time_us: None,
+            memcpy_gbs: 0.0,
+            busbw_over_memcpy: 0.0,
         });
     }
     Ok(rows)
@@ -106,7 +163,7 @@ fn comm_rows(
 /// nccl-tests' table header.
 pub fn comm_header(comm: &dyn Communicator) -> String {
     format!(
-        "# allreduce f32 sum, {}; time: MPI_Allreduce; guarded: the same through the stall watchdog\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12}\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12}",
+        "# allreduce f32 sum, {}; time: MPI_Allreduce; guarded: the same through the stall watchdog;\n# memcpy: copy_from_slice of the same bytes on every rank at once (best of the iterations); bus/mem: busbw / memcpy\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12} {:>9} {:>8}\n#{:>12} {:>12} {:>8} {:>6} {:>12} {:>9} {:>9} {:>7} {:>12} {:>9} {:>8}",
         comm.describe(),
         "size",
         "count",
@@ -117,6 +174,8 @@ pub fn comm_header(comm: &dyn Communicator) -> String {
         "busbw",
         "#wrong",
         "guarded",
+        "memcpy",
+        "bus/mem",
         "(B)",
         "(elements)",
         "",
@@ -125,14 +184,16 @@ pub fn comm_header(comm: &dyn Communicator) -> String {
         "(GB/s)",
         "(GB/s)",
         "",
-        "(us)"
+        "(us)",
+        "(GB/s)",
+        ""
     )
 }
 
 impl CommRow {
     pub fn line(&self) -> String {
         format!(
-            " {:>12} {:>12} {:>8} {:>6} {:>12.2} {:>9.2} {:>9.2} {:>7} {:>12}",
+            " {:>12} {:>12} {:>8} {:>6} {:>12.2} {:>9.2} {:>9.2} {:>7} {:>12} {:>9.2} {:>8.3}",
             self.bytes,
             self.count,
             "float",
@@ -142,7 +203,9 @@ impl CommRow {
             self.busbw_gbs,
             self.wrong,
             self.guarded_time_us
-                .map_or_else(|| "-".to_string(), |t| format!("{t:.2}"))
+                .map_or_else(|| "-".to_string(), |t| format!("{t:.2}")),
+            self.memcpy_gbs,
+            self.busbw_over_memcpy
         )
     }
 }
@@ -167,6 +230,68 @@ mod tests {
                 .all(|r| r.wrong == 0 && r.busbw_gbs == 0.0 && r.time_us >= 0.0)
         );
         assert!(rows[0].line().contains("float"));
+        assert!(rows.iter().all(|r| r.ranks == 1
+            && r.memcpy_gbs > 0.0
+            && r.memcpy_gbs.is_finite()
+            && r.busbw_over_memcpy == 0.0));
+        assert_eq!(rows[0].line().split_whitespace().count(), 11);
+        // the JSON rows read back, and so do those of older builds (no ranks, no memcpy)
+        let text = serde_json::to_string(&rows).unwrap();
+        let back: Vec<CommRow> = serde_json::from_str(&text).unwrap();
+        assert!(back.iter().zip(&rows).all(|(b, r)| b.bytes == r.bytes
+            && b.ranks == r.ranks
+            && (b.memcpy_gbs / r.memcpy_gbs - 1.0).abs() < 1e-12));
+        let old = r#"[{"bytes":8,"count":2,"time_us":1.5,"algbw_gbs":0.005,"busbw_gbs":0.005,"wrong":0}]"#;
+        let old: Vec<CommRow> = serde_json::from_str(old).unwrap();
+        assert_eq!((old[0].ranks, old[0].memcpy_gbs), (0, 0.0));
+    }
+
+    #[test]
+    fn one_process_has_no_transport_to_probe() {
+        assert!(measure_transport(&SingleProcess).unwrap().is_none());
+        assert!(probe_transport(&SingleProcess).unwrap().is_none());
+    }
+
+    fn probe(ratio: f64, ranks: usize, cores: usize) -> TransportProbe {
+        TransportProbe {
+            ranks,
+            bytes: PROBE_BYTES,
+            iters: 5,
+            allreduce_us: 1000.0,
+            busbw_gbs: 6.0 * ratio,
+            memcpy_gbs: 6.0,
+            ratio,
+            cores,
+            shm_free_bytes: Some(64 << 30),
+            seconds: 0.02,
+        }
+    }
+
+    #[test]
+    fn the_probe_warns_only_far_below_a_memory_copy() {
+        // the lowest healthy ratio on the H200 machine's host was 0.157, the TCP loopback 0.132
+        assert!(probe(0.157, 8, 16).warning().is_none());
+        assert!(probe(0.132, 8, 16).warning().is_none());
+        assert!(probe(PROBE_MIN_RATIO, 8, 16).warning().is_none());
+        let w = probe(0.05, 2, 16).warning().unwrap();
+        assert_eq!(w.lines().count(), 1, "{w}");
+        for needle in [
+            "OMPI_MCA_coll_tuned_use_dynamic_rules=1 OMPI_MCA_coll_tuned_allreduce_algorithm=4",
+            "OMPI_MCA_btl_vader_single_copy_mechanism=cma",
+            "xpmem",
+            "/dev/shm",
+            "64.0 GiB free",
+        ] {
+            assert!(w.contains(needle), "{needle}: {w}");
+        }
+        assert!(!w.contains("cores"), "{w}");
+        // more ranks than cores is named as a cause too
+        assert!(
+            probe(0.05, 4, 2)
+                .warning()
+                .unwrap()
+                .contains("4 ranks share 2 cores")
+        );
     }
 }
 
@@ -625,4 +750,522 @@ pub fn matmul_bench_workload(
     let mut run = WorkloadRun::open(cfg, comm)?;
     let tuned = run.backend.autotune(&Default::default())?;
     Ok(matmul_rows(&run.backend.describe(), &tuned))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The start-up transport probe
+
+/// Bytes of the probe's allreduce: the trainer's bucket size (docs/PERF.md), well inside Open
+/// MPI's ≤ 16 MiB regime, and large enough that the latency is a small part of the time.
+pub const PROBE_BYTES: u64 = 4 << 20;
+
+/// The probe warns when the allreduce's bus bandwidth is below this share of a memory copy of the
+/// same 4 MiB.
+///
+/// Measured on the H200 machine's host (16 cores, 300 MiB L3, Open MPI 4.1.6; docs/PERF.md,
+/// "Choosing bucket sizes and MPI settings"; docs/data/h200-host-probes.txt): the probe's ratio was
+/// 0.16–0.33 over nine runs with shared memory at 2, 4 and 8 ranks, 0.22–0.25 with the ring
+/// forced, 0.13–0.17 over the TCP loopback (a working, slower transport), and 0.052 with 32 ranks
+/// on the 16 cores. A copy of 4 MiB stays in the cache, so a healthy ratio is well under the 0.5
+/// that two copies per byte would allow against memory. One tenth lies 1.6× below the lowest
+/// healthy run, so the noise of a 0.05 s probe does not trip it, and 2× above the crowded node.
+/// It flags a transport an order of magnitude off, not a slow-but-working one.
+pub const PROBE_MIN_RATIO: f64 = 0.1;
+
+/// How long the timed allreduces of the probe may take together (s); the probe as a whole adds a
+/// warm-up allreduce, a 4 MiB copy and three small collectives.
+const PROBE_TIMED_BUDGET_S: f64 = 0.08;
+
+/// What the transport probe measured (identical on every rank).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TransportProbe {
+    pub ranks: usize,
+    pub bytes: u64,
+    /// Timed allreduces (1 to 8, as many as fit the budget).
+    pub iters: usize,
+    /// Mean time of one allreduce, slowest rank (µs).
+    pub allreduce_us: f64,
+    pub busbw_gbs: f64,
+    /// `copy_from_slice` of the same bytes on every rank at once (fastest of 4, slowest rank).
+    pub memcpy_gbs: f64,
+    /// busbw / memcpy
+    pub ratio: f64,
+    /// CPU cores online on the node (rank 0's view).
+    pub cores: usize,
+    /// Free space in /dev/shm, where Open MPI's shared-memory transport keeps its segments.
+    pub shm_free_bytes: Option<u64>,
+    /// Wall time of the probe on rank 0 up to its last collective (s).
+    pub seconds: f64,
+}
+
+impl TransportProbe {
+    /// One warning line when the allreduce runs far below a memory copy, naming what helps.
+    pub fn warning(&self) -> Option<String> {
+        if self.ratio >= PROBE_MIN_RATIO {
+            return None;
+        }
+        let shm = self.shm_free_bytes.map_or_else(
+            || "check its free space".to_string(),
+            |b| format!("{:.1} GiB free now", b as f64 / (1u64 << 30) as f64),
+        );
+        let crowded = if self.ranks > self.cores {
+            format!(
+                "; {} ranks share {} cores here, and MPI's busy polling alone slows that",
+                self.ranks, self.cores
+            )
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "warning: the allreduce between the {} ranks on this node runs at {:.2} GB/s bus bandwidth ({} B in {:.0} us), {:.3}× a memory copy of the same bytes ({:.2} GB/s), where a working node gives 0.15–0.35×: try the ring algorithm (OMPI_MCA_coll_tuned_use_dynamic_rules=1 OMPI_MCA_coll_tuned_allreduce_algorithm=4), a single-copy mechanism (OMPI_MCA_btl_vader_single_copy_mechanism=cma, or xpmem or knem where installed), and room for the shared segments in /dev/shm ({shm}){crowded}",
+            self.ranks, self.busbw_gbs, self.bytes, self.allreduce_us, self.ratio, self.memcpy_gbs
+        ))
+    }
+
+    /// The probe's figures on one line (for `bench comm --probe`).
+    pub fn line(&self) -> String {
+        format!(
+            "transport probe: {} ranks on one node, allreduce of {} B {:.1} us (mean of {}), busbw {:.2} GB/s, memcpy {:.2} GB/s, ratio {:.3} (warns below {:.3}), {:.3} s",
+            self.ranks,
+            self.bytes,
+            self.allreduce_us,
+            self.iters,
+            self.busbw_gbs,
+            self.memcpy_gbs,
+            self.ratio,
+            PROBE_MIN_RATIO,
+            self.seconds
+        )
+    }
+}
+
+/// Free bytes of /dev/shm, when it exists.
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between platforms
+fn shm_free_bytes() -> Option<u64> {
+    let path = std::ffi::CString::new("/dev/shm").ok()?;
+    // SAFETY: statvfs is plain old data; the call fills it or fails, and the path is a valid C string
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Measure the allreduce against a memory copy when all ranks share one node (collective: every
+/// rank calls it, and all get the same figures). None with one rank, or when the ranks are spread
+/// over several nodes (their allreduce then crosses the network, which a copy does not measure).
+///
+/// Cost: one hostname gather, four 4 MiB copies, one warm-up allreduce of 4 MiB, then as many timed
+/// allreduces as fit 0.08 s (1 to 8), and three small agreements: 0.027–0.049 s measured on the
+/// H200 machine's host at 2 to 8 ranks, 0.087 s with 32 ranks on its 16 cores; under 0.2 s unless
+/// one 4 MiB allreduce takes more than 0.05 s, when the transport is broken anyway.
+pub fn measure_transport(comm: &dyn Communicator) -> anyhow::Result<Option<TransportProbe>> {
+    let start = Instant::now();
+    let n = comm.size();
+    if n < 2 {
+        return Ok(None);
+    }
+    let hosts = comm.all_gather_bytes(crate::outputs::hostname().as_bytes())?;
+    if hosts.iter().any(|h| h != &hosts[0]) {
+        return Ok(None);
+    }
+    let count = (PROBE_BYTES / 4) as usize;
+    let send = vec![1f32; count];
+    let mut recv = vec![0f32; count];
+    let copy = memcpy_secs(PROBE_BYTES, 1, 4);
+    let t = Instant::now();
+    comm.allreduce_sum_f32_into(&send, &mut recv)?;
+    let warm = t.elapsed().as_secs_f64();
+    // every rank takes the same decisions from the same (agreed) figures
+    let agreed = slowest(comm, &[warm, copy])?;
+    let iters = ((PROBE_TIMED_BUDGET_S / agreed[0].max(1e-9)).floor() as usize).clamp(1, 8);
+    comm.barrier()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        comm.allreduce_sum_f32_into(&send, &mut recv)?;
+    }
+    let mine = t.elapsed().as_secs_f64() / iters as f64;
+    // the node's cores, not this process's affinity mask (mpirun binds each rank to one core)
+    // SAFETY: sysconf reads a system constant
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cores = usize::try_from(online)
+        .ok()
+        .filter(|&c| c > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |c| c.get()));
+    let secs = slowest(comm, &[mine])?[0].max(1e-9);
+    // rank 0's view of the cores and the time, on every rank
+    let mut facts = [0f64; 2];
+    if comm.is_root() {
+        facts = [cores as f64, start.elapsed().as_secs_f64()];
+    }
+    comm.allreduce_sum_f64(&mut facts)?;
+    let busbw = PROBE_BYTES as f64 / secs / 1e9 * 2.0 * (n as f64 - 1.0) / n as f64;
+    let memcpy = PROBE_BYTES as f64 / agreed[1].max(1e-9) / 1e9;
+    Ok(Some(TransportProbe {
+        ranks: n,
+        bytes: PROBE_BYTES,
+        iters,
+        allreduce_us: secs * 1e6,
+        busbw_gbs: busbw,
+        memcpy_gbs: memcpy,
+        ratio: busbw / memcpy,
+        cores: facts[0] as usize,
+        shm_free_bytes: shm_free_bytes(),
+        seconds: facts[1],
+    }))
+}
+
+/// The start-up transport probe (collective; every rank gets the same answer): when the ranks
+/// share one node and their allreduce of 4 MiB runs below 1/10 of a memory copy's bandwidth
+/// ([`PROBE_MIN_RATIO`]), one warning line naming the Open MPI settings that help (the ring
+/// algorithm, a single-copy mechanism, room in /dev/shm). None otherwise, and with one rank or
+/// ranks on several nodes. Takes well under 0.2 s on a working node ([`measure_transport`]).
+pub fn probe_transport(comm: &dyn Communicator) -> anyhow::Result<Option<String>> {
+    Ok(measure_transport(comm)?.and_then(|p| p.warning()))
+}
+
+/// `bench comm --probe`: run the probe and print its figures and verdict on rank 0.
+pub fn print_probe(comm: &dyn Communicator) -> anyhow::Result<()> {
+    let probe = measure_transport(comm)?;
+    if comm.is_root() {
+        match &probe {
+            None if comm.size() < 2 => println!("transport probe: skipped (one rank)"),
+            None => println!("transport probe: skipped (the ranks are on more than one node)"),
+            Some(p) => {
+                println!("{}", p.line());
+                println!(
+                    "transport probe: {}",
+                    p.warning().unwrap_or_else(|| "ok".to_string())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// `bench scaling`: the model of src/scaling.rs fed with measured figures
+
+/// One rank's measured step time (no exchange) of each reference workload at its reference batch,
+/// on one NVIDIA H200, fp32, with where it was measured: (workload, batch, ms, source).
+pub const MEASURED_STEP_MS: [(&str, usize, f64, &str); 3] = [
+    (
+        "seed-logreg",
+        100,
+        0.019,
+        "dptrain on one H200, fp32, fused step: docs/PERF.md, H200 run 2",
+    ),
+    (
+        "mnist-mlp",
+        1024,
+        0.645,
+        "dptrain on one H200, fp32: docs/PERF.md, H200 run 2",
+    ),
+    (
+        "wide-mlp",
+        8192,
+        56.9,
+        "dptrain on one H200, fp32: docs/PERF.md, H200 run 1",
+    ),
+];
+
+/// Host-side MPI allreduce of f32 on the H200 machine (Open MPI 4.1.6, one node, shared memory,
+/// defaults, median): (ranks, bytes, ms), from ../shared/design/WORKLOADS.md. The 150.6 MB rows
+/// lie beyond Open MPI's 16 MiB algorithm switch and are left out of the default fit (8 MiB).
+pub const MEASURED_SHM_ALLREDUCE: [(usize, u64, f64); 12] = [
+    (2, 12, 0.001),
+    (2, 1 << 20, 0.27),
+    (2, 7_454_772, 2.59),
+    (2, 150_600_000, 158.0),
+    (4, 12, 0.003),
+    (4, 1 << 20, 0.46),
+    (4, 7_454_772, 3.96),
+    (4, 150_600_000, 207.0),
+    (8, 12, 0.004),
+    (8, 1 << 20, 0.86),
+    (8, 7_454_772, 7.70),
+    (8, 150_600_000, 300.0),
+];
+
+const MEASURED_SHM_SOURCE: &str = "../shared/design/WORKLOADS.md (H200 machine, Open MPI 4.1.6, shared memory, 2/4/8 ranks, medians)";
+
+/// Ranks of a `bench comm` row: its own field, or, in files of older builds, from busbw / algbw
+/// = 2(p−1)/p.
+fn row_ranks(r: &CommRow) -> usize {
+    if r.ranks > 0 {
+        return r.ranks as usize;
+    }
+    let q = if r.algbw_gbs > 0.0 {
+        r.busbw_gbs / r.algbw_gbs
+    } else {
+        0.0
+    };
+    if q > 0.0 && q < 2.0 {
+        (2.0 / (2.0 - q)).round() as usize
+    } else {
+        1
+    }
+}
+
+/// `WORKLOAD=MS` of `bench scaling --step-ms`.
+pub fn parse_step_ms(s: &str) -> Result<(String, f64), String> {
+    let (w, ms) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected WORKLOAD=MS, e.g. mnist-mlp=0.645 (got {s:?})"))?;
+    let ms: f64 = ms
+        .trim()
+        .parse()
+        .map_err(|_| format!("{ms:?} is not a number of milliseconds"))?;
+    if !(ms.is_finite() && ms > 0.0) {
+        return Err(format!("the step time must be above 0 ms (got {ms})"));
+    }
+    Ok((w.trim().to_string(), ms))
+}
+
+/// One workload's part of `bench scaling --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalingWorkload {
+    pub workload: String,
+    pub batch: Option<usize>,
+    pub parameters: usize,
+    pub f32_bytes: u64,
+    pub compute_ms: f64,
+    pub compute_source: String,
+    pub powersgd_factor: f64,
+    /// Every rank count × exchange × overlap × algorithm.
+    pub predictions: Vec<crate::scaling::Prediction>,
+}
+
+/// What `bench scaling --json` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalingReport {
+    /// Always "prediction": nothing here was measured except the inputs.
+    pub kind: &'static str,
+    pub network: crate::scaling::Network,
+    pub fit_rows: usize,
+    pub fit_source: String,
+    /// The fitted ring time of each fitted row beside its measurement: (ranks, bytes, measured ms, fitted ms).
+    pub fit_check: Vec<(usize, f64, f64, f64)>,
+    pub bucket_bytes: u64,
+    pub overlap_share: f64,
+    pub workloads: Vec<ScalingWorkload>,
+}
+
+/// `dptrain bench scaling`: predicted step time and efficiency for 2 … max ranks, per workload and
+/// way of exchanging; printed on rank 0 (no collective runs).
+pub fn scaling_command(
+    a: &crate::cli::ScalingBenchArgs,
+    comm: &dyn Communicator,
+) -> anyhow::Result<()> {
+    use crate::scaling::{self, Algo, Link, Network, Sample, Scenario, Settings};
+    ensure!(
+        a.inter_gbs.is_finite() && a.inter_gbs > 0.0,
+        "--inter-gbs must be above 0"
+    );
+    ensure!(
+        a.inter_alpha_us.is_finite() && a.inter_alpha_us >= 0.0,
+        "--inter-alpha-us must be 0 or more"
+    );
+    ensure!(
+        (0.0..=1.0).contains(&a.overlap_share),
+        "--overlap-share must be in [0, 1]"
+    );
+    ensure!(
+        a.powersgd_rank >= 1 && a.sync_every >= 1 && a.ranks_per_node >= 1,
+        "--powersgd-rank, --sync-every and --ranks-per-node must be at least 1"
+    );
+    ensure!(a.max_ranks >= 2, "--max-ranks must be at least 2");
+    if !comm.is_root() {
+        return Ok(());
+    }
+    // the intra-node link: fitted to bench comm rows
+    let (samples, source): (Vec<Sample>, String) = match &a.comm_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            let rows: Vec<CommRow> = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not the JSON of `bench comm --json`", path.display())
+            })?;
+            (
+                rows.iter()
+                    .map(|r| Sample {
+                        ranks: row_ranks(r),
+                        bytes: r.bytes as f64,
+                        seconds: r.time_us / 1e6,
+                    })
+                    .collect(),
+                path.display().to_string(),
+            )
+        }
+        None => (
+            MEASURED_SHM_ALLREDUCE
+                .iter()
+                .map(|&(ranks, bytes, ms)| Sample {
+                    ranks,
+                    bytes: bytes as f64,
+                    seconds: ms / 1e3,
+                })
+                .collect(),
+            MEASURED_SHM_SOURCE.to_string(),
+        ),
+    };
+    let used: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| s.bytes <= a.fit_max_bytes as f64 && s.ranks >= 2)
+        .collect();
+    let intra = scaling::fit_ring_by_ranks(&used).with_context(|| format!("fitting {source}"))?;
+    let fitted = |s: &Sample| {
+        let link = intra.iter().find(|f| f.0 == s.ranks).map(|f| f.1);
+        link.map(|l| scaling::allreduce_s(Algo::Ring, s.ranks, s.bytes, l))
+    };
+    // how well one α and one β per rank count describe the rows: the worst relative miss
+    let worst = used
+        .iter()
+        .filter_map(|s| fitted(s).map(|m| (s, m, m / s.seconds - 1.0)))
+        .max_by(|a, b| a.2.abs().total_cmp(&b.2.abs()));
+    let network = Network {
+        intra: intra.clone(),
+        inter: Link {
+            alpha_s: a.inter_alpha_us * 1e-6,
+            beta_bytes_per_s: a.inter_gbs * 1e9,
+        },
+        ranks_per_node: a.ranks_per_node,
+    };
+    let fits = intra
+        .iter()
+        .map(|(p, l)| {
+            format!(
+                "{p} ranks: alpha {:.2} us, beta {:.2} GB/s",
+                l.alpha_s * 1e6,
+                l.beta_bytes_per_s / 1e9
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let bucket = (a.bucket_bytes > 0).then_some(a.bucket_bytes as f64);
+    let ranks = scaling::rank_counts(a.max_ranks);
+    let modes = scaling::table_modes(a.powersgd_rank, a.sync_every);
+    let names: Vec<String> = if a.workload.is_empty() {
+        MEASURED_STEP_MS.iter().map(|m| m.0.to_string()).collect()
+    } else {
+        a.workload.clone()
+    };
+    for (w, _) in &a.step_ms {
+        ensure!(
+            names.contains(w),
+            "--step-ms names {w:?}, which is not among the workloads ({})",
+            names.join(", ")
+        );
+    }
+    let beyond = network.link(a.ranks_per_node + 1);
+    let mut out = format!(
+        "# bench scaling: PREDICTIONS of the model in src/scaling.rs (docs/SCALING.md), not measurements\n\
+         # allreduce within a node, fitted (ring model, 1/t^2 weights) to {} rows <= {} B of {}:\n\
+         #   {fits}; p ranks take the slowest fit of at most min(p, {}) ranks\n\
+         # {}\n\
+         # across nodes (p > {}): alpha {:.2} us, beta {:.2} GB/s assumed (--inter-alpha-us, --inter-gbs); a flat collective runs at its slowest link: alpha {:.2} us, beta {:.2} GB/s\n\
+         # {:?} allreduce, buckets of {} B, overlap hides the exchange behind up to {:.1}% of the step (the backward pass), PowerSGD rank {}, local SGD every {} steps\n\
+         # each cell: predicted step time and efficiency (one rank's step / predicted step; weak scaling, per-rank batch fixed)\n",
+        used.len(),
+        a.fit_max_bytes,
+        source,
+        a.ranks_per_node,
+        worst.map_or_else(String::new, |(s, model, rel)| format!(
+            "the fit's worst row: {} ranks, {} B: measured {:.4} ms, fitted {:.4} ms ({:+.0}%)",
+            s.ranks,
+            s.bytes,
+            s.seconds * 1e3,
+            model * 1e3,
+            rel * 100.0
+        )),
+        a.ranks_per_node,
+        a.inter_alpha_us,
+        a.inter_gbs,
+        beyond.alpha_s * 1e6,
+        beyond.beta_bytes_per_s / 1e9,
+        a.algo,
+        a.bucket_bytes,
+        a.overlap_share * 100.0,
+        a.powersgd_rank,
+        a.sync_every
+    );
+    let mut report = ScalingReport {
+        kind: "prediction",
+        network: network.clone(),
+        fit_rows: used.len(),
+        fit_check: used
+            .iter()
+            .filter_map(|s| fitted(s).map(|m| (s.ranks, s.bytes, s.seconds * 1e3, m * 1e3)))
+            .collect(),
+        fit_source: source,
+        bucket_bytes: a.bucket_bytes,
+        overlap_share: a.overlap_share,
+        workloads: Vec::new(),
+    };
+    for name in &names {
+        let w = Workload::named(name)?;
+        let spec = crate::model::ModelSpec::new(
+            w.model,
+            w.features,
+            w.classes,
+            w.hidden.clone(),
+            crate::model::Activation::Relu,
+        )?;
+        let measured = MEASURED_STEP_MS.iter().find(|m| m.0 == name);
+        let (batch, ms, from) = match a.step_ms.iter().rev().find(|(n, _)| n == name) {
+            Some((_, ms)) => (None, *ms, "--step-ms".to_string()),
+            None => {
+                let m = measured.with_context(|| {
+                    format!("no measured step time for {name}: give --step-ms {name}=MS")
+                })?;
+                (Some(m.1), m.2, m.3.to_string())
+            }
+        };
+        let shape = scaling::ModelShape::from_linears(name, &spec.linears(), 3);
+        let sc = Scenario {
+            shape,
+            compute_s: ms / 1e3,
+            overlap_share: a.overlap_share,
+        };
+        let settings = Settings {
+            network: network.clone(),
+            algo: a.algo,
+            bucket_bytes: bucket,
+        };
+        let f32_bytes = 4 * sc.shape.elements() as u64;
+        let factor = sc.shape.powersgd_factor(a.powersgd_rank);
+        out += &format!(
+            "\n# {name}: {} parameters, {f32_bytes} B per f32 exchange (PowerSGD rank {}: {factor:.1}x fewer), one rank's step {ms} ms{} ({from})\n",
+            spec.layout().total,
+            a.powersgd_rank,
+            batch.map_or_else(String::new, |b| format!(" at batch {b}")),
+        );
+        out += &scaling::table(&sc, &settings, &ranks, &modes);
+        let mut predictions = Vec::new();
+        for algo in [Algo::Ring, Algo::Tree] {
+            let s = Settings {
+                algo,
+                ..settings.clone()
+            };
+            for &p in &ranks {
+                for &(e, o) in &modes {
+                    predictions.push(scaling::predict(&sc, &s, p, e, o));
+                }
+            }
+        }
+        report.workloads.push(ScalingWorkload {
+            workload: name.clone(),
+            batch,
+            parameters: spec.layout().total,
+            f32_bytes,
+            compute_ms: ms,
+            compute_source: from,
+            powersgd_factor: factor,
+            predictions,
+        });
+    }
+    print!("{out}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    Ok(())
 }

@@ -128,6 +128,58 @@ pub enum BenchCommand {
     /// timed with GPU timestamps: on size³ (NN, NT, TN, and the epilogues training uses), or on
     /// the products of a workload's step.
     Matmul(MatmulBenchArgs),
+    /// Predicted (not measured) step time and scaling efficiency for 2 to 512 ranks, per workload
+    /// and exchange (f32, bf16, PowerSGD, local SGD, overlapped or not), from the measured step
+    /// times and allreduce figures (docs/SCALING.md).
+    Scaling(ScalingBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ScalingBenchArgs {
+    /// Workloads to model (default: seed-logreg, mnist-mlp, wide-mlp).
+    #[arg(long, value_delimiter = ',')]
+    pub workload: Vec<String>,
+    /// A `bench comm --json` file to fit the allreduce's latency and bandwidth to (default: the
+    /// H200 machine's shared-memory figures of WORKLOADS.md).
+    #[arg(long)]
+    pub comm_json: Option<PathBuf>,
+    /// Fit only rows of at most this many bytes (the trainer's buckets are 4 MiB; at 8 ranks
+    /// Open MPI's default algorithm already slows at 16 MiB).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub fit_max_bytes: u64,
+    /// One rank's step time without exchange, WORKLOAD=MS (repeatable; default: the H200 figures).
+    #[arg(long = "step-ms", value_parser = crate::bench::parse_step_ms)]
+    pub step_ms: Vec<(String, f64)>,
+    /// Ranks per node; collectives over more ranks also cross the network.
+    #[arg(long, default_value_t = 8)]
+    pub ranks_per_node: usize,
+    /// Network bandwidth per node, GB/s (25: InfiniBand HDR; 12.5: 100 GbE); an assumption.
+    #[arg(long, default_value_t = 25.0)]
+    pub inter_gbs: f64,
+    /// Network latency per message step, µs; an assumption.
+    #[arg(long, default_value_t = 5.0)]
+    pub inter_alpha_us: f64,
+    /// Allreduce algorithm of the printed tables: ring or tree (the JSON holds both).
+    #[arg(long, value_enum, default_value = "ring")]
+    pub algo: crate::scaling::Algo,
+    /// Gradient bucket size in bytes (0: one allreduce for all gradients).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub bucket_bytes: u64,
+    /// PowerSGD rank.
+    #[arg(long, default_value_t = 4)]
+    pub powersgd_rank: usize,
+    /// Local SGD: average the parameters every H steps.
+    #[arg(long, default_value_t = 8)]
+    pub sync_every: u64,
+    /// Share of one rank's step the exchange can overlap (the backward pass, about 2/3).
+    #[arg(long, default_value_t = 2.0 / 3.0)]
+    pub overlap_share: f64,
+    /// Largest rank count (2, 4, 8, ... up to this).
+    #[arg(long, default_value_t = 512)]
+    pub max_ranks: usize,
+    /// Also write the predictions as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -172,6 +224,9 @@ pub struct CommBenchArgs {
     /// Also write the rows as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run only the start-up transport probe (4 MiB allreduce against a memory copy) and print it.
+    #[arg(long, hide = true)]
+    pub probe: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -428,6 +483,10 @@ pub struct TrainArgs {
         help_heading = "Distributed"
     )]
     pub sync: SyncMode,
+    /// Target size of a gradient bucket in MiB: buckets of whole layers, last layers first, are
+    /// summed over the ranks while backward goes on (0: one bucket after backward).
+    #[arg(long, default_value_t = crate::train::config::DEFAULT_BUCKET_MB, help_heading = "Distributed")]
+    pub bucket_mb: f64,
     /// Local steps between parameter averages with --sync params.
     #[arg(long, default_value_t = 1, help_heading = "Distributed")]
     pub sync_every: u64,
@@ -670,6 +729,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         sync_every: a.sync_every,
         precision: a.precision,
         val_fraction: a.val_fraction,
+        bucket_mb: a.bucket_mb,
     }
 }
 
@@ -1429,6 +1489,8 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
             }
             Ok(())
         }
+        BenchCommand::Scaling(a) => crate::bench::scaling_command(a, comm),
+        BenchCommand::Comm(a) if a.probe => crate::bench::print_probe(comm),
         BenchCommand::Comm(a) => {
             if a.min_bytes > a.max_bytes || a.max_bytes < 4 {
                 bail!("--min-bytes must be ≤ --max-bytes, and --max-bytes at least 4");
@@ -1535,8 +1597,16 @@ pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::f
         anyhow::anyhow!("--config {}: {}", path.display(), e.message())
     })?;
     let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    let cli = {
+        use clap::CommandFactory;
+        Cli::command()
+    };
+    let train = cli
+        .find_subcommand("train")
+        .ok_or_else(|| anyhow::anyhow!("no train command"))?;
     for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
+        check_config_entry(train, &path, &key, &value)?;
         let scalar = |v: &toml::Value| -> anyhow::Result<String> {
             Ok(match v {
                 toml::Value::String(s) => s.clone(),
@@ -1569,9 +1639,113 @@ pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::f
     Ok(out)
 }
 
-/// The resolved settings of a run as TOML, usable again as `--config`.
+/// One `--config` entry checked against `train`'s flags, so that a mistake is one line naming the
+/// file and the key rather than a command-line error for a flag nobody typed.
+fn check_config_entry(
+    train: &clap::Command,
+    path: &Path,
+    key: &str,
+    value: &toml::Value,
+) -> anyhow::Result<()> {
+    let name = key.replace('_', "-");
+    let file = path.display();
+    if name == "config" {
+        bail!("--config {file}: {key}: a config file cannot name another");
+    }
+    let Some(arg) = train
+        .get_arguments()
+        .find(|a| a.get_long() == Some(name.as_str()))
+    else {
+        let near = train
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(|l| (edit_distance(&name, l), l))
+            .min()
+            .filter(|(d, _)| *d <= 3)
+            .map(|(_, l)| format!(" (did you mean {l}?)"))
+            .unwrap_or_default();
+        bail!("--config {file}: {key} is not a train flag{near}");
+    };
+    let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+    match (value, switch) {
+        (toml::Value::Boolean(_), true) => return Ok(()),
+        (_, true) => bail!("--config {file}: {key} = {value}: expected true or false"),
+        (toml::Value::Boolean(_), false) => {
+            bail!("--config {file}: {key} = {value}: expected a value, not true or false")
+        }
+        _ => {}
+    }
+    let text = match value {
+        toml::Value::Array(items) if items.is_empty() => return Ok(()),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
+        toml::Value::String(t) => t.clone(),
+        v => v.to_string(),
+    };
+    // the value through train's own parser, alone (with a stand-in for the required --data)
+    let mut line = vec!["train".to_string()];
+    if name != "data" {
+        line.push("--data=-".into());
+    }
+    line.push(format!("--{name}={text}"));
+    if let Err(e) = train.clone().try_get_matches_from(line) {
+        let msg = e.to_string();
+        let first = msg.lines().next().unwrap_or_default();
+        bail!(
+            "--config {file}: {key} = {value}: {}",
+            first.trim_start_matches("error: ")
+        );
+    }
+    Ok(())
+}
+
+/// Levenshtein distance, for suggesting a flag.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Flags that name a run's outputs: written into its settings file as comments, so that the file
+/// reruns the same training without writing over the first run's files.
+const OUTPUT_KEYS: [&str; 5] = [
+    "save",
+    "save-best",
+    "metrics-out",
+    "tensorboard",
+    "checkpoint-dir",
+];
+
+/// The resolved settings of a run as TOML, usable again as `--config` (outputs as comments).
 pub fn settings_toml(a: &TrainArgs) -> anyhow::Result<String> {
-    Ok(toml::to_string(a)?)
+    let mut table = toml::Table::try_from(a)?;
+    let outputs: Vec<(String, toml::Value)> = OUTPUT_KEYS
+        .iter()
+        .filter_map(|k| table.remove(*k).map(|v| (k.to_string(), v)))
+        .collect();
+    let mut text =
+        String::from("# dptrain train settings: rerun with `dptrain train --config THIS_FILE`\n");
+    text += &toml::to_string(&table)?;
+    if !outputs.is_empty() {
+        text +=
+            "\n# the outputs of the run that wrote this file (choose your own when rerunning):\n";
+        for (k, v) in outputs {
+            text += &format!("# {k} = {v}\n");
+        }
+    }
+    Ok(text)
 }
 
 /// `dptrain completions SHELL` and `dptrain man`: generated from the same definitions as the parser.

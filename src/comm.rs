@@ -38,11 +38,13 @@ pub trait Communicator {
     /// thread makes the call); [`Communicator::finish_sum_f32`] gives the buffer back summed.
     /// Started sums complete in the order they were started, on every rank alike.
     fn start_sum_f32(&self, mut buf: Vec<f32>) -> anyhow::Result<PendingSum> {
+        let t = std::time::Instant::now();
         self.allreduce_sum_f32(&mut buf)?;
-        Ok(PendingSum::ready(buf))
+        Ok(PendingSum::ready(buf, t.elapsed().as_secs_f64()))
     }
-    /// Wait for a sum begun by [`Communicator::start_sum_f32`] (under the collective deadline).
-    fn finish_sum_f32(&self, p: PendingSum) -> anyhow::Result<Vec<f32>> {
+    /// Wait for a sum begun by [`Communicator::start_sum_f32`] (under the collective deadline):
+    /// the summed buffer and the seconds the sum itself took.
+    fn finish_sum_f32(&self, p: PendingSum) -> anyhow::Result<(Vec<f32>, f64)> {
         p.ready.ok_or_else(|| {
             anyhow::anyhow!("a background sum was finished by the wrong communicator")
         })
@@ -51,16 +53,16 @@ pub trait Communicator {
 
 /// A sum over the ranks in flight (see [`Communicator::start_sum_f32`]).
 pub struct PendingSum {
-    ready: Option<Vec<f32>>,
+    ready: Option<(Vec<f32>, f64)>,
     #[cfg(feature = "mpi")]
     waiting: Option<mpi_comm::Waiting>,
 }
 
 impl PendingSum {
-    /// A sum that is already complete.
-    pub fn ready(buf: Vec<f32>) -> Self {
+    /// A sum that is already complete, and the seconds it took.
+    pub fn ready(buf: Vec<f32>, seconds: f64) -> Self {
         Self {
-            ready: Some(buf),
+            ready: Some((buf, seconds)),
             #[cfg(feature = "mpi")]
             waiting: None,
         }
@@ -269,6 +271,7 @@ pub mod mpi_comm {
                     // SAFETY: Open MPI defines MPI_IN_PLACE as (void *) 1; `chunk` is a live,
                     // exclusive f32 slice of the given length (< 2^31), and the call returns
                     // when the sum is complete.
+                    #[allow(clippy::manual_dangling_ptr)] // the sentinel's value, not a pointer
                     unsafe {
                         mpi::ffi::MPI_Allreduce(
                             1usize as *const std::ffi::c_void,
@@ -517,7 +520,7 @@ pub mod mpi_comm {
 
     /// A background sum's reply.
     pub struct Waiting {
-        rx: std::sync::mpsc::Receiver<Vec<f32>>,
+        rx: std::sync::mpsc::Receiver<(Vec<f32>, f64)>,
         k: u64,
         what: String,
     }
@@ -758,15 +761,16 @@ pub mod mpi_comm {
             let k = self.next_seq();
             let what = format!("allreduce of {} f32", buf.len());
             let rx = self.submit(move |c| {
+                let t = Instant::now();
                 c.sum_in_place_f32(&mut buf);
-                buf
+                (buf, t.elapsed().as_secs_f64())
             });
             Ok(super::PendingSum {
                 ready: None,
                 waiting: Some(Waiting { rx, k, what }),
             })
         }
-        fn finish_sum_f32(&self, p: super::PendingSum) -> anyhow::Result<Vec<f32>> {
+        fn finish_sum_f32(&self, p: super::PendingSum) -> anyhow::Result<(Vec<f32>, f64)> {
             match (p.ready, p.waiting) {
                 (Some(b), _) => Ok(b),
                 (None, Some(w)) => Ok(self.wait(&w.rx, w.k, &w.what)),

@@ -9,6 +9,12 @@ use dptrain::comm::Communicator;
 fn main() -> ExitCode {
     // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on headless machines
     // (clusters, CI) when it is unset; point it at the temp folder so stderr carries only our lines.
+    // a closed pipe on stdout (`dptrain ... | head`) ends the process quietly, as it does other
+    // command-line tools, instead of a panic in println!
+    // SAFETY: first statements of main, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         // SAFETY: first statement of main, before any thread exists.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };

@@ -89,7 +89,11 @@ impl<'a> Recorder<'a> {
         }
         let csv = is_csv(path);
         let written = if csv {
-            let empty = w.get_ref().metadata().map(|m| m.len() == 0).unwrap_or(false)
+            let empty = w
+                .get_ref()
+                .metadata()
+                .map(|m| m.len() == 0)
+                .unwrap_or(false)
                 && w.buffer().is_empty();
             let head = if empty {
                 format!("{}\n", CSV_COLUMNS.join(","))
@@ -104,7 +108,7 @@ impl<'a> Recorder<'a> {
                     Some(x) => x.to_string(),
                 })
                 .collect();
-            write!(w, "{head}{}\n", row.join(","))
+            writeln!(w, "{head}{}", row.join(","))
         } else {
             writeln!(w, "{v}")
         };
@@ -275,7 +279,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert_eq!(lines[0], CSV_COLUMNS.join(","));
-        assert!(lines[1].starts_with("epoch,1,10,0.5,1.0,0.5,0.25,0.75,,,,,,100.0,1.0"), "{text}");
+        assert!(
+            lines[1].starts_with("epoch,1,10,0.5,1.0,0.5,0.25,0.75,,,,,,100.0,1.0"),
+            "{text}"
+        );
         assert!(lines[2].starts_with("step,2,15,0.25,0.75,,"), "{text}");
         let m = crate::plot::read_metrics(&p).unwrap();
         assert_eq!(m.epoch["train_loss"], vec![(10.0, 1.0), (20.0, 0.5)]);

@@ -177,7 +177,7 @@ fn predict_agrees_with_eval_for_a_model_file_and_a_checkpoint() {
     assert_eq!(n, 150);
 
     let out = d.join("preds.csv");
-    dptrain(&[
+    let run = dptrain(&[
         "predict",
         "--model-file",
         &model,
@@ -187,6 +187,9 @@ fn predict_agrees_with_eval_for_a_model_file_and_a_checkpoint() {
         &s(&out),
     ])
     .ok();
+    // the accuracy on the file's labels, on stderr
+    let said = figure(line_with(&run.stderr(), "predictions"), "accuracy");
+    assert_eq!(said, acc, "{}", run.show());
     let text = std::fs::read_to_string(&out).unwrap();
     let p = Preds::parse(&text);
     assert_eq!(p.header, ["id", "predicted", "p_0", "p_1", "p_2", "label"]);
@@ -897,8 +900,8 @@ fn crc32c(data: &[u8]) -> u32 {
 }
 
 fn masked(data: &[u8]) -> u32 {
-    let c = crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    // ((crc >> 15) | (crc << 17)) + 0xa282ead8
+    crc32c(data).rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// The records of a TFRecord file, every CRC checked.
@@ -1148,7 +1151,7 @@ fn tensorboard_events_match_the_metrics_file() {
             sc.keys()
         );
     }
-    for ((t, step), _) in &sc {
+    for (t, step) in sc.keys() {
         assert!(
             steps_in_metrics.contains(step),
             "{t} at step {step}, a step the metrics file lacks"
@@ -1766,6 +1769,76 @@ fn early_stopping_keeps_the_best_model() {
     args.extend_from_slice(&["--epochs", &be, "--save", &ss]);
     dptrain(&args).ok();
     assert_eq!(params(&best), params(&short), "best model vs {be} epochs");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_resumed_run_stops_early_where_the_uninterrupted_one_does() {
+    let d = tmpdir("early-stop-resume");
+    let iris = shared("iris.csv");
+    let common = [
+        "train",
+        "--data",
+        &iris,
+        "--model",
+        "mlp",
+        "--hidden",
+        "32",
+        "--lr",
+        "0.5",
+        "--momentum",
+        "0.9",
+        "--batch-size",
+        "8",
+        "--val-fraction",
+        "0.2",
+        "--early-stop-patience",
+        "2",
+        "--device",
+        "cpu",
+    ];
+    let run = |epochs: &str, best: &Path, m: &Path, extra: &[&str]| {
+        let (bs, ms) = (s(best), s(m));
+        let mut a = common.to_vec();
+        a.extend_from_slice(&["--epochs", epochs, "--save-best", &bs, "--metrics-out", &ms]);
+        a.extend_from_slice(extra);
+        dptrain(&a).ok()
+    };
+    let epochs = |m: &Path| {
+        metrics(m)
+            .iter()
+            .filter(|r| r["kind"] == "epoch")
+            .map(|r| r["epoch"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (b1, m1) = (d.join("b1.safetensors"), d.join("m1.jsonl"));
+    let straight = run("200", &b1, &m1, &[]);
+    let stopped_at = epochs(&m1);
+    let n = *stopped_at.last().unwrap();
+    assert!(
+        (3..200).contains(&n),
+        "stopped at epoch {n}\n{}",
+        straight.show()
+    );
+
+    // stop one epoch before that, then resume with the long run's length
+    let (b2, m2) = (d.join("b2.safetensors"), d.join("m2.jsonl"));
+    let ck = s(&d.join("ck"));
+    let before = (n - 1).to_string();
+    run(&before, &b2, &m2, &["--checkpoint-dir", &ck]);
+    let resumed = run(
+        "200",
+        &b2,
+        &m2,
+        &["--checkpoint-dir", &ck, "--resume", "auto"],
+    );
+    assert!(
+        resumed.stdout().to_lowercase().contains("early stop"),
+        "{}",
+        resumed.show()
+    );
+    assert_eq!(epochs(&m2), stopped_at);
+    assert_eq!(params(&b1), params(&b2));
     let _ = std::fs::remove_dir_all(&d);
 }
 

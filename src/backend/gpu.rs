@@ -107,6 +107,9 @@ struct Plan {
     loss: Dispatch,
     reduce: ReduceCall,
     backward: Vec<(String, Op)>,
+    /// For each dense layer, the number of backward ops after which its parameter gradients are
+    /// final (backward runs from the last layer): where a staged backward may stop.
+    layer_ends: Vec<(usize, usize)>,
     /// A training step of a small one-layer model as one dispatch (or two for large batches):
     /// gather, forward, loss, gradient and its reduction (`fused_linear.wgsl`). When present, it
     /// is what the step records in place of all of the above.
@@ -122,6 +125,16 @@ struct Current {
     dropout_at: Vec<u32>,
     /// The fused step's ring offset, when the plan has one.
     fused_at: Option<u32>,
+    /// Backward ops recorded so far (a staged backward records them in stretches).
+    backward_done: usize,
+}
+
+/// A gradient bucket on its way to the host: a copy into a mappable buffer, submitted, mapping.
+struct Staged {
+    buf: wgpu::Buffer,
+    bytes: u64,
+    submission: wgpu::SubmissionIndex,
+    mapped: std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
 }
 
 /// Device-side activations for up to `max_rows` rows.
@@ -190,6 +203,10 @@ pub struct GpuBackend {
     optimizer: OptimizerCall,
     plans: HashMap<PlanKey, Plan>,
     current: Option<Current>,
+    /// Mappable buffers for gradient buckets, one per exchange slot, kept between steps.
+    staging: Vec<Option<wgpu::Buffer>>,
+    /// The buckets in flight to the host, by slot.
+    staged: Vec<Option<Staged>>,
     pending: Option<wgpu::CommandEncoder>,
     /// The compute pass open on `pending`: the phases of many steps record into one pass, which
     /// closes only for a copy or a submission (a pass per phase cost a tiny model its speed).
@@ -382,6 +399,8 @@ impl GpuBackend {
             optimizer,
             plans: HashMap::new(),
             current: None,
+            staging: Vec::new(),
+            staged: Vec::new(),
             pending: None,
             open_pass: None,
             batch_slot: 0,
@@ -534,6 +553,7 @@ impl GpuBackend {
         };
         let reduce = self.reduce.prepare(ctx, r, &act.stats, totals, history)?;
         let mut backward = Vec::new();
+        let mut layer_ends = Vec::new();
         for (i, layer) in layers.iter().enumerate().rev().filter(|_| train) {
             match *layer {
                 Layer::Dense {
@@ -596,6 +616,7 @@ impl GpuBackend {
                         false,
                     )?;
                     backward.push((format!("layer {l} bias gradient (matmul TN, dZᵀ·1)"), db));
+                    layer_ends.push((l, backward.len()));
                     if i == 0 {
                         continue;
                     }
@@ -704,6 +725,7 @@ impl GpuBackend {
             loss,
             reduce,
             backward,
+            layer_ends,
             fused,
         })
     }
@@ -861,6 +883,7 @@ impl GpuBackend {
             reduce_at,
             dropout_at,
             fused_at,
+            backward_done: 0,
         });
         Ok(())
     }
@@ -912,9 +935,80 @@ impl GpuBackend {
                 plan.loss.record(pass);
                 plan.reduce.dispatch.record_at(pass, cur.reduce_at);
             }
-            Phase::Backward => ops(&plan.backward, &cur.dropout_at[n_forward_drops..], pass),
+            Phase::Backward => {
+                let done = cur.backward_done.min(plan.backward.len());
+                let drops_before = plan.backward[..done]
+                    .iter()
+                    .filter(|(_, op)| matches!(op, Op::Dropout(_)))
+                    .count();
+                ops(
+                    &plan.backward[done..],
+                    &cur.dropout_at[n_forward_drops + drops_before..],
+                    pass,
+                );
+            }
         }
         Ok(())
+    }
+
+    /// Record the current batch's backward ops up to (not including) op `end`, from where the
+    /// last stretch stopped.
+    fn record_backward_to(&mut self, end: usize) -> anyhow::Result<()> {
+        self.ensure_pass();
+        let cur = self
+            .current
+            .as_ref()
+            .context("a step phase was recorded before gather")?;
+        let plan = self
+            .plans
+            .get(&cur.key)
+            .context("plan of the current batch")?;
+        let pass = self.open_pass.as_mut().context("the open pass")?;
+        let n_forward_drops = plan
+            .forward
+            .iter()
+            .filter(|(_, op)| matches!(op, Op::Dropout(_)))
+            .count();
+        let done = cur.backward_done.min(plan.backward.len());
+        let end = end.clamp(done, plan.backward.len());
+        let mut k = n_forward_drops
+            + plan.backward[..done]
+                .iter()
+                .filter(|(_, op)| matches!(op, Op::Dropout(_)))
+                .count();
+        for (_, op) in &plan.backward[done..end] {
+            match op {
+                Op::Matmul(_, c) => c.record(pass),
+                Op::Dropout(c) => {
+                    c.dispatch.record_at(pass, cur.dropout_at[k]);
+                    k += 1;
+                }
+            }
+        }
+        if let Some(c) = self.current.as_mut() {
+            c.backward_done = end;
+        }
+        Ok(())
+    }
+
+    /// A mappable buffer of at least `bytes` for exchange slot `slot`, kept for the next steps.
+    fn staging_buffer(&mut self, slot: usize, bytes: u64) -> wgpu::Buffer {
+        if self.staging.len() <= slot {
+            self.staging.resize_with(slot + 1, || None);
+        }
+        match &self.staging[slot] {
+            Some(b) if b.size() >= bytes => b.clone(),
+            _ => {
+                let b = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("gradient bucket staging"),
+                    size: bytes.div_ceil(4) * 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                self.staging[slot] = Some(b.clone());
+                b
+            }
+        }
     }
 }
 
@@ -1195,6 +1289,116 @@ impl Backend for GpuBackend {
         let words: Vec<u32> = self.flush_and_read(|s| &s.exchange, words)?;
         out.copy_from_slice(bytemuck::cast_slice(&words[..range.len()]));
         Ok(totals.then(|| Totals::from_words(&words[range.len()..])))
+    }
+
+    fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
+        let cur = self.current.as_ref().context("backward before gather")?;
+        let plan = self
+            .plans
+            .get(&cur.key)
+            .context("plan of the current batch")?;
+        if plan.fused.is_some() {
+            // the fused step has no stages: all of it at the first call
+            return if first { self.backward() } else { Ok(()) };
+        }
+        let end = plan
+            .layer_ends
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map(|&(_, e)| e)
+            .context("no such layer in the backward plan")?;
+        if layer == 0 {
+            // the whole rest (for layer 0 that is nothing more, but keep it general)
+            return self.backward();
+        }
+        self.record_backward_to(end)
+    }
+
+    fn stage_grads(
+        &mut self,
+        slot: usize,
+        range: Range<usize>,
+        totals: bool,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(range.end <= self.n_params, "gradient range mismatch");
+        let gbytes = F32.bytes(range.len() as u64);
+        let bytes = gbytes + if totals { 16 } else { 0 };
+        let buf = self.staging_buffer(slot, bytes);
+        let (grads, totals_buf) = (self.grads.clone(), self.train_totals.clone());
+        let enc = self.encoder();
+        enc.copy_buffer_to_buffer(&grads, F32.bytes(range.start as u64), &buf, 0, gbytes);
+        if totals {
+            enc.copy_buffer_to_buffer(&totals_buf, 0, &buf, gbytes, 16);
+            enc.clear_buffer(&totals_buf, 0, None);
+        }
+        self.submit()?;
+        let submission = self
+            .in_flight
+            .back()
+            .cloned()
+            .context("the staging copy was not submitted")?;
+        let (tx, mapped) = std::sync::mpsc::channel();
+        buf.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        if self.staged.len() <= slot {
+            self.staged.resize_with(slot + 1, || None);
+        }
+        self.staged[slot] = Some(Staged {
+            buf,
+            bytes,
+            submission,
+            mapped,
+        });
+        Ok(())
+    }
+
+    fn collect_grads(
+        &mut self,
+        slot: usize,
+        range: Range<usize>,
+        out: &mut [f32],
+        totals: bool,
+    ) -> anyhow::Result<Option<Totals>> {
+        let Some(st) = self.staged.get_mut(slot).and_then(Option::take) else {
+            return self.read_grads(range, out, totals);
+        };
+        anyhow::ensure!(
+            out.len() == range.len()
+                && st.bytes == F32.bytes(range.len() as u64) + if totals { 16 } else { 0 },
+            "gradient range mismatch"
+        );
+        let result = loop {
+            match st.mapped.try_recv() {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    anyhow::bail!("GPU: the gradient readback was dropped")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    self.ctx
+                        .device
+                        .poll(wgpu::PollType::Wait {
+                            submission_index: Some(st.submission.clone()),
+                            timeout: None,
+                        })
+                        .map_err(|e| anyhow::anyhow!("GPU: {e}"))?;
+                }
+            }
+        };
+        result.map_err(|e| anyhow::anyhow!("GPU: gradient readback failed: {e}"))?;
+        let t = {
+            let view = st
+                .buf
+                .slice(..st.bytes)
+                .get_mapped_range()
+                .map_err(|e| anyhow::anyhow!("GPU: gradient readback map: {e}"))?;
+            let words: &[u32] = bytemuck::cast_slice(&view);
+            out.copy_from_slice(bytemuck::cast_slice(&words[..range.len()]));
+            totals.then(|| Totals::from_words(&words[range.len()..range.len() + 4]))
+        };
+        st.buf.unmap();
+        self.ctx.check()?;
+        Ok(t)
     }
 
     fn write_grads(&mut self, range: Range<usize>, g: &[f32]) -> anyhow::Result<()> {

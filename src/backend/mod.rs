@@ -119,6 +119,35 @@ pub trait Backend {
     ) -> anyhow::Result<Option<Totals>>;
     /// Replace gradients `range` (with their sum over ranks).
     fn write_grads(&mut self, range: Range<usize>, g: &[f32]) -> anyhow::Result<()>;
+
+    /// Phase 4 in stretches, so that the exchange can send the last layers' gradients while
+    /// backward goes on: record backward down to dense layer `layer`'s parameter gradients
+    /// (layers counted from the input; calls go from the last layer down, `first` on the first
+    /// call, and layer 0 finishes backward). The default runs all of backward at the first call.
+    fn backward_through(&mut self, _layer: usize, first: bool) -> anyhow::Result<()> {
+        if first { self.backward() } else { Ok(()) }
+    }
+    /// Start copying gradients `range` (with `totals`, also the training totals, then reset) to
+    /// the host through exchange slot `slot`, after the work recorded so far; `collect_grads`
+    /// waits for them. The default does nothing and `collect_grads` reads.
+    fn stage_grads(
+        &mut self,
+        _slot: usize,
+        _range: Range<usize>,
+        _totals: bool,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The gradients staged through `slot` (same `range` and `totals`), into `out`.
+    fn collect_grads(
+        &mut self,
+        _slot: usize,
+        range: Range<usize>,
+        out: &mut [f32],
+        totals: bool,
+    ) -> anyhow::Result<Option<Totals>> {
+        self.read_grads(range, out, totals)
+    }
     /// Phase 6: one optimizer update from the gradient buffer.
     fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()>;
 

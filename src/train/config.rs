@@ -47,7 +47,21 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Fraction of the training data held out, seeded, as the validation set (0: none).
     pub val_fraction: f64,
+    /// Target size of a gradient bucket in MiB (0: one bucket, no overlap with backward).
+    pub bucket_mb: f64,
 }
+
+impl TrainConfig {
+    /// `--bucket-mb` in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * (1u64 << 20) as f64) as usize
+    }
+}
+
+/// The default gradient bucket: large enough that an allreduce's latency is small beside its
+/// transfer, well below the 16 MiB above which Open MPI's default algorithm was measured to drop
+/// to a third of the ring's bandwidth on the H200 machine (docs/PERF.md).
+pub const DEFAULT_BUCKET_MB: f64 = 4.0;
 
 /// How the training set is divided between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -101,6 +115,7 @@ impl TrainConfig {
             sync_every: 1,
             precision: Precision::F32,
             val_fraction: 0.0,
+            bucket_mb: DEFAULT_BUCKET_MB,
         }
     }
 
@@ -148,6 +163,11 @@ impl TrainConfig {
             self.val_fraction.is_finite() && (0.0..1.0).contains(&self.val_fraction),
             "--val-fraction must be in [0, 1) (got {})",
             self.val_fraction
+        );
+        ensure!(
+            self.bucket_mb.is_finite() && (0.0..=4096.0).contains(&self.bucket_mb),
+            "--bucket-mb must be between 0 and 4096 (got {})",
+            self.bucket_mb
         );
         if self.model == ModelKind::Mlp && self.hidden.is_empty() {
             bail!("--model mlp needs --hidden W1[,W2,...]: the widths of its hidden layers");

@@ -2,14 +2,19 @@
 //! bucket by bucket, and the parameter averaging of local SGD. It owns the host buffers the sums
 //! travel through and the packing of the totals beside the gradients.
 //!
-//! Buckets are contiguous ranges of the flat gradient buffer. Today there is one, holding every
-//! gradient; the unit of exchange is already the bucket, so exchanging per layer group, overlapped
-//! with backward, changes this file and the backend, not the step.
+//! Buckets are contiguous ranges of the flat gradient buffer, whole dense layers each, in reverse
+//! layer order (the last layers first, as backward produces them). The exchange drives the step's
+//! last backward in stretches: as soon as a bucket's layers are done, its copy to the host is
+//! submitted; while the GPU goes on with earlier layers, the host collects the previous bucket and
+//! hands it to the communication thread, which sums it over the ranks in place. The sums come back
+//! in order and are uploaded; the update then runs on the whole gradient (clipping and the f16
+//! overflow check need all of it). With one bucket (`--bucket-mb 0`) this is the fused exchange.
+//! At 2 ranks every element's sum is a + b whatever the bucketing, so results are bit-identical.
 
 use std::ops::Range;
 use std::time::Instant;
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 use serde::Serialize;
 
@@ -22,14 +27,18 @@ use crate::comm::Communicator;
 const TOTAL_WORDS: usize = 4;
 
 /// Host time spent in the exchange, summed over a run (seconds).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ExchangeTimes {
     /// Waiting for the gradients and copying them to the host (includes the GPU's compute).
     pub readback: f64,
-    /// The allreduce itself.
+    /// The allreduces themselves, as the communication thread timed them.
     pub allreduce: f64,
+    /// How long the training thread waited for the sums: the communication not hidden.
+    pub waited: f64,
     /// Copying the summed gradients back to the device.
     pub upload: f64,
+    /// The allreduce time of each bucket (bucket 0 holds the last layers).
+    pub buckets: Vec<f64>,
 }
 
 impl ExchangeTimes {
@@ -38,9 +47,54 @@ impl ExchangeTimes {
         Self {
             readback: self.readback * k,
             allreduce: self.allreduce * k,
+            waited: self.waited * k,
             upload: self.upload * k,
+            buckets: self.buckets.iter().map(|b| b * k).collect(),
         }
     }
+
+    /// The share of the allreduce time that ran behind other work (0 when none ran).
+    pub fn hidden(&self) -> f64 {
+        if self.allreduce > 0.0 {
+            (1.0 - self.waited / self.allreduce).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A bucket: a contiguous range of the flat gradient buffer holding whole dense layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub range: Range<usize>,
+    /// The lowest dense layer in it: backward down to this layer completes the bucket.
+    pub layer: usize,
+}
+
+/// Buckets of about `target` bytes of whole layers, last layers first; `target` 0 gives one.
+/// `layers[l]` is dense layer l's parameter range (the layout's order).
+pub fn buckets(layers: &[Range<usize>], target: usize) -> Vec<Bucket> {
+    let mut out = Vec::new();
+    let mut open: Option<Bucket> = None;
+    for (l, r) in layers.iter().enumerate().rev() {
+        let b = match open.take() {
+            Some(b) => Bucket {
+                range: r.start..b.range.end,
+                layer: l,
+            },
+            None => Bucket {
+                range: r.clone(),
+                layer: l,
+            },
+        };
+        if target > 0 && b.range.len() * 4 >= target {
+            out.push(b);
+        } else {
+            open = Some(b);
+        }
+    }
+    out.extend(open);
+    out
 }
 
 /// What a step's exchange yields.
@@ -58,7 +112,10 @@ pub struct Exchange {
     sync: SyncMode,
     sync_every: u64,
     ranks: usize,
-    buckets: Vec<Range<usize>>,
+    buckets: Vec<Bucket>,
+    /// One host buffer per bucket (the first with the totals' words after the gradients): moved
+    /// to the communication thread for its sum and back, reused every step.
+    bufs: Vec<Vec<f32>>,
     send: Vec<f32>,
     recv: Vec<f32>,
     /// Samples this rank trained on since the last parameter average.
@@ -73,8 +130,12 @@ impl Exchange {
             sync: cfg.sync,
             sync_every: cfg.sync_every,
             ranks,
-            // one bucket today; the exchange already works bucket by bucket
-            buckets: std::iter::once(0..n_params).collect(),
+            // one bucket until `set_buckets` splits it by layer
+            buckets: vec![Bucket {
+                range: 0..n_params,
+                layer: 0,
+            }],
+            bufs: vec![Vec::new()],
             send: vec![0.0; len],
             recv: vec![0.0; len],
             since_average: 0,
@@ -87,14 +148,23 @@ impl Exchange {
         self.ranks > 1 && self.sync == SyncMode::Grads
     }
 
-    /// The ranges of the flat gradient buffer exchanged one at a time.
-    pub fn buckets(&self) -> &[Range<usize>] {
+    /// The buckets, exchanged one at a time in this order.
+    pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
     }
 
-    /// Sum this step's gradients and totals over the ranks, bucket by bucket, leaving the sums in
-    /// the backend. `local_rows` is this rank's share of the step (0: it contributes zeros);
-    /// `global_rows` the step's rows over all ranks (what a single rank divides by).
+    /// Exchange in buckets of about `target` bytes of whole layers (`layers[l]`: dense layer l's
+    /// parameter range); 0: one bucket.
+    pub fn set_buckets(&mut self, layers: &[Range<usize>], target: usize) {
+        self.buckets = buckets(layers, target);
+        self.bufs = vec![Vec::new(); self.buckets.len()];
+    }
+
+    /// Finish the step's backward and sum its gradients and totals over the ranks, bucket by
+    /// bucket, leaving the sums in the backend. `local_rows` is this rank's share of the step (0:
+    /// it contributes zeros); `global_rows` the step's rows over all ranks (what a single rank
+    /// divides by). The backend's last micro-batch has run gather, forward and loss: this runs its
+    /// backward (in stretches when gradients are exchanged, see the module's notes).
     pub fn gradients(
         &mut self,
         backend: &mut dyn Backend,
@@ -105,6 +175,9 @@ impl Exchange {
         self.since_average += local_rows as u64;
         let asked = u64::from(crate::stop::requested().is_some());
         if !self.exchanges_gradients() {
+            if local_rows > 0 {
+                backend.backward()?;
+            }
             let samples = match self.sync {
                 // local SGD: each rank steps on its own rows
                 SyncMode::Params => local_rows,
@@ -121,47 +194,84 @@ impl Exchange {
                 stop: stop[0] > 0,
             });
         }
+        let n_b = self.buckets.len();
+        self.times.buckets.resize(n_b, 0.0);
+        let mut pending = Vec::with_capacity(n_b);
+        // backward in stretches: each bucket's copy is submitted as soon as its layers are done,
+        // and the one before is collected and sent while the device works on
+        for i in 0..n_b {
+            let b = self.buckets[i].clone();
+            if local_rows > 0 {
+                backend.backward_through(b.layer, i == 0)?;
+                backend.stage_grads(i, b.range.clone(), i == 0)?;
+            }
+            if i > 0 {
+                pending.push(self.send_bucket(backend, comm, i - 1, local_rows, asked)?);
+            }
+        }
+        pending.push(self.send_bucket(backend, comm, n_b - 1, local_rows, asked)?);
+        // the sums, in order, back to the device
         let mut stop = false;
         let mut totals = Totals::default();
-        for (i, bucket) in self.buckets.iter().enumerate() {
-            let first = i == 0;
-            let n = bucket.len();
-            let len = n + if first { TOTAL_WORDS } else { 0 };
+        for (i, p) in pending.into_iter().enumerate() {
             let t0 = Instant::now();
-            let local = if local_rows > 0 {
-                backend.read_grads(bucket.clone(), &mut self.send[..n], first)?
-            } else {
-                self.send[..n].fill(0.0);
-                None
-            };
-            if first {
-                let local = local.unwrap_or_default();
-                self.send[n] = local.loss_sum as f32;
-                self.send[n + 1] = local.correct as f32;
-                self.send[n + 2] = local.count as f32;
-                self.send[n + 3] = asked as f32;
-            }
+            let (buf, secs) = comm.finish_sum_f32(p)?;
             let t1 = Instant::now();
-            comm.allreduce_sum_f32_into(&self.send[..len], &mut self.recv[..len])?;
-            let t2 = Instant::now();
-            backend.write_grads(bucket.clone(), &self.recv[..n])?;
-            self.times.readback += (t1 - t0).as_secs_f64();
-            self.times.allreduce += (t2 - t1).as_secs_f64();
-            self.times.upload += t2.elapsed().as_secs_f64();
-            if first {
+            let b = &self.buckets[i];
+            let n = b.range.len();
+            backend.write_grads(b.range.clone(), &buf[..n])?;
+            if i == 0 {
                 totals = Totals {
-                    loss_sum: f64::from(self.recv[n]),
-                    correct: self.recv[n + 1] as u64,
-                    count: self.recv[n + 2] as u64,
+                    loss_sum: f64::from(buf[n]),
+                    correct: buf[n + 1] as u64,
+                    count: buf[n + 2] as u64,
                 };
-                stop = self.recv[n + 3] > 0.0;
+                stop = buf[n + 3] > 0.0;
             }
+            self.times.waited += (t1 - t0).as_secs_f64();
+            self.times.allreduce += secs;
+            self.times.buckets[i] += secs;
+            self.times.upload += t1.elapsed().as_secs_f64();
+            self.bufs[i] = buf;
         }
         Ok(Summed {
             samples: totals.count,
             totals: Some(totals),
             stop,
         })
+    }
+
+    /// Collect bucket `i` from the backend (zeros from a rank without rows; the first bucket also
+    /// carries the totals and the stop request) and start its sum over the ranks.
+    fn send_bucket(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        i: usize,
+        local_rows: usize,
+        asked: u64,
+    ) -> anyhow::Result<crate::comm::PendingSum> {
+        let t0 = Instant::now();
+        let b = self.buckets.get(i).context("bucket index")?.clone();
+        let n = b.range.len();
+        let first = i == 0;
+        let mut buf = std::mem::take(&mut self.bufs[i]);
+        buf.resize(n + if first { TOTAL_WORDS } else { 0 }, 0.0);
+        let local = if local_rows > 0 {
+            backend.collect_grads(i, b.range.clone(), &mut buf[..n], first)?
+        } else {
+            buf.fill(0.0);
+            None
+        };
+        if first {
+            let local = local.unwrap_or_default();
+            buf[n] = local.loss_sum as f32;
+            buf[n + 1] = local.correct as f32;
+            buf[n + 2] = local.count as f32;
+            buf[n + 3] = asked as f32;
+        }
+        self.times.readback += t0.elapsed().as_secs_f64();
+        comm.start_sum_f32(buf)
     }
 
     /// In local SGD, after every `--sync-every` steps and after the last: θ = Σ nᵢθᵢ / Σ nᵢ over
@@ -205,4 +315,39 @@ pub fn sum_totals(comm: &dyn Communicator, t: &Totals) -> anyhow::Result<Totals>
         correct: u[0],
         count: u[1],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_whole_layers_last_first() {
+        // four layers of 10, 20, 30 and 40 values (40, 80, 120, 160 bytes)
+        let layers = [0..10, 10..30, 30..60, 60..100];
+        let one = buckets(&layers, 0);
+        assert_eq!(
+            one,
+            vec![Bucket {
+                range: 0..100,
+                layer: 0
+            }]
+        );
+        let each = buckets(&layers, 1);
+        let ranges: Vec<_> = each.iter().map(|b| (b.range.clone(), b.layer)).collect();
+        assert_eq!(
+            ranges,
+            vec![(60..100, 3), (30..60, 2), (10..30, 1), (0..10, 0)]
+        );
+        // 200 bytes: layers 3+2 reach 280, then 1+0 stay under and close at the end
+        let two = buckets(&layers, 200);
+        let ranges: Vec<_> = two.iter().map(|b| (b.range.clone(), b.layer)).collect();
+        assert_eq!(ranges, vec![(30..100, 2), (0..30, 0)]);
+        // every value in exactly one bucket
+        for bs in [&one, &each, &two] {
+            let mut all: Vec<usize> = bs.iter().flat_map(|b| b.range.clone()).collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..100).collect::<Vec<_>>());
+        }
+    }
 }

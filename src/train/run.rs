@@ -140,6 +140,21 @@ pub fn train_with(
     let mut rollbacks = 0;
     loop {
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total);
+        stepper
+            .exchange
+            .set_buckets(&layer_ranges(&setup.spec), cfg.bucket_bytes());
+        if stepper.exchange.exchanges_gradients() {
+            tracing::info!(
+                "rank {rank}: gradients in {} bucket(s) of {:?} values, last layers first",
+                stepper.exchange.buckets().len(),
+                stepper
+                    .exchange
+                    .buckets()
+                    .iter()
+                    .map(|b| b.range.len())
+                    .collect::<Vec<_>>()
+            );
+        }
         stepper.lr.scale = pos.lr_scale;
         let result = run_from(
             cfg,
@@ -200,6 +215,16 @@ pub fn train_with(
         watch: pos.watch,
         early_stopped: pos.watch.exhausted(ctl.patience) && setup.val.is_some(),
     })
+}
+
+/// Each dense layer's parameter range in the flat buffer (weights then bias), by layer.
+pub fn layer_ranges(spec: &crate::model::ModelSpec) -> Vec<std::ops::Range<usize>> {
+    (0..spec.linears().len())
+        .map(|l| {
+            let (w, b) = spec.offsets(l);
+            w..b + spec.linear(l).1
+        })
+        .collect()
 }
 
 /// Move the backend's running loss record and totals into the epoch's totals (over all ranks), and

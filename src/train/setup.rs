@@ -252,7 +252,8 @@ pub fn initial_params(cfg: &TrainConfig, spec: &ModelSpec) -> anyhow::Result<Vec
 pub fn resume_settings(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
-        for k in ["device", "gpu", "init", "epochs", "steps"] {
+        // the bucket size moves no bits at 2 ranks and only the order of summation beyond
+        for k in ["device", "gpu", "init", "epochs", "steps", "bucket_mb"] {
             o.remove(k);
         }
         o.insert("training_samples".into(), setup.total_train.into());

@@ -1,6 +1,7 @@
 //! THE STEP. One optimiser step of one rank, read top to bottom: for each micro-batch of this
-//! rank's rows, gather → forward → loss → backward; then the exchange of the gradients between
-//! ranks; then the update; then, in local SGD, the parameter average. Timing is the `PhaseTimes`
+//! rank's rows, gather → forward → loss → backward (the last backward runs inside the exchange,
+//! bucket by bucket, so that the gradients travel while it goes on); then the exchange of the
+//! gradients between ranks; then the update; then, in local SGD, the parameter average. Timing is the `PhaseTimes`
 //! helper's business, not the paragraph's.
 
 use std::time::Instant;
@@ -60,11 +61,14 @@ impl Stepper {
     ) -> anyhow::Result<Summed> {
         let t = &mut self.phases;
         let batches = self.plan.micro_batches(s, step);
-        for b in &batches {
+        for (i, b) in batches.iter().enumerate() {
             t.time(Phase::Gather, || backend.gather(b))?;
             t.time(Phase::Forward, || backend.forward())?;
             t.time(Phase::Loss, || backend.loss())?;
-            t.time(Phase::Backward, || backend.backward())?;
+            // the last micro-batch's backward is the exchange's to run, in stretches
+            if i + 1 < batches.len() {
+                t.time(Phase::Backward, || backend.backward())?;
+            }
         }
         let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
         let summed = t.time(Phase::Exchange, || {
