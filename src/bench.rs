@@ -1159,7 +1159,7 @@ pub fn scaling_command(
     let mut out = format!(
         "# bench scaling: PREDICTIONS of the model in src/scaling.rs (docs/SCALING.md), not measurements\n\
          # allreduce within a node, fitted (ring model, 1/t^2 weights) to {} rows <= {} B of {}:\n\
-         #   {fits}; p ranks take the slowest fit of at most min(p, {}) ranks\n\
+         #   {fits}; {}\n\
          # {}\n\
          # across nodes (p > {}): alpha {:.2} us, beta {:.2} GB/s assumed (--inter-alpha-us, --inter-gbs); a flat collective runs at its slowest link: alpha {:.2} us, beta {:.2} GB/s\n\
          # {:?} allreduce, buckets of {} B, overlap hides the exchange behind up to {:.1}% of the step (the backward pass), PowerSGD rank {}, local SGD every {} steps\n\
@@ -1167,7 +1167,14 @@ pub fn scaling_command(
         used.len(),
         a.fit_max_bytes,
         source,
-        a.ranks_per_node,
+        if a.ranks_per_node >= 2 {
+            format!(
+                "p ranks take the slowest fit of at most min(p, {}) ranks",
+                a.ranks_per_node
+            )
+        } else {
+            "unused: one rank per node".to_string()
+        },
         worst.map_or_else(String::new, |(s, model, rel)| format!(
             "the fit's worst row: {} ranks, {} B: measured {:.4} ms, fitted {:.4} ms ({:+.0}%)",
             s.ranks,

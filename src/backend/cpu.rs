@@ -98,6 +98,9 @@ struct Current {
     samples: Vec<u32>,
     outs: Vec<Array2<f32>>,
     dz: Option<Array2<f32>>,
+    /// A staged backward's position: the next layer to run is `.0 - 1`, with `.1` the loss
+    /// gradient at its output.
+    back: Option<(usize, Array2<f32>)>,
 }
 
 /// The CPU backend: normalised data held as f32 matrices.
@@ -234,6 +237,7 @@ impl Backend for CpuBackend {
             samples: idx.iter().map(|&i| i as u32 + base).collect(),
             outs: Vec::new(),
             dz: None,
+            back: None,
         });
         Ok(())
     }
@@ -295,6 +299,78 @@ impl Backend for CpuBackend {
             for (g, m) in self.grads.iter_mut().zip(&self.micro) {
                 *g += m;
             }
+        }
+        Ok(())
+    }
+    fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
+        let (spec, layers, theta, seed) = (&self.spec, &self.layers, &self.theta, self.seed);
+        let c = self
+            .current
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("backward before gather"))?;
+        if first {
+            let dz =
+                c.dz.take()
+                    .ok_or_else(|| anyhow::anyhow!("backward before loss"))?;
+            c.back = Some((layers.len(), dz));
+        }
+        let (mut i, mut dy) = c
+            .back
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("a staged backward out of order"))?;
+        let ctx = MaskContext {
+            seed,
+            step: c.batch.step,
+            samples: &c.samples,
+        };
+        let accumulate = c.batch.accumulate;
+        let mut finished = false;
+        while i > 0 {
+            i -= 1;
+            let input = if i == 0 {
+                c.x.view()
+            } else {
+                c.outs[i - 1].view()
+            };
+            let grads = if accumulate {
+                &mut self.micro
+            } else {
+                &mut self.grads
+            };
+            let next =
+                layers[i].backward(spec, theta, input, c.outs[i].view(), dy, &ctx, grads, i > 0);
+            if let Layer::Dense { index, .. } = layers[i] {
+                if accumulate {
+                    // this layer's micro-batch gradients join the step's sums now
+                    let (w, b) = spec.offsets(index);
+                    let r = w..b + spec.linear(index).1;
+                    for (g, m) in self.grads[r.clone()].iter_mut().zip(&self.micro[r]) {
+                        *g += m;
+                    }
+                }
+                if index == layer {
+                    match next {
+                        Some(d) if i > 0 => {
+                            c.back = Some((i, d));
+                            return Ok(());
+                        }
+                        _ => {
+                            finished = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            match next {
+                Some(d) => dy = d,
+                None => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        if finished || i == 0 {
+            self.current = None;
         }
         Ok(())
     }
