@@ -927,6 +927,16 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         backend::open(cfg.device, cfg.gpu, comm.local_rank(), &init),
     )?;
     let tuning = autotune::choose_kernels(backend.as_mut(), comm, a.autotune)?;
+    // ranks that share a node over a transport far below a memory copy: say once what helps
+    let probe = std::env::var("DPTRAIN_TRANSPORT_PROBE").map_or(true, |v| v != "off");
+    if probe
+        && comm.size() > 1
+        && cfg.sync == train::SyncMode::Grads
+        && let Some(w) = crate::bench::probe_transport(comm)?
+        && comm.is_root()
+    {
+        tracing::warn!("{}", w.trim_start_matches("warning: "));
+    }
     if tuning.tuned > 0 && comm.is_root() {
         tracing::info!(
             "autotune: {} products tuned in {:.2} s",

@@ -489,6 +489,18 @@ pub fn load_rows(
     Ok(Rows { ds, labelled, ids })
 }
 
+/// The parser behind `load_rows`, on bytes already read; `name` is used in messages and as the source.
+pub fn parse_rows(
+    bytes: &[u8],
+    name: &str,
+    opts: &CsvOptions,
+    labelled: bool,
+    id: Option<&LabelColumn>,
+) -> Result<Rows, DataError> {
+    let (ds, ids) = parse_columns(bytes, name, opts, Some(bytes.len() as u64), labelled, id)?;
+    Ok(Rows { ds, labelled, ids })
+}
+
 /// The parser: the label column read when `labelled` (else every row's target is 0), the `id`
 /// column's cells kept apart as text.
 fn parse_columns<R: Read>(

@@ -186,6 +186,8 @@ pub fn mpi_env(c: &mut Command) -> &mut Command {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
         .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        // more ranks than cores here: the start-up probe would warn on every run
+        .env("DPTRAIN_TRANSPORT_PROBE", "off")
 }
 
 /// `mpirun` with the given arguments as they stand.
