@@ -487,6 +487,24 @@ pub struct TrainArgs {
     /// summed over the ranks while backward goes on (0: one bucket after backward).
     #[arg(long, default_value_t = crate::train::config::DEFAULT_BUCKET_MB, help_heading = "Distributed")]
     pub bucket_mb: f64,
+    /// How gradients travel between ranks: f32, or bf16/f16 (half the bytes) with error feedback,
+    /// summed in f32 at each segment's owner.
+    #[arg(long, value_enum, default_value = "f32", help_heading = "Distributed")]
+    pub grad_wire: crate::compress::WireFormat,
+    /// Gradient compression: none, or powersgd (each weight matrix sent as a rank-R product, with
+    /// error feedback, after --powersgd-warmup steps of plain allreduce).
+    #[arg(long, value_enum, default_value = "none", help_heading = "Distributed")]
+    pub compress: crate::train::config::CompressKind,
+    /// The rank R of PowerSGD's factors.
+    #[arg(long, default_value_t = 4, help_heading = "Distributed")]
+    pub powersgd_rank: usize,
+    /// Steps of plain allreduce before PowerSGD starts.
+    #[arg(long, default_value_t = 100, help_heading = "Distributed")]
+    pub powersgd_warmup: u64,
+    /// Under mpirun: share out each global batch between ranks (off: equal parts; auto: after 20
+    /// steps of timing each rank's compute, parts proportional to its rows per second).
+    #[arg(long, value_enum, default_value = "off", help_heading = "Distributed")]
+    pub balance: crate::train::config::BalanceMode,
     /// Local steps between parameter averages with --sync params.
     #[arg(long, default_value_t = 1, help_heading = "Distributed")]
     pub sync_every: u64,
@@ -730,6 +748,11 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         precision: a.precision,
         val_fraction: a.val_fraction,
         bucket_mb: a.bucket_mb,
+        grad_wire: a.grad_wire,
+        compress: a.compress,
+        powersgd_rank: a.powersgd_rank,
+        powersgd_warmup: a.powersgd_warmup,
+        balance: a.balance,
     }
 }
 

@@ -42,6 +42,18 @@ pub trait Communicator {
         self.allreduce_sum_f32(&mut buf)?;
         Ok(PendingSum::ready(buf, t.elapsed().as_secs_f64()))
     }
+    /// All-to-all of 16-bit words: `send_counts[k]` words (contiguous, in rank order in `send`) go to
+    /// rank k; `recv_counts[k]` words from rank k land in `recv`, contiguous in rank order.
+    fn all_to_all_u16(
+        &self,
+        send: &[u16],
+        send_counts: &[usize],
+        recv: &mut [u16],
+        recv_counts: &[usize],
+    ) -> anyhow::Result<()>;
+    /// All-gather of 16-bit words: rank k's `mine` (`counts[k]` words) lands at its place in `out`.
+    fn all_gather_u16(&self, mine: &[u16], counts: &[usize], out: &mut [u16])
+    -> anyhow::Result<()>;
     /// Wait for a sum begun by [`Communicator::start_sum_f32`] (under the collective deadline):
     /// the summed buffer and the seconds the sum itself took.
     fn finish_sum_f32(&self, p: PendingSum) -> anyhow::Result<(Vec<f32>, f64)> {
@@ -165,6 +177,27 @@ impl Communicator for SingleProcess {
     fn barrier(&self) -> anyhow::Result<()> {
         Ok(())
     }
+    fn all_to_all_u16(
+        &self,
+        send: &[u16],
+        _send_counts: &[usize],
+        recv: &mut [u16],
+        _recv_counts: &[usize],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(send.len() == recv.len(), "all-to-all buffers differ");
+        recv.copy_from_slice(send);
+        Ok(())
+    }
+    fn all_gather_u16(
+        &self,
+        mine: &[u16],
+        _counts: &[usize],
+        out: &mut [u16],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(mine.len() == out.len(), "all-gather buffers differ");
+        out.copy_from_slice(mine);
+        Ok(())
+    }
     fn abort(&self, _code: i32) {}
     fn describe(&self) -> String {
         "single process".into()
@@ -188,7 +221,7 @@ pub mod mpi_comm {
     use std::time::{Duration, Instant};
 
     use mpi::collective::SystemOperation;
-    use mpi::datatype::{Equivalence, PartitionMut};
+    use mpi::datatype::{Equivalence, Partition, PartitionMut};
     use mpi::environment::{Threading, Universe};
     use mpi::raw::AsRaw;
     use mpi::request::{LocalScope, Request, Scope};
@@ -481,6 +514,37 @@ pub mod mpi_comm {
             self.world.barrier();
             Ok(())
         }
+        fn all_to_all_u16(
+            &self,
+            send: &[u16],
+            send_counts: &[usize],
+            recv: &mut [u16],
+            recv_counts: &[usize],
+        ) -> anyhow::Result<()> {
+            let (sc, sd) = counts_displs(send_counts, send.len())?;
+            let (rc, rd) = counts_displs(recv_counts, recv.len())?;
+            self.arrive(|| format!("all-to-all of {} u16", send.len()));
+            let sp = Partition::new(send, &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(recv, &rc[..], &rd[..]);
+            self.world.all_to_all_varcount_into(&sp, &mut rp);
+            Ok(())
+        }
+        fn all_gather_u16(
+            &self,
+            mine: &[u16],
+            counts: &[usize],
+            out: &mut [u16],
+        ) -> anyhow::Result<()> {
+            let (c, d) = counts_displs(counts, out.len())?;
+            anyhow::ensure!(
+                mine.len() == counts[self.rank],
+                "all-gather: this rank's part differs from its count"
+            );
+            self.arrive(|| format!("all-gather of {} u16", out.len()));
+            let mut rp = PartitionMut::new(out, &c[..], &d[..]);
+            self.world.all_gather_varcount_into(mine, &mut rp);
+            Ok(())
+        }
         fn set_collective_timeout(&self, t: Option<Duration>) {
             self.timeout.set(t);
         }
@@ -495,6 +559,25 @@ pub mod mpi_comm {
         fn describe(&self) -> String {
             format!("{} ranks, {}", self.size, self.version)
         }
+    }
+
+    /// MPI's counts and displacements (i32) of contiguous parts, checked against the buffer.
+    fn counts_displs(counts: &[usize], len: usize) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
+        let total: usize = counts.iter().sum();
+        anyhow::ensure!(total == len, "parts of {total} words for a buffer of {len}");
+        let c = counts
+            .iter()
+            .map(|&n| i32::try_from(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut d = Vec::with_capacity(c.len());
+        let mut at = 0i32;
+        for &n in &c {
+            d.push(at);
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| anyhow::anyhow!("a collective of more than 2^31 words"))?;
+        }
+        Ok((c, d))
     }
 
     /// A job the training thread hands the communication thread.
@@ -734,6 +817,37 @@ pub mod mpi_comm {
         }
         fn barrier(&self) -> anyhow::Result<()> {
             self.run(|| "barrier".into(), |c| c.barrier())
+        }
+        fn all_to_all_u16(
+            &self,
+            send: &[u16],
+            send_counts: &[usize],
+            recv: &mut [u16],
+            recv_counts: &[usize],
+        ) -> anyhow::Result<()> {
+            let (s, r) = (Raw::of(send), Raw::of_mut(recv));
+            let (sc, rc) = (send_counts.to_vec(), recv_counts.to_vec());
+            let n = send.len();
+            // SAFETY: `run` returns only after the job has run (or ends the process).
+            self.run(
+                || format!("all-to-all of {n} u16"),
+                move |c| unsafe { c.all_to_all_u16(s.get(), &sc, r.get(), &rc) },
+            )
+        }
+        fn all_gather_u16(
+            &self,
+            mine: &[u16],
+            counts: &[usize],
+            out: &mut [u16],
+        ) -> anyhow::Result<()> {
+            let (m, o) = (Raw::of(mine), Raw::of_mut(out));
+            let counts = counts.to_vec();
+            let n = out.len();
+            // SAFETY: as above
+            self.run(
+                || format!("all-gather of {n} u16"),
+                move |c| unsafe { c.all_gather_u16(m.get(), &counts, o.get()) },
+            )
         }
         fn set_collective_timeout(&self, t: Option<Duration>) {
             self.timeout.set(t);

@@ -21,4 +21,5 @@ pub mod rng;
 pub mod scaling;
 pub mod stop;
 pub mod tensorboard;
+pub mod trace;
 pub mod train;

@@ -49,6 +49,45 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// Target size of a gradient bucket in MiB (0: one bucket, no overlap with backward).
     pub bucket_mb: f64,
+    /// How gradients travel between ranks: f32, or 16 bits with error feedback.
+    pub grad_wire: crate::compress::WireFormat,
+    /// Gradient compression: none, or PowerSGD of rank `powersgd_rank` after `powersgd_warmup`
+    /// steps of plain allreduce.
+    pub compress: CompressKind,
+    pub powersgd_rank: usize,
+    pub powersgd_warmup: u64,
+    /// `--balance auto`: shares of each global batch proportional to the ranks' measured speed
+    /// (absent from the settings records when off, so that older checkpoints still match).
+    #[serde(skip_serializing_if = "BalanceMode::is_off")]
+    pub balance: BalanceMode,
+}
+
+/// How each global batch is shared out between ranks (`--shard global`, `--sync grads`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceMode {
+    /// Equal parts.
+    #[default]
+    Off,
+    /// After a few steps of timing each rank's compute, parts proportional to its rows per second.
+    Auto,
+}
+
+impl BalanceMode {
+    pub fn is_off(&self) -> bool {
+        *self == BalanceMode::Off
+    }
+}
+
+/// Gradient compression between ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressKind {
+    /// Every gradient value travels (in the --grad-wire format).
+    #[default]
+    None,
+    /// PowerSGD (Vogels et al., 2019): each weight matrix as a rank-R product, with error feedback.
+    Powersgd,
 }
 
 impl TrainConfig {
@@ -116,6 +155,11 @@ impl TrainConfig {
             precision: Precision::F32,
             val_fraction: 0.0,
             bucket_mb: DEFAULT_BUCKET_MB,
+            grad_wire: crate::compress::WireFormat::F32,
+            compress: CompressKind::None,
+            powersgd_rank: 4,
+            powersgd_warmup: 100,
+            balance: BalanceMode::Off,
         }
     }
 
@@ -168,6 +212,26 @@ impl TrainConfig {
             self.bucket_mb.is_finite() && (0.0..=4096.0).contains(&self.bucket_mb),
             "--bucket-mb must be between 0 and 4096 (got {})",
             self.bucket_mb
+        );
+        ensure!(
+            self.powersgd_rank >= 1,
+            "--powersgd-rank must be at least 1"
+        );
+        ensure!(
+            !(self.compress == CompressKind::Powersgd
+                && self.grad_wire != crate::compress::WireFormat::F32),
+            "--compress powersgd sends its factors in f32; leave --grad-wire at f32"
+        );
+        ensure!(
+            (self.compress == CompressKind::None
+                && self.grad_wire == crate::compress::WireFormat::F32)
+                || self.sync == SyncMode::Grads,
+            "--grad-wire and --compress apply to --sync grads"
+        );
+        ensure!(
+            self.balance == BalanceMode::Off
+                || (self.shard == ShardMode::Global && self.sync == SyncMode::Grads),
+            "--balance auto shares out global batches: it needs --shard global and --sync grads"
         );
         if self.model == ModelKind::Mlp && self.hidden.is_empty() {
             bail!("--model mlp needs --hidden W1[,W2,...]: the widths of its hidden layers");

@@ -39,6 +39,9 @@ pub struct ExchangeTimes {
     pub upload: f64,
     /// The allreduce time of each bucket (bucket 0 holds the last layers).
     pub buckets: Vec<f64>,
+    /// Bytes this rank sent for gradients, and what f32 gradients in one allreduce would have been.
+    pub sent_bytes: f64,
+    pub f32_bytes: f64,
 }
 
 impl ExchangeTimes {
@@ -50,6 +53,8 @@ impl ExchangeTimes {
             waited: self.waited * k,
             upload: self.upload * k,
             buckets: self.buckets.iter().map(|b| b * k).collect(),
+            sent_bytes: self.sent_bytes * k,
+            f32_bytes: self.f32_bytes * k,
         }
     }
 
@@ -61,6 +66,24 @@ impl ExchangeTimes {
             0.0
         }
     }
+}
+
+/// Gradient compression's state on this rank.
+enum Compressor {
+    /// 16-bit wire: two-sided error feedback, and the buffers of the all-to-all and all-gather.
+    Wire {
+        fmt: crate::compress::WireFormat,
+        state: crate::compress::ExchangeState,
+        wire: Vec<u16>,
+        recv: Vec<u16>,
+        owned: Vec<u16>,
+        gathered: Vec<u16>,
+    },
+    /// PowerSGD's factors and residuals, and the Q-phase buffer.
+    PowerSgd {
+        p: Box<crate::compress::PowerSgd>,
+        q: Vec<f32>,
+    },
 }
 
 /// A bucket: a contiguous range of the flat gradient buffer holding whole dense layers.
@@ -120,6 +143,8 @@ pub struct Exchange {
     recv: Vec<f32>,
     /// Samples this rank trained on since the last parameter average.
     since_average: u64,
+    /// Gradient compression, when the run asks for it (`set_compression`).
+    compressor: Option<Compressor>,
     pub times: ExchangeTimes,
 }
 
@@ -139,6 +164,7 @@ impl Exchange {
             send: vec![0.0; len],
             recv: vec![0.0; len],
             since_average: 0,
+            compressor: None,
             times: ExchangeTimes::default(),
         }
     }
@@ -151,6 +177,45 @@ impl Exchange {
     /// The buckets, exchanged one at a time in this order.
     pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
+    }
+
+    /// Compress the gradients as `cfg` asks (16-bit wire or PowerSGD); `layout` is the model's,
+    /// `rank` this rank. The error-feedback residuals start at zero: a resumed run starts them
+    /// afresh (they are not in checkpoints).
+    pub fn set_compression(
+        &mut self,
+        cfg: &TrainConfig,
+        layout: &crate::model::Layout,
+        rank: usize,
+    ) -> anyhow::Result<()> {
+        use super::config::CompressKind;
+        use crate::compress::{ExchangeState, PowerSgd, WireFormat, weight_matrices};
+        if !self.exchanges_gradients() {
+            return Ok(());
+        }
+        let n = layout.total;
+        self.compressor = match (cfg.compress, cfg.grad_wire) {
+            (CompressKind::None, WireFormat::F32) => None,
+            (CompressKind::None, fmt) => Some(Compressor::Wire {
+                fmt,
+                state: ExchangeState::new(n, rank, self.ranks),
+                wire: Vec::new(),
+                recv: Vec::new(),
+                owned: Vec::new(),
+                gathered: Vec::new(),
+            }),
+            (CompressKind::Powersgd, _) => Some(Compressor::PowerSgd {
+                p: Box::new(PowerSgd::new(
+                    cfg.powersgd_rank,
+                    &weight_matrices(layout),
+                    n,
+                    cfg.powersgd_warmup,
+                    cfg.seed,
+                )?),
+                q: Vec::new(),
+            }),
+        };
+        Ok(())
     }
 
     /// Exchange in buckets of about `target` bytes of whole layers (`layers[l]`: dense layer l's
@@ -194,8 +259,14 @@ impl Exchange {
                 stop: stop[0] > 0,
             });
         }
+        if self.compressor.is_some() {
+            return self.compressed(backend, comm, local_rows, asked);
+        }
         let n_b = self.buckets.len();
         self.times.buckets.resize(n_b, 0.0);
+        let n_all: usize = self.buckets.iter().map(|b| b.range.len()).sum();
+        self.times.sent_bytes += (4 * n_all) as f64;
+        self.times.f32_bytes += (4 * n_all) as f64;
         let mut pending = Vec::with_capacity(n_b);
         // backward in stretches: each bucket's copy is submitted as soon as its layers are done,
         // and the one before is collected and sent while the device works on
@@ -238,6 +309,103 @@ impl Exchange {
             samples: totals.count,
             totals: Some(totals),
             stop,
+        })
+    }
+
+    /// The compressed exchange: backward whole, then the gradient through the 16-bit wire (an
+    /// all-to-all of segments, each summed in f32 at its owner, then an all-gather) or PowerSGD's
+    /// two allreduces; the totals travel apart, in f32, exactly.
+    fn compressed(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        local_rows: usize,
+        asked: u64,
+    ) -> anyhow::Result<Summed> {
+        use crate::compress::{Round, decode, segments, wire_bytes_per_rank};
+        let n = self.buckets.iter().map(|b| b.range.len()).sum::<usize>();
+        let (rank, ranks) = (comm.rank(), self.ranks);
+        let t0 = Instant::now();
+        let mut grad = std::mem::take(&mut self.bufs[0]);
+        grad.resize(n, 0.0);
+        let local = if local_rows > 0 {
+            backend.backward()?;
+            backend.read_grads(0..n, &mut grad, true)?
+        } else {
+            grad.fill(0.0);
+            None
+        }
+        .unwrap_or_default();
+        let t1 = Instant::now();
+        self.times.readback += (t1 - t0).as_secs_f64();
+        let mut words = [
+            local.loss_sum as f32,
+            local.correct as f32,
+            local.count as f32,
+            asked as f32,
+        ];
+        let comp = self.compressor.as_mut().context("no compressor")?;
+        let sent = match comp {
+            Compressor::Wire {
+                fmt,
+                state,
+                wire,
+                recv,
+                owned,
+                gathered,
+            } => {
+                let w = fmt.words();
+                let segs = segments(n, ranks);
+                let counts: Vec<usize> = segs.iter().map(|r| r.len() * w).collect();
+                state.encode(&grad, *fmt, wire);
+                recv.resize(counts[rank] * ranks, 0);
+                comm.all_to_all_u16(wire, &counts, recv, &vec![counts[rank]; ranks])?;
+                state.reduce_owned(recv, *fmt, owned);
+                gathered.resize(n * w, 0);
+                comm.all_gather_u16(owned, &counts, gathered)?;
+                decode(*fmt, gathered, &mut grad);
+                comm.allreduce_sum_f32(&mut words)?;
+                wire_bytes_per_rank(n, ranks, rank, *fmt) + 16
+            }
+            Compressor::PowerSgd { p, q } => {
+                let mut send = Vec::new();
+                let round = p.begin(&grad, &mut send);
+                let k = send.len();
+                send.extend_from_slice(&words);
+                comm.allreduce_sum_f32(&mut send)?;
+                words.copy_from_slice(&send[k..]);
+                send.truncate(k);
+                match round {
+                    Round::Plain => {
+                        grad.copy_from_slice(&send);
+                        4 * (k + 4)
+                    }
+                    Round::LowRank => {
+                        p.project(&send, q);
+                        comm.allreduce_sum_f32(q)?;
+                        p.finish(q, ranks, &mut grad);
+                        4 * (k + 4 + q.len())
+                    }
+                }
+            }
+        };
+        let t2 = Instant::now();
+        self.times.allreduce += (t2 - t1).as_secs_f64();
+        self.times.waited += (t2 - t1).as_secs_f64();
+        self.times.sent_bytes += sent as f64;
+        self.times.f32_bytes += (4 * (n + 4)) as f64;
+        backend.write_grads(0..n, &grad)?;
+        self.times.upload += t2.elapsed().as_secs_f64();
+        self.bufs[0] = grad;
+        let totals = Totals {
+            loss_sum: f64::from(words[0]),
+            correct: words[1] as u64,
+            count: words[2] as u64,
+        };
+        Ok(Summed {
+            samples: totals.count,
+            totals: Some(totals),
+            stop: words[3] > 0.0,
         })
     }
 

@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 
-use super::config::{ShardMode, TrainConfig};
+use super::config::{BalanceMode, ShardMode, SyncMode, TrainConfig};
 use super::exchange::sum_totals;
-use super::plan::{StepPlan, epoch_order};
+use super::plan::{StepPlan, epoch_order, proportional_shares};
 use super::report::{
     EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord, evaluate_rows,
 };
@@ -138,11 +138,17 @@ pub fn train_with(
     };
     let mut reports = Vec::new();
     let mut rollbacks = 0;
+    // this rank's wait for the gradient sums over every stretch, and the last stretch's plan
+    let mut waited = 0.0;
+    let mut last_plan;
     loop {
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total);
         stepper
             .exchange
             .set_buckets(&layer_ranges(&setup.spec), cfg.bucket_bytes());
+        stepper
+            .exchange
+            .set_compression(cfg, &setup.spec.layout(), rank)?;
         if stepper.exchange.exchanges_gradients() {
             tracing::info!(
                 "rank {rank}: gradients in {} bucket(s) of {:?} values, last layers first",
@@ -166,6 +172,26 @@ pub fn train_with(
             &mut reports,
             obs,
         );
+        waited += stepper.exchange.times.waited;
+        last_plan = stepper.plan;
+        let t = &stepper.exchange.times;
+        if t.f32_bytes > 0.0 && comm.is_root() {
+            let steps = (pos.step.max(1)) as f64;
+            let line = format!(
+                "dptrain: gradients sent per step per rank: {:.3} MB ({:.1}× fewer bytes than f32); exchange {:.2} ms per step, {:.0}% of it behind backward",
+                t.sent_bytes / steps / 1e6,
+                t.f32_bytes / t.sent_bytes.max(1.0),
+                (t.readback + t.allreduce + t.upload) / steps * 1e3,
+                100.0 * t.hidden()
+            );
+            if cfg.compress != super::config::CompressKind::None
+                || cfg.grad_wire != crate::compress::WireFormat::F32
+            {
+                println!("{line}");
+            } else {
+                tracing::info!("{line}");
+            }
+        }
         match result {
             Ok(()) => break,
             Err(Halt::Error(e)) => return Err(e),
@@ -206,6 +232,9 @@ pub fn train_with(
                 }
             }
         }
+    }
+    if ranks > 1 && cfg.sync == SyncMode::Grads {
+        report_waits(cfg, comm, waited, &last_plan)?;
     }
     let params = backend.params().context("reading the trained parameters")?;
     Ok(Outcome {
@@ -289,7 +318,7 @@ fn run_from(
     use crate::backend::gpu::HISTORY;
     let (ctl, setup) = (cks.ctl, cks.setup);
     let rank = comm.rank();
-    let plan = stepper.plan;
+    let mut plan = stepper.plan;
     let total_steps = stepper.lr.schedule.total_steps;
     let regression = setup.spec.is_regression();
     let start = Instant::now();
@@ -302,6 +331,10 @@ fn run_from(
     // early stopping: the run is over once `patience` evaluations have not improved
     let watching = setup.val.is_some();
     let mut early = watching && pos.watch.exhausted(ctl.patience);
+    // --balance auto: the steps whose compute is timed before the ranks agree on their shares
+    let mut balance =
+        (cfg.balance == BalanceMode::Auto && exchange && plan.shard() == ShardMode::Global)
+            .then(|| Balancer::new(pos.step, plan.steps_per_epoch));
     while pos.step < total_steps && !early {
         let epoch = pos.epochs_done + 1;
         backend.set_order(&epoch_order(cfg, &plan, epoch, rank))?;
@@ -315,6 +348,7 @@ fn run_from(
             let batches = plan.micro_batches(s, pos.step).len();
             recorded.extend(std::iter::repeat_n(pos.step, batches));
             crate::fault::before_step(rank, pos.step);
+            let computed = stepper.compute;
             let summed = stepper.step(backend, comm, s, pos.step)?;
             stop |= summed.stop;
             if let Some(t) = summed.totals {
@@ -325,6 +359,14 @@ fn run_from(
                     });
                 }
                 epoch_totals.add(&t);
+            }
+            if let Some(b) = &mut balance
+                && b.timed(pos.step, plan.mine(s).1, stepper.compute - computed)
+            {
+                // every rank at the same step: one collective, the same shares everywhere
+                plan = b.agree(comm, &plan)?;
+                stepper.plan = plan;
+                balance = None;
             }
             pos.step += 1;
             s += 1;
@@ -337,7 +379,7 @@ fn run_from(
                     && pos.step.is_multiple_of(ctl.checkpoint_every))
                     || stop);
             // the backend keeps the losses of HISTORY batches: read them before the next step's
-            if recorded.len() + cfg.accumulate > HISTORY || checkpoint_now {
+            if recorded.len() + plan.max_micro_batches() > HISTORY || checkpoint_now {
                 flush(backend, comm, exchange, &mut recorded, &mut epoch_totals)?;
             }
             if checkpoint_now {
@@ -493,4 +535,118 @@ fn stopped(step: u64, written: Option<std::path::PathBuf>) -> Halt {
         step,
         checkpoint: written,
     })
+}
+
+/// Steps of each stretch run before `--balance auto` starts timing (start-up costs), and the most
+/// it runs (timed or not) before the ranks agree on their shares.
+const BALANCE_WARMUP: u64 = 2;
+const BALANCE_STEPS: u64 = 20;
+
+/// `--balance auto`: each rank times its own compute over steps [from, until) of the run, then
+/// the ranks agree on shares of each global batch proportional to their rows per second.
+struct Balancer {
+    from: u64,
+    until: u64,
+    rows: u64,
+    seconds: f64,
+}
+
+impl Balancer {
+    /// Timing from `start` (where this stretch of the run begins) for BALANCE_STEPS steps, or
+    /// one epoch when that is shorter, the first BALANCE_WARMUP of them untimed (fewer when the
+    /// epoch is too short to leave a timed step).
+    fn new(start: u64, steps_per_epoch: u64) -> Self {
+        let span = BALANCE_STEPS.min(steps_per_epoch).max(1);
+        Self {
+            from: start + BALANCE_WARMUP.min(span - 1),
+            until: start + span,
+            rows: 0,
+            seconds: 0.0,
+        }
+    }
+
+    /// Step `step` (0-based) took `seconds` of compute on `rows` rows of this rank; true when
+    /// it was the last step timed, and the ranks are to agree.
+    fn timed(&mut self, step: u64, rows: usize, seconds: f64) -> bool {
+        if (self.from..self.until).contains(&step) {
+            self.rows += rows as u64;
+            self.seconds += seconds;
+        }
+        step + 1 == self.until
+    }
+
+    /// Gather every rank's figures (one collective) and share out `plan`'s global batch in
+    /// proportion to them; rank 0 says how on stderr.
+    fn agree(&self, comm: &dyn Communicator, plan: &StepPlan) -> anyhow::Result<StepPlan> {
+        let mine = [
+            self.rows.to_le_bytes(),
+            self.seconds.to_bits().to_le_bytes(),
+        ]
+        .concat();
+        let all = comm.all_gather_bytes(&mine)?;
+        let figures: Vec<(u64, f64)> = all
+            .iter()
+            .map(|b| {
+                let word = |i: usize| {
+                    let w: [u8; 8] = b.get(i * 8..i * 8 + 8)?.try_into().ok()?;
+                    Some(u64::from_le_bytes(w))
+                };
+                Some((word(0)?, f64::from_bits(word(1)?)))
+            })
+            .collect::<Option<_>>()
+            .context("--balance auto: a rank's timing did not arrive whole")?;
+        let rates: Vec<f64> = figures.iter().map(|&(r, t)| r as f64 / t).collect();
+        let shares = proportional_shares(plan.global_batch(), &rates);
+        if comm.is_root() {
+            let rates: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            eprintln!(
+                "dptrain: balance: ranks compute {} rows/s (steps {}-{}); each global batch of {} rows shared out as {}",
+                rates.join(", "),
+                self.from + 1,
+                self.until,
+                plan.global_batch(),
+                join(&shares)
+            );
+        }
+        Ok(plan.with_shares(&shares))
+    }
+}
+
+/// Every rank's wait for the gradient sums over the run (one collective on every rank), shown by
+/// rank 0: on stderr with `--balance auto`, else at -v.
+fn report_waits(
+    cfg: &TrainConfig,
+    comm: &dyn Communicator,
+    waited: f64,
+    plan: &StepPlan,
+) -> anyhow::Result<()> {
+    let all = comm.all_gather_bytes(&waited.to_bits().to_le_bytes())?;
+    if !comm.is_root() {
+        return Ok(());
+    }
+    let waits: Vec<String> = all
+        .iter()
+        .map(|b| {
+            let w: [u8; 8] = b.as_slice().try_into().unwrap_or_default();
+            format!("{:.3} s", f64::from_bits(u64::from_le_bytes(w)))
+        })
+        .collect();
+    let line = format!(
+        "dptrain: wait at the gradient collective per rank: {}; rows of each global batch per rank: {}",
+        waits.join(", "),
+        join(&plan.shares())
+    );
+    if cfg.balance == BalanceMode::Auto {
+        eprintln!("{line}");
+    } else {
+        tracing::info!("{line}");
+    }
+    Ok(())
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -296,5 +296,9 @@ pub fn settings_defaults() -> serde_json::Value {
         "dropout": 0.0,
         "precision": "f32",
         "val_fraction": 0.0,
+        "grad_wire": "f32",
+        "compress": "none",
+        "powersgd_rank": 4,
+        "powersgd_warmup": 100,
     })
 }

@@ -26,6 +26,14 @@ pub struct Stepper {
     pub phases: PhaseTimes,
     /// The rate of the last update: the value reports show.
     pub last_lr: f64,
+    /// Seconds of this rank's own compute over the run: gather to the end of backward, the
+    /// exchange included but not its waits for the sums nor their upload (what `--balance auto`
+    /// measures).
+    pub compute: f64,
+    /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: F, and the previous step's compute without the
+    /// sleep that stretches it.
+    slow: Option<f64>,
+    last_compute: f64,
 }
 
 impl Stepper {
@@ -47,6 +55,9 @@ impl Stepper {
             total_steps,
             phases: PhaseTimes::default(),
             last_lr: 0.0,
+            compute: 0.0,
+            slow: crate::fault::slow_factor(plan.rank()),
+            last_compute: 0.0,
         }
     }
 
@@ -60,6 +71,7 @@ impl Stepper {
         step: u64,
     ) -> anyhow::Result<Summed> {
         let t = &mut self.phases;
+        let started = Instant::now();
         let batches = self.plan.micro_batches(s, step);
         for (i, b) in batches.iter().enumerate() {
             t.time(Phase::Gather, || backend.gather(b))?;
@@ -70,10 +82,19 @@ impl Stepper {
                 t.time(Phase::Backward, || backend.backward())?;
             }
         }
+        let slept = self.slow.map_or(0.0, |f| (f - 1.0) * self.last_compute);
+        if slept > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(slept));
+        }
         let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
+        let idle = self.exchange.times.waited + self.exchange.times.upload;
         let summed = t.time(Phase::Exchange, || {
             self.exchange.gradients(backend, comm, mine, all)
         })?;
+        let idle = self.exchange.times.waited + self.exchange.times.upload - idle;
+        let compute = (started.elapsed().as_secs_f64() - idle).max(0.0);
+        self.compute += compute;
+        self.last_compute = (compute - slept).max(0.0);
         self.last_lr = self.lr.at(step);
         let update = self.optim.update(self.last_lr, step, summed.samples);
         if summed.samples > 0 {

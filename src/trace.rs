@@ -1,0 +1,1221 @@
+//! The timeline (`--trace FILE`): Chrome trace-event JSON, which opens in Perfetto
+//! (ui.perfetto.dev) and chrome://tracing. Each rank is one process of the file (`pid` = rank + 1,
+//! named "rank N"; Perfetto treats pid 0 as the kernel's idle task) with one lane (`tid`) each for
+//! the training thread, the communication thread and the GPU's kernels. Rank 0 gathers every
+//! rank's events and puts them on its own clock, the offsets measured across MPI barriers, so
+//! overlap and stragglers show at a glance.
+//!
+//! Recording is off until [`enable`]; while it is off every call costs one relaxed atomic load and
+//! allocates nothing. An event carries microseconds since this process's epoch (the recorder's
+//! first use); [`gather_and_write`] shifts each rank's events onto rank 0's clock.
+//!
+//! Lanes follow threads: the thread that called [`enable`] is "training", the thread named
+//! `dptrain-comm` (the MPI communication thread) is "communication", [`gpu_kernels`] fills "gpu",
+//! and any other thread gets a lane of its own under its name. Events on one lane must nest (a
+//! span inside another, or one after another): spans do by construction; [`complete`] events are
+//! the caller's to place.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::comm::Communicator;
+
+/// The lane of the thread that called [`enable`].
+pub const LANE_TRAINING: u32 = 1;
+/// The lane of the communication thread.
+pub const LANE_COMMUNICATION: u32 = 2;
+/// The lane of the GPU's kernels ([`gpu_kernels`]).
+pub const LANE_GPU: u32 = 3;
+/// Other threads get lanes from here on, in the order they first record.
+const LANE_FIRST_OTHER: u32 = 4;
+/// The name `comm.rs` gives the MPI communication thread.
+const COMM_THREAD: &str = "dptrain-comm";
+/// Events kept per process (about 100 bytes each); later ones are counted, not kept, and the
+/// file's metadata says so.
+pub const DEFAULT_CAP: usize = 2_000_000;
+/// Barriers whose exit times give the clock offsets (the median is taken).
+const SYNC_ROUNDS: usize = 5;
+
+/// What an event is: a span with a duration, a moment, or a counter's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    #[serde(rename = "X")]
+    Complete,
+    #[serde(rename = "i")]
+    Instant,
+    #[serde(rename = "C")]
+    Counter,
+}
+
+/// One recorded event, on this process's clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub name: Cow<'static, str>,
+    pub cat: Cow<'static, str>,
+    pub kind: Kind,
+    /// Microseconds since this process's epoch (negative for a moment before it).
+    pub ts: f64,
+    /// Microseconds (spans only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dur: Option<f64>,
+    pub lane: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+}
+
+/// A lane's number and the name it is shown under.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneName {
+    pub lane: u32,
+    pub name: String,
+}
+
+/// One rank's events as it sends them to rank 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RankTrace {
+    pub rank: usize,
+    pub host: String,
+    /// This rank's clock (µs since its epoch) just after each synchronising barrier.
+    pub sync_us: Vec<f64>,
+    pub lanes: Vec<LaneName>,
+    pub events: Vec<Event>,
+    /// Events not kept because the cap was reached.
+    pub dropped: u64,
+    pub cap: usize,
+}
+
+struct Inner {
+    events: Vec<Event>,
+    /// Each recording thread's lane.
+    threads: Vec<(ThreadId, u32)>,
+    lanes: Vec<LaneName>,
+    training: Option<ThreadId>,
+    next_lane: u32,
+}
+
+/// An event recorder. The process has one ([`global`]), which the free functions use; tests make
+/// their own.
+pub struct Recorder {
+    on: AtomicBool,
+    epoch: OnceLock<Instant>,
+    cap: usize,
+    dropped: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Recorder {
+    /// Off, keeping up to [`DEFAULT_CAP`] events.
+    pub const fn new() -> Self {
+        Self::with_cap(DEFAULT_CAP)
+    }
+
+    /// Off, keeping up to `cap` events.
+    pub const fn with_cap(cap: usize) -> Self {
+        Self {
+            on: AtomicBool::new(false),
+            epoch: OnceLock::new(),
+            cap,
+            dropped: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                events: Vec::new(),
+                threads: Vec::new(),
+                lanes: Vec::new(),
+                training: None,
+                next_lane: LANE_FIRST_OTHER,
+            }),
+        }
+    }
+
+    /// Start recording; the calling thread's events go on the "training" lane.
+    pub fn enable(&self) {
+        self.epoch();
+        {
+            let mut g = self.lock();
+            let me = std::thread::current().id();
+            if g.training != Some(me) {
+                // a thread that recorded before keeps its old lane; the training lane is new
+                g.threads.retain(|(t, l)| *t != me && *l != LANE_TRAINING);
+                g.training = Some(me);
+            }
+        }
+        self.on.store(true, Ordering::Release);
+    }
+
+    /// Stop recording (what was recorded stays until taken).
+    pub fn disable(&self) {
+        self.on.store(false, Ordering::Release);
+    }
+
+    /// Whether events are being recorded.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+
+    /// `t` in microseconds since this recorder's epoch.
+    pub fn us(&self, t: Instant) -> f64 {
+        let e = self.epoch();
+        match t.checked_duration_since(e) {
+            Some(d) => d.as_secs_f64() * 1e6,
+            None => -(e.duration_since(t).as_secs_f64() * 1e6),
+        }
+    }
+
+    /// Now, in microseconds since this recorder's epoch.
+    pub fn now_us(&self) -> f64 {
+        self.us(Instant::now())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A span on the calling thread's lane, from now until the guard is dropped.
+    #[inline]
+    pub fn span(&self, name: impl Into<Cow<'static, str>>, cat: &'static str) -> SpanGuard<'_> {
+        if !self.enabled() {
+            return SpanGuard { open: None };
+        }
+        SpanGuard {
+            open: Some(Open {
+                rec: self,
+                name: name.into(),
+                cat,
+                start: Instant::now(),
+                args: None,
+            }),
+        }
+    }
+
+    /// A span measured elsewhere (an allreduce timed on the communication thread, say), on the
+    /// calling thread's lane.
+    #[inline]
+    pub fn complete(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        cat: &'static str,
+        start: Instant,
+        dur: Duration,
+        args: &[(&'static str, Value)],
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let ts = self.us(start);
+        self.push(
+            None,
+            name.into(),
+            cat,
+            Kind::Complete,
+            ts,
+            Some(dur),
+            args_of(args),
+        );
+    }
+
+    /// A moment on the calling thread's lane (a stop request, an epoch's end).
+    #[inline]
+    pub fn instant(&self, name: impl Into<Cow<'static, str>>, cat: &'static str) {
+        if !self.enabled() {
+            return;
+        }
+        let ts = self.now_us();
+        self.push(None, name.into(), cat, Kind::Instant, ts, None, None);
+    }
+
+    /// A counter's value now (the loss, the learning rate, bytes in flight); a value that is not
+    /// finite is skipped.
+    #[inline]
+    pub fn counter(&self, name: &'static str, value: f64) {
+        if !self.enabled() || !value.is_finite() {
+            return;
+        }
+        let ts = self.now_us();
+        let mut m = Map::new();
+        m.insert(name.into(), Value::from(value));
+        self.push(
+            None,
+            name.into(),
+            "counter",
+            Kind::Counter,
+            ts,
+            None,
+            Some(Value::Object(m)),
+        );
+    }
+
+    /// GPU kernels timed by timestamp queries, (label, seconds) in execution order (what
+    /// `Backend::profile_step` returns), laid back to back on the "gpu" lane inside one
+    /// "gpu step" span. The queries give durations, not start times: the kernels are placed to
+    /// end when the host saw the work complete (`completed`, after the readback that waited for
+    /// it), and never to start before `submitted`.
+    pub fn gpu_kernels(&self, submitted: Instant, completed: Instant, kernels: &[(String, f64)]) {
+        if !self.enabled() || kernels.is_empty() {
+            return;
+        }
+        let total: f64 = kernels.iter().map(|(_, s)| s.max(0.0) * 1e6).sum();
+        let (t0, t1) = (self.us(submitted), self.us(completed));
+        let start = (t1 - total).max(t0);
+        let mut g = self.lock();
+        let mut at = start;
+        let step = Event {
+            name: "gpu step".into(),
+            cat: "gpu".into(),
+            kind: Kind::Complete,
+            ts: start,
+            dur: Some(total),
+            lane: LANE_GPU,
+            args: Some(serde_json::json!({ "kernels": kernels.len() })),
+        };
+        self.store(&mut g, step);
+        for (label, secs) in kernels {
+            let end = at + secs.max(0.0) * 1e6;
+            let e = Event {
+                name: Cow::Owned(label.clone()),
+                cat: "gpu".into(),
+                kind: Kind::Complete,
+                ts: at,
+                // the next kernel starts exactly where this one ends
+                dur: Some(end - at),
+                lane: LANE_GPU,
+                args: None,
+            };
+            self.store(&mut g, e);
+            at = end;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        lane: Option<u32>,
+        name: Cow<'static, str>,
+        cat: &'static str,
+        kind: Kind,
+        ts: f64,
+        dur: Option<Duration>,
+        args: Option<Value>,
+    ) {
+        let mut g = self.lock();
+        let lane = match lane {
+            Some(l) => l,
+            None => lane_of(&mut g),
+        };
+        let e = Event {
+            name,
+            cat: Cow::Borrowed(cat),
+            kind,
+            ts,
+            dur: dur.map(|d| d.as_secs_f64() * 1e6),
+            lane,
+            args,
+        };
+        self.store(&mut g, e);
+    }
+
+    fn store(&self, g: &mut Inner, e: Event) {
+        if g.events.len() < self.cap {
+            if e.lane == LANE_GPU && !g.lanes.iter().any(|l| l.lane == LANE_GPU) {
+                g.lanes.push(LaneName {
+                    lane: LANE_GPU,
+                    name: "gpu".into(),
+                });
+            }
+            g.events.push(e);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Everything recorded so far, as rank `rank` sends it (the recorder is left empty).
+    pub fn take(&self, rank: usize, sync_us: Vec<f64>) -> RankTrace {
+        let mut g = self.lock();
+        let events = std::mem::take(&mut g.events);
+        RankTrace {
+            rank,
+            host: hostname(),
+            sync_us,
+            lanes: g.lanes.clone(),
+            events,
+            dropped: self.dropped.swap(0, Ordering::Relaxed),
+            cap: self.cap,
+        }
+    }
+
+    /// Every rank: stop recording, measure the clock offsets (barriers), and send the events to
+    /// rank 0, which merges them ([`merge`]) and writes `path` atomically. A collective: call it on
+    /// every rank, after the run's last other collective. Rank 0 returns the write's error.
+    pub fn gather_and_write(&self, comm: &dyn Communicator, path: &Path) -> anyhow::Result<()> {
+        self.disable();
+        let mut sync_us = Vec::with_capacity(SYNC_ROUNDS);
+        for _ in 0..SYNC_ROUNDS {
+            comm.barrier()?;
+            sync_us.push(self.now_us());
+        }
+        let mine = self.take(comm.rank(), sync_us);
+        if mine.dropped > 0 {
+            tracing::warn!(
+                "trace: rank {} kept its first {} events and dropped {} more",
+                mine.rank,
+                mine.events.len(),
+                mine.dropped
+            );
+        }
+        let bytes = serde_json::to_vec(&mine).context("serialising this rank's trace")?;
+        drop(mine);
+        let Some(parts) = gather_to_root(comm, &bytes, chunk_bytes(comm.size()))? else {
+            return Ok(());
+        };
+        drop(bytes);
+        let per_rank = parts
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                serde_json::from_slice::<RankTrace>(b)
+                    .with_context(|| format!("reading rank {r}'s trace"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        drop(parts);
+        let json = serde_json::to_vec(&merge(per_rank)).context("serialising the trace")?;
+        crate::modelfile::write_atomic(path, &json)
+            .with_context(|| format!("writing the trace {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// The calling thread's lane, assigned on its first event.
+fn lane_of(g: &mut Inner) -> u32 {
+    let me = std::thread::current();
+    if let Some((_, l)) = g.threads.iter().find(|(t, _)| *t == me.id()) {
+        return *l;
+    }
+    let (lane, name) = if g.training == Some(me.id()) {
+        (LANE_TRAINING, "training".to_string())
+    } else if me.name() == Some(COMM_THREAD) {
+        (LANE_COMMUNICATION, "communication".to_string())
+    } else {
+        let l = g.next_lane;
+        g.next_lane += 1;
+        let name = me
+            .name()
+            .map_or_else(|| format!("thread {l}"), str::to_string);
+        (l, name)
+    };
+    g.threads.push((me.id(), lane));
+    if !g.lanes.iter().any(|n| n.lane == lane) {
+        g.lanes.push(LaneName { lane, name });
+    }
+    lane
+}
+
+fn args_of(args: &[(&'static str, Value)]) -> Option<Value> {
+    if args.is_empty() {
+        return None;
+    }
+    Some(Value::Object(
+        args.iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect(),
+    ))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// A span in progress; it ends (and is recorded) when dropped.
+#[must_use = "a span ends when its guard is dropped: bind it (`let _g = ...`)"]
+pub struct SpanGuard<'a> {
+    open: Option<Open<'a>>,
+}
+
+struct Open<'a> {
+    rec: &'a Recorder,
+    name: Cow<'static, str>,
+    cat: &'static str,
+    start: Instant,
+    args: Option<Map<String, Value>>,
+}
+
+impl SpanGuard<'_> {
+    /// Attach a value to the span (shown when it is selected); nothing when recording is off.
+    pub fn arg(mut self, key: &'static str, value: impl Into<Value>) -> Self {
+        if let Some(o) = &mut self.open {
+            o.args
+                .get_or_insert_with(Map::new)
+                .insert(key.into(), value.into());
+        }
+        self
+    }
+
+    /// End the span now.
+    pub fn end(self) {}
+}
+
+impl Drop for SpanGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(o) = self.open.take()
+            && o.rec.enabled()
+        {
+            let dur = o.start.elapsed();
+            let ts = o.rec.us(o.start);
+            o.rec.push(
+                None,
+                o.name,
+                o.cat,
+                Kind::Complete,
+                ts,
+                Some(dur),
+                o.args.map(Value::Object),
+            );
+        }
+    }
+}
+
+/// The process's recorder.
+pub fn global() -> &'static Recorder {
+    static GLOBAL: Recorder = Recorder::new();
+    &GLOBAL
+}
+
+/// Start recording (the calling thread is the "training" lane).
+pub fn enable() {
+    global().enable();
+}
+
+/// Stop recording.
+pub fn disable() {
+    global().disable();
+}
+
+/// Whether events are being recorded (to skip building a name that would be thrown away).
+#[inline]
+pub fn enabled() -> bool {
+    global().enabled()
+}
+
+/// A span on the calling thread's lane until the guard is dropped.
+#[inline]
+pub fn span(name: impl Into<Cow<'static, str>>, cat: &'static str) -> SpanGuard<'static> {
+    global().span(name, cat)
+}
+
+/// Run `f` inside a span named `name` (category "phase").
+#[inline]
+pub fn instrument_phase<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
+    let _g = span(name, "phase");
+    f()
+}
+
+/// A span measured elsewhere, on the calling thread's lane.
+#[inline]
+pub fn complete(
+    name: impl Into<Cow<'static, str>>,
+    cat: &'static str,
+    start: Instant,
+    dur: Duration,
+    args: &[(&'static str, Value)],
+) {
+    global().complete(name, cat, start, dur, args);
+}
+
+/// A moment on the calling thread's lane.
+#[inline]
+pub fn instant(name: impl Into<Cow<'static, str>>, cat: &'static str) {
+    global().instant(name, cat);
+}
+
+/// A counter's value now.
+#[inline]
+pub fn counter(name: &'static str, value: f64) {
+    global().counter(name, value);
+}
+
+/// GPU kernels on the "gpu" lane (see [`Recorder::gpu_kernels`]).
+pub fn gpu_kernels(submitted: Instant, completed: Instant, kernels: &[(String, f64)]) {
+    global().gpu_kernels(submitted, completed, kernels);
+}
+
+/// Every rank: gather the process recorder's events on rank 0, which writes `path` (see
+/// [`Recorder::gather_and_write`]).
+pub fn gather_and_write(comm: &dyn Communicator, path: &Path) -> anyhow::Result<()> {
+    global().gather_and_write(comm, path)
+}
+
+/// Bytes each rank sends per gather round: all ranks receive every round, so a round stays
+/// near 64 MiB in all.
+fn chunk_bytes(ranks: usize) -> usize {
+    ((64 << 20) / ranks.max(1)).clamp(64 << 10, 16 << 20)
+}
+
+/// Every rank's `mine`, in rank order, on rank 0 (None elsewhere), in rounds of at most `chunk`
+/// bytes a rank.
+fn gather_to_root(
+    comm: &dyn Communicator,
+    mine: &[u8],
+    chunk: usize,
+) -> anyhow::Result<Option<Vec<Vec<u8>>>> {
+    ensure!(chunk > 0, "gather chunk of 0 bytes");
+    let lens: Vec<usize> = comm
+        .all_gather_bytes(&(mine.len() as u64).to_le_bytes())?
+        .iter()
+        .map(|b| {
+            let a: [u8; 8] = b.as_slice().try_into().context("a rank's trace length")?;
+            Ok(u64::from_le_bytes(a) as usize)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        lens.len() == comm.size(),
+        "trace lengths from {} of {} ranks",
+        lens.len(),
+        comm.size()
+    );
+    let rounds = lens.iter().map(|l| l.div_ceil(chunk)).max().unwrap_or(0);
+    let root = comm.is_root();
+    let mut out: Vec<Vec<u8>> = if root {
+        lens.iter().map(|&l| Vec::with_capacity(l)).collect()
+    } else {
+        Vec::new()
+    };
+    for k in 0..rounds {
+        let part = mine
+            .get(k * chunk..((k + 1) * chunk).min(mine.len()))
+            .unwrap_or(&[]);
+        let parts = comm.all_gather_bytes(part)?;
+        if root {
+            ensure!(parts.len() == out.len(), "trace parts from too few ranks");
+            for (o, p) in out.iter_mut().zip(parts) {
+                o.extend_from_slice(&p);
+            }
+        }
+    }
+    if !root {
+        return Ok(None);
+    }
+    for (r, (o, &l)) in out.iter().zip(&lens).enumerate() {
+        ensure!(
+            o.len() == l,
+            "rank {r}'s trace arrived with {} of {l} bytes",
+            o.len()
+        );
+    }
+    Ok(Some(out))
+}
+
+/// One event of the written file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TraceEvent {
+    pub name: Cow<'static, str>,
+    pub cat: Cow<'static, str>,
+    pub ph: &'static str,
+    /// Microseconds on the merged clock.
+    pub ts: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dur: Option<f64>,
+    pub pid: usize,
+    pub tid: u32,
+    /// An instant's scope ("t": its thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+}
+
+/// What the file says about itself (its "metadata" object).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TraceMeta {
+    pub tool: String,
+    pub ranks: usize,
+    pub clock: &'static str,
+    /// Added to each rank's times to put them on rank 0's clock (µs).
+    pub clock_offset_us: Vec<f64>,
+    /// The spread of each rank's offset over the barriers (µs): how far to trust it.
+    pub clock_uncertainty_us: Vec<f64>,
+    /// Subtracted from every time after the offsets, so that the file starts at 0 (µs).
+    pub origin_us: f64,
+    pub hosts: Vec<String>,
+    /// Events kept per rank.
+    pub events: Vec<usize>,
+    /// Events dropped per rank once its cap was reached.
+    pub dropped_events: Vec<u64>,
+    pub capped: bool,
+    pub event_cap_per_rank: usize,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Trace {
+    #[serde(rename = "traceEvents")]
+    pub trace_events: Vec<TraceEvent>,
+    #[serde(rename = "displayTimeUnit")]
+    pub display_time_unit: &'static str,
+    pub metadata: TraceMeta,
+}
+
+/// (the median, the spread) of `reference[k] - mine[k]`: what to add to this rank's clock to get
+/// the reference's. (0, 0) without measurements.
+fn clock_offset(reference: &[f64], mine: &[f64]) -> (f64, f64) {
+    let mut d: Vec<f64> = reference.iter().zip(mine).map(|(r, m)| r - m).collect();
+    if d.is_empty() {
+        return (0.0, 0.0);
+    }
+    d.sort_by(f64::total_cmp);
+    let n = d.len();
+    let median = if n % 2 == 1 {
+        d[n / 2]
+    } else {
+        (d[n / 2 - 1] + d[n / 2]) / 2.0
+    };
+    (median, d[n - 1] - d[0])
+}
+
+/// Times to whole nanoseconds (the finest a viewer shows), so that spans that touch still touch.
+fn ns(us: f64) -> f64 {
+    (us * 1e3).round() / 1e3
+}
+
+/// Every rank's events on rank 0's clock, each rank a process (`pid` rank + 1) with named lanes,
+/// sorted by process, lane and time (a parent before the spans it holds).
+pub fn merge(mut per_rank: Vec<RankTrace>) -> Trace {
+    per_rank.sort_by_key(|r| r.rank);
+    let reference = per_rank
+        .iter()
+        .find(|r| r.rank == 0)
+        .or(per_rank.first())
+        .map(|r| r.sync_us.clone())
+        .unwrap_or_default();
+    let offsets: Vec<(f64, f64)> = per_rank
+        .iter()
+        .map(|r| clock_offset(&reference, &r.sync_us))
+        .collect();
+    let origin = per_rank
+        .iter()
+        .zip(&offsets)
+        .flat_map(|(r, (o, _))| r.events.iter().map(move |e| e.ts + o))
+        .fold(0.0f64, f64::min);
+    let mut meta = TraceMeta {
+        tool: format!("dptrain {}", env!("CARGO_PKG_VERSION")),
+        ranks: per_rank.len(),
+        clock: "rank 0's; each rank's offset is the median over barriers of rank 0's clock minus its own at the barrier's exit",
+        clock_offset_us: offsets.iter().map(|o| ns(o.0)).collect(),
+        clock_uncertainty_us: offsets.iter().map(|o| ns(o.1)).collect(),
+        origin_us: origin,
+        hosts: Vec::new(),
+        events: Vec::new(),
+        dropped_events: Vec::new(),
+        capped: false,
+        event_cap_per_rank: per_rank.iter().map(|r| r.cap).max().unwrap_or(DEFAULT_CAP),
+    };
+    let mut head = Vec::new();
+    let mut body = Vec::new();
+    for (r, (offset, _)) in per_rank.into_iter().zip(offsets) {
+        let pid = r.rank + 1;
+        let m = |name: &'static str, tid: u32, args: Value| TraceEvent {
+            name: name.into(),
+            cat: "__metadata".into(),
+            ph: "M",
+            ts: 0.0,
+            dur: None,
+            pid,
+            tid,
+            s: None,
+            args: Some(args),
+        };
+        head.push(m(
+            "process_name",
+            0,
+            serde_json::json!({ "name": format!("rank {}", r.rank) }),
+        ));
+        head.push(m(
+            "process_sort_index",
+            0,
+            serde_json::json!({ "sort_index": r.rank }),
+        ));
+        if !r.host.is_empty() {
+            head.push(m(
+                "process_labels",
+                0,
+                serde_json::json!({ "labels": r.host }),
+            ));
+        }
+        let mut lanes = r.lanes.clone();
+        lanes.sort_by_key(|l| l.lane);
+        for l in &lanes {
+            head.push(m(
+                "thread_name",
+                l.lane,
+                serde_json::json!({ "name": l.name }),
+            ));
+            head.push(m(
+                "thread_sort_index",
+                l.lane,
+                serde_json::json!({ "sort_index": l.lane }),
+            ));
+        }
+        meta.hosts.push(r.host);
+        meta.events.push(r.events.len());
+        meta.dropped_events.push(r.dropped);
+        meta.capped |= r.dropped > 0;
+        if r.dropped > 0 {
+            let last = r.events.iter().map(|e| e.ts).fold(0.0f64, f64::max);
+            body.push(TraceEvent {
+                name: format!("trace capped: {} later events dropped", r.dropped).into(),
+                cat: "trace".into(),
+                ph: "i",
+                ts: ns(last + offset - origin),
+                dur: None,
+                pid,
+                tid: LANE_TRAINING,
+                s: Some("p"),
+                args: None,
+            });
+        }
+        for e in r.events {
+            let ts = e.ts + offset - origin;
+            let (ph, dur, s) = match e.kind {
+                Kind::Complete => {
+                    let end = ns(ts + e.dur.unwrap_or(0.0).max(0.0));
+                    ("X", Some(end - ns(ts)), None)
+                }
+                Kind::Instant => ("i", None, Some("t")),
+                Kind::Counter => ("C", None, None),
+            };
+            body.push(TraceEvent {
+                name: e.name,
+                cat: e.cat,
+                ph,
+                ts: ns(ts),
+                dur: dur.map(ns),
+                pid,
+                tid: e.lane,
+                s,
+                args: e.args,
+            });
+        }
+    }
+    body.sort_by(|a, b| {
+        (a.pid, a.tid)
+            .cmp(&(b.pid, b.tid))
+            .then(a.ts.total_cmp(&b.ts))
+            .then(b.dur.unwrap_or(0.0).total_cmp(&a.dur.unwrap_or(0.0)))
+    });
+    head.extend(body);
+    Trace {
+        trace_events: head,
+        display_time_unit: "ms",
+        metadata: meta,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::SingleProcess;
+
+    fn sleep_us(us: u64) {
+        std::thread::sleep(Duration::from_micros(us));
+    }
+
+    #[test]
+    fn off_records_nothing_and_allocates_nothing() {
+        let r = Recorder::new();
+        {
+            let _g = r.span("phase", "phase").arg("bucket", 3);
+            r.complete("allreduce", "comm", Instant::now(), Duration::ZERO, &[]);
+            r.instant("stop", "run");
+            r.counter("loss", 0.5);
+            r.gpu_kernels(Instant::now(), Instant::now(), &[("k".into(), 1e-6)]);
+        }
+        let t = r.take(0, vec![]);
+        assert!(t.events.is_empty() && t.lanes.is_empty() && t.dropped == 0);
+        let g = r.lock();
+        assert_eq!(g.events.capacity(), 0, "the recorder allocated while off");
+        assert!(g.threads.is_empty());
+    }
+
+    #[test]
+    fn spans_nest_on_one_lane() {
+        let r = Recorder::new();
+        r.enable();
+        {
+            let _outer = r.span("step", "phase").arg("step", 7);
+            sleep_us(200);
+            {
+                let _inner = r.span(format!("bucket {}", 0), "exchange");
+                sleep_us(200);
+            }
+            sleep_us(200);
+        }
+        let t = r.take(0, vec![]);
+        assert_eq!(t.events.len(), 2);
+        // the inner span ends first, so it is recorded first
+        let (inner, outer) = (&t.events[0], &t.events[1]);
+        assert_eq!((&*inner.name, &*outer.name), ("bucket 0", "step"));
+        assert_eq!(inner.lane, LANE_TRAINING);
+        assert_eq!(outer.lane, LANE_TRAINING);
+        assert!(outer.ts <= inner.ts);
+        let end = |e: &Event| e.ts + e.dur.unwrap();
+        assert!(end(inner) <= end(outer));
+        assert!(inner.dur.unwrap() >= 200.0 && outer.dur.unwrap() >= 600.0);
+        assert_eq!(outer.args, Some(serde_json::json!({ "step": 7 })));
+        assert_eq!(
+            t.lanes,
+            vec![LaneName {
+                lane: LANE_TRAINING,
+                name: "training".into()
+            }]
+        );
+        // after a merge the parent comes first and holds the child
+        let m = merge(vec![t]);
+        let x: Vec<&TraceEvent> = m.trace_events.iter().filter(|e| e.ph == "X").collect();
+        assert_eq!((&*x[0].name, &*x[1].name), ("step", "bucket 0"));
+        assert!(x[0].ts <= x[1].ts);
+        assert!(x[1].ts + x[1].dur.unwrap() <= x[0].ts + x[0].dur.unwrap() + 1e-9);
+    }
+
+    #[test]
+    fn threads_get_lanes_by_name() {
+        let r = Recorder::new();
+        r.enable();
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name(COMM_THREAD.into())
+                .spawn_scoped(s, || {
+                    let t = Instant::now();
+                    sleep_us(50);
+                    r.complete(
+                        "allreduce",
+                        "comm",
+                        t,
+                        t.elapsed(),
+                        &[("floats", Value::from(1024))],
+                    );
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            std::thread::Builder::new()
+                .name("loader".into())
+                .spawn_scoped(s, || {
+                    let _g = r.span("prefetch", "data");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        });
+        r.span("step", "phase").end();
+        let t = r.take(0, vec![]);
+        let lane = |n: &str| t.events.iter().find(|e| e.name == n).unwrap().lane;
+        assert_eq!(lane("allreduce"), LANE_COMMUNICATION);
+        assert_eq!(lane("prefetch"), LANE_FIRST_OTHER);
+        assert_eq!(lane("step"), LANE_TRAINING);
+        let mut names: Vec<(u32, &str)> =
+            t.lanes.iter().map(|l| (l.lane, l.name.as_str())).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                (LANE_TRAINING, "training"),
+                (LANE_COMMUNICATION, "communication"),
+                (LANE_FIRST_OTHER, "loader")
+            ]
+        );
+        let ar = t.events.iter().find(|e| e.name == "allreduce").unwrap();
+        assert_eq!(ar.args, Some(serde_json::json!({ "floats": 1024 })));
+        assert!(ar.dur.unwrap() >= 50.0);
+    }
+
+    fn ev(name: &'static str, ts: f64, dur: f64, lane: u32) -> Event {
+        Event {
+            name: name.into(),
+            cat: "phase".into(),
+            kind: Kind::Complete,
+            ts,
+            dur: Some(dur),
+            lane,
+            args: None,
+        }
+    }
+
+    #[test]
+    fn merge_puts_every_rank_on_rank_0s_clock() {
+        // rank 1 started 1000 µs later than rank 0, so its clock reads 1000 µs less at the same
+        // moment; one barrier's exit was 5 µs late on rank 1 (the median ignores it)
+        let lanes = vec![LaneName {
+            lane: LANE_TRAINING,
+            name: "training".into(),
+        }];
+        let r0 = RankTrace {
+            rank: 0,
+            host: "a".into(),
+            sync_us: vec![5000.0, 5100.0, 5200.0],
+            lanes: lanes.clone(),
+            events: vec![ev("forward", 2000.0, 10.0, LANE_TRAINING)],
+            dropped: 0,
+            cap: DEFAULT_CAP,
+        };
+        let r1 = RankTrace {
+            rank: 1,
+            host: "b".into(),
+            sync_us: vec![4000.0, 4105.0, 4200.0],
+            lanes,
+            events: vec![
+                ev("forward", 1500.0, 10.0, LANE_TRAINING),
+                ev("backward", 1000.0, 20.0, LANE_TRAINING),
+            ],
+            dropped: 2,
+            cap: DEFAULT_CAP,
+        };
+        // given in either order
+        let m = merge(vec![r1, r0]);
+        assert_eq!(m.metadata.clock_offset_us, vec![0.0, 1000.0]);
+        assert_eq!(m.metadata.clock_uncertainty_us, vec![0.0, 5.0]);
+        assert_eq!(m.metadata.origin_us, 0.0);
+        assert_eq!(m.metadata.hosts, vec!["a", "b"]);
+        assert_eq!(m.metadata.events, vec![1, 2]);
+        assert_eq!(m.metadata.dropped_events, vec![0, 2]);
+        assert!(m.metadata.capped);
+        let find = |pid: usize, name: &str| {
+            m.trace_events
+                .iter()
+                .find(|e| e.pid == pid && e.name == name)
+                .unwrap_or_else(|| panic!("{name} on pid {pid}"))
+        };
+        assert_eq!(find(1, "forward").ts, 2000.0);
+        assert_eq!(find(2, "forward").ts, 2500.0);
+        assert_eq!(find(2, "backward").ts, 2000.0);
+        assert_eq!(find(2, "backward").dur, Some(20.0));
+        // sorted per lane, metadata first
+        let b = m.trace_events.iter().position(|e| e.ph != "M").unwrap();
+        assert!(m.trace_events[b..].iter().all(|e| e.ph != "M"));
+        let p2: Vec<f64> = m.trace_events[b..]
+            .iter()
+            .filter(|e| e.pid == 2 && e.ph == "X")
+            .map(|e| e.ts)
+            .collect();
+        assert_eq!(p2, vec![2000.0, 2500.0]);
+        assert!(
+            m.trace_events
+                .iter()
+                .any(|e| e.pid == 2 && e.name.starts_with("trace capped"))
+        );
+        assert_eq!(
+            find(2, "process_name").args,
+            Some(serde_json::json!({ "name": "rank 1" }))
+        );
+
+        // a rank whose events land before rank 0's epoch moves the origin, not the spacing
+        let early = RankTrace {
+            rank: 1,
+            sync_us: vec![0.0],
+            events: vec![ev("gather", 100.0, 1.0, LANE_TRAINING)],
+            ..Default::default()
+        };
+        let zero = RankTrace {
+            rank: 0,
+            sync_us: vec![50.0],
+            events: vec![ev("gather", 0.0, 1.0, LANE_TRAINING)],
+            ..Default::default()
+        };
+        let m = merge(vec![zero, early]);
+        assert_eq!(m.metadata.origin_us, 0.0);
+        assert_eq!(find_ts(&m, 2, "gather") - find_ts(&m, 1, "gather"), 150.0);
+        let rank1_first = RankTrace {
+            rank: 1,
+            sync_us: vec![500.0],
+            events: vec![ev("gather", 100.0, 1.0, LANE_TRAINING)],
+            ..Default::default()
+        };
+        let zero = RankTrace {
+            rank: 0,
+            sync_us: vec![50.0],
+            events: vec![ev("gather", 0.0, 1.0, LANE_TRAINING)],
+            ..Default::default()
+        };
+        let m = merge(vec![zero, rank1_first]);
+        // rank 1's gather at 100 - 450 = -350 on rank 0's clock: the file starts there
+        assert_eq!(m.metadata.origin_us, -350.0);
+        assert_eq!(find_ts(&m, 2, "gather"), 0.0);
+        assert_eq!(find_ts(&m, 1, "gather"), 350.0);
+    }
+
+    fn find_ts(m: &Trace, pid: usize, name: &str) -> f64 {
+        m.trace_events
+            .iter()
+            .find(|e| e.pid == pid && e.name == name)
+            .unwrap()
+            .ts
+    }
+
+    #[test]
+    fn gpu_kernels_end_when_the_host_saw_them_complete() {
+        let r = Recorder::new();
+        r.enable();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(10);
+        let k = vec![
+            ("forward".to_string(), 0.002),
+            ("backward".to_string(), 0.003),
+            ("update".to_string(), 0.001),
+        ];
+        r.gpu_kernels(t0, t1, &k);
+        let t = r.take(0, vec![]);
+        let (s0, s1) = (r.us(t0), r.us(t1));
+        assert_eq!(t.events.len(), 4);
+        assert!(t.events.iter().all(|e| e.lane == LANE_GPU));
+        assert_eq!(
+            t.lanes,
+            vec![LaneName {
+                lane: LANE_GPU,
+                name: "gpu".into()
+            }]
+        );
+        let step = &t.events[0];
+        assert_eq!(step.name, "gpu step");
+        assert!((step.ts - (s1 - 6000.0)).abs() < 1e-6);
+        assert!((step.dur.unwrap() - 6000.0).abs() < 1e-6);
+        for w in t.events[1..].windows(2) {
+            assert_eq!(w[0].ts + w[0].dur.unwrap(), w[1].ts, "back to back");
+        }
+        let last = t.events.last().unwrap();
+        assert!((last.ts + last.dur.unwrap() - s1).abs() < 1e-6);
+        // more kernel time than the host waited: they start at the submission
+        r.gpu_kernels(t0, t0 + Duration::from_millis(1), &k);
+        let t = r.take(0, vec![]);
+        assert!((t.events[0].ts - s0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_cap_keeps_the_first_events_and_counts_the_rest() {
+        let r = Recorder::with_cap(3);
+        r.enable();
+        for i in 0..5 {
+            r.counter("loss", f64::from(i));
+        }
+        r.counter("nan", f64::NAN);
+        let t = r.take(0, vec![]);
+        assert_eq!(t.events.len(), 3);
+        assert_eq!(t.dropped, 2);
+        assert_eq!(t.events[2].args, Some(serde_json::json!({ "loss": 2.0 })));
+        let m = merge(vec![t]);
+        assert!(m.metadata.capped);
+        assert_eq!(m.metadata.event_cap_per_rank, 3);
+        // taken: the count starts again
+        assert_eq!(r.take(0, vec![]).dropped, 0);
+    }
+
+    #[test]
+    fn gather_reassembles_chunks() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        for chunk in [1, 7, 100, 1000] {
+            let got = gather_to_root(&SingleProcess, &bytes, chunk)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, vec![bytes.clone()]);
+        }
+        let got = gather_to_root(&SingleProcess, &[], 7).unwrap().unwrap();
+        assert_eq!(got, vec![Vec::<u8>::new()]);
+        assert_eq!(chunk_bytes(1), 16 << 20);
+        assert_eq!(chunk_bytes(4096), 64 << 10);
+    }
+
+    #[test]
+    fn single_process_writes_a_trace_that_loads() {
+        let dir = std::env::temp_dir().join(format!("dptrain-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.trace.json");
+        let r = Recorder::new();
+        r.enable();
+        for step in 0..3 {
+            let _s = r.span("step", "step").arg("step", step);
+            for phase in ["gather", "forward", "loss"] {
+                let _p = r.span(phase, "phase");
+                sleep_us(20);
+            }
+            let t = Instant::now();
+            {
+                let _x = r.span("exchange", "phase");
+                sleep_us(30);
+            }
+            r.gpu_kernels(
+                t,
+                Instant::now(),
+                &[("matmul".into(), 1e-5), ("relu".into(), 2e-6)],
+            );
+            r.counter("loss", 1.0 / f64::from(step + 1));
+        }
+        r.instant("done", "run");
+        r.gather_and_write(&SingleProcess, &path).unwrap();
+        assert!(!r.enabled(), "writing stops the recording");
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["displayTimeUnit"], "ms");
+        assert_eq!(v["metadata"]["ranks"], 1);
+        assert_eq!(v["metadata"]["capped"], false);
+        let evs = v["traceEvents"].as_array().unwrap();
+        let mut last: std::collections::HashMap<(u64, u64), f64> = Default::default();
+        for e in evs {
+            let ph = e["ph"].as_str().unwrap();
+            assert!(["X", "i", "C", "M"].contains(&ph), "{e}");
+            assert!(e["name"].as_str().is_some_and(|n| !n.is_empty()), "{e}");
+            let (pid, tid) = (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap());
+            assert_eq!(pid, 1);
+            let ts = e["ts"].as_f64().unwrap();
+            assert!(ts >= 0.0);
+            if ph == "X" {
+                assert!(e["dur"].as_f64().unwrap() >= 0.0);
+            }
+            if ph != "M" {
+                let prev = last.insert((pid, tid), ts).unwrap_or(f64::MIN);
+                assert!(prev <= ts, "lane {tid} goes back in time at {e}");
+            }
+        }
+        let meta = |name: &str, tid: u64| {
+            evs.iter()
+                .find(|e| e["ph"] == "M" && e["name"] == name && e["tid"] == tid)
+                .map(|e| e["args"]["name"].clone())
+        };
+        assert_eq!(meta("process_name", 0), Some(Value::from("rank 0")));
+        assert_eq!(meta("thread_name", 1), Some(Value::from("training")));
+        assert_eq!(meta("thread_name", 3), Some(Value::from("gpu")));
+        let count = |name: &str| evs.iter().filter(|e| e["name"] == name).count();
+        assert_eq!(count("step"), 3);
+        assert_eq!(count("forward"), 3);
+        assert_eq!(count("matmul"), 3);
+        assert_eq!(count("loss"), 6, "the phase and the counter");
+        assert_eq!(count("done"), 1);
+        // the recorder was emptied; no temporary file is left behind
+        assert!(r.take(0, vec![]).events.is_empty());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn instrument_phase_returns_the_closures_value() {
+        // the global recorder is off in the library's tests: only the value comes back
+        assert_eq!(instrument_phase("forward", || 41 + 1), 42);
+    }
+}
