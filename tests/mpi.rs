@@ -490,3 +490,91 @@ fn compressed_gradients_keep_mnist_accuracy() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `--balance auto` with rank 1 made three times slower (`DPTRAIN_FAULT=slow:1:3`): the ranks
+/// agree on unequal shares of each global batch, the fast rank's wait at the gradient collective
+/// (the trainer's own counter, not wall time) falls well below the unbalanced run's, and accuracy
+/// stays that of the unbalanced run.
+#[test]
+fn balance_auto_shares_out_batches_by_speed() {
+    let digits = shared("digits.csv");
+    let d = tmpdir("balance");
+    let run = |mode: &str| -> (Vec<f64>, Vec<usize>, f64) {
+        let m = d.join(format!("m-{mode}.jsonl"));
+        let ms = m.display().to_string();
+        let args = [
+            "train",
+            "--data",
+            &digits,
+            "--model",
+            "mlp",
+            "--hidden",
+            "512,512",
+            "--epochs",
+            "8",
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+            "--balance",
+            mode,
+            "--metrics-out",
+            &ms,
+            "-v",
+        ];
+        let r = util::mpirun(2, &args, &[("DPTRAIN_FAULT", "slow:1:3")]).ok();
+        let text = r.show();
+        let line = text
+            .lines()
+            .find_map(|l| l.split("wait at the gradient collective per rank: ").nth(1))
+            .unwrap_or_else(|| panic!("no wait counters in\n{text}"));
+        let (waits, shares) = line
+            .split_once("; rows of each global batch per rank: ")
+            .unwrap();
+        let waits = waits
+            .split(", ")
+            .map(|w| w.trim_end_matches(" s").parse().unwrap())
+            .collect();
+        let shares = shares
+            .split(", ")
+            .map(|s| s.trim().parse().unwrap())
+            .collect();
+        let acc = metrics(&m).pop().unwrap()["test_accuracy"]
+            .as_f64()
+            .unwrap();
+        (waits, shares, acc)
+    };
+    let (w_off, s_off, a_off) = run("off");
+    let (w_auto, s_auto, a_auto) = run("auto");
+    eprintln!("off: waits {w_off:?} shares {s_off:?} accuracy {a_off}");
+    eprintln!("auto: waits {w_auto:?} shares {s_auto:?} accuracy {a_auto}");
+    assert_eq!(s_off, [64, 64]);
+    assert_eq!(s_auto.iter().sum::<usize>(), 128, "{s_auto:?}");
+    // rank 1 takes three times as long for everything, its fixed costs per step included: at
+    // equal compute times it gets at most a quarter of the rows (32), and at least one
+    assert!(
+        (1..=40).contains(&s_auto[1]),
+        "shares {s_auto:?} for a rank three times slower"
+    );
+    assert!(
+        w_auto[0] < 0.6 * w_off[0],
+        "the fast rank waited {} s balanced, {} s unbalanced",
+        w_auto[0],
+        w_off[0]
+    );
+    assert!(
+        (a_auto - a_off).abs() <= 0.01,
+        "accuracy {a_auto} balanced, {a_off} unbalanced"
+    );
+    dptrain(&[
+        "train",
+        "--data",
+        &digits,
+        "--balance",
+        "auto",
+        "--sync",
+        "params",
+    ])
+    .fails_with("--balance auto shares out global batches");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -366,7 +366,9 @@ fn run_from(
                 // every rank at the same step: one collective, the same shares everywhere
                 plan = b.agree(comm, &plan)?;
                 stepper.plan = plan;
-                balance = None;
+                if !b.next_round(pos.step + 1) {
+                    balance = None;
+                }
             }
             pos.step += 1;
             s += 1;
@@ -541,12 +543,19 @@ fn stopped(step: u64, written: Option<std::path::PathBuf>) -> Halt {
 /// it runs (timed or not) before the ranks agree on their shares.
 const BALANCE_WARMUP: u64 = 2;
 const BALANCE_STEPS: u64 = 20;
+/// Agreements per stretch. A step's time is not quite proportional to its rows (fixed costs per
+/// step), so shares proportional to rows per second overshoot; each further round measures at
+/// the new shares, and the shares move towards the point where every rank's compute takes as
+/// long (the fixed point of shares ∝ rows/time).
+const BALANCE_ROUNDS: u32 = 3;
 
 /// `--balance auto`: each rank times its own compute over steps [from, until) of the run, then
 /// the ranks agree on shares of each global batch proportional to their rows per second.
 struct Balancer {
     from: u64,
     until: u64,
+    span: u64,
+    rounds: u32,
     rows: u64,
     seconds: f64,
 }
@@ -560,9 +569,25 @@ impl Balancer {
         Self {
             from: start + BALANCE_WARMUP.min(span - 1),
             until: start + span,
+            span,
+            rounds: 1,
             rows: 0,
             seconds: 0.0,
         }
+    }
+
+    /// After an agreement at the end of step `next` − 1: time the next round from step `next`,
+    /// or false when this was the last round.
+    fn next_round(&mut self, next: u64) -> bool {
+        if self.rounds >= BALANCE_ROUNDS {
+            return false;
+        }
+        self.rounds += 1;
+        self.from = next;
+        self.until = next + self.span;
+        self.rows = 0;
+        self.seconds = 0.0;
+        true
     }
 
     /// Step `step` (0-based) took `seconds` of compute on `rows` rows of this rank; true when
@@ -599,14 +624,21 @@ impl Balancer {
         let shares = proportional_shares(plan.global_batch(), &rates);
         if comm.is_root() {
             let rates: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
-            eprintln!(
-                "dptrain: balance: ranks compute {} rows/s (steps {}-{}); each global batch of {} rows shared out as {}",
+            let line = format!(
+                "dptrain: balance (round {}/{BALANCE_ROUNDS}): ranks compute {} rows/s (steps {}-{}, at {} rows); each global batch of {} rows shared out as {}",
+                self.rounds,
                 rates.join(", "),
                 self.from + 1,
                 self.until,
+                join(&plan.shares()),
                 plan.global_batch(),
                 join(&shares)
             );
+            if self.rounds == BALANCE_ROUNDS {
+                eprintln!("{line}");
+            } else {
+                tracing::info!("{line}");
+            }
         }
         Ok(plan.with_shares(&shares))
     }
