@@ -571,6 +571,12 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Output")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensorboard: Option<PathBuf>,
+    /// Write the run's timeline as Chrome trace-event JSON (open it in ui.perfetto.dev or
+    /// chrome://tracing): every rank's phases, each bucket's readback, allreduce and upload, and
+    /// one step's GPU kernels, on rank 0's clock.
+    #[arg(long, help_heading = "Output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<PathBuf>,
     /// Seconds between the plain progress lines printed when stderr is not a terminal (0: none).
     #[arg(long, default_value_t = 30.0, help_heading = "Output")]
     pub progress_every: f64,
@@ -849,6 +855,7 @@ fn run_paths(a: &TrainArgs) -> crate::outputs::RunPaths {
         .extend(a.metrics_out.clone().map(|f| ("--metrics-out", f)));
     p.files
         .extend(a.save_best.clone().map(|f| ("--save-best", f)));
+    p.files.extend(a.trace.clone().map(|f| ("--trace", f)));
     p.dirs
         .extend(a.tensorboard.clone().map(|d| ("--tensorboard", d)));
     p.dirs
@@ -1042,6 +1049,9 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         norm: &setup.norm,
         meta: &meta,
     });
+    if a.trace.is_some() {
+        crate::trace::enable();
+    }
     let started = std::time::Instant::now();
     let outcome = train::train_with(&cfg, &ctl, &setup, &plan, backend.as_mut(), comm, &mut rec);
     rec.progress.finish();
@@ -1081,12 +1091,58 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     };
+    // the timeline last: a collective on every rank; its failure harms neither model nor metrics
+    let traced = match &a.trace {
+        Some(path) => write_trace(path, &cfg, &plan, backend.as_mut(), comm),
+        None => Ok(()),
+    };
     drop(lock);
-    match (rec.write_error, saved) {
-        (Some(e), Err(s)) => bail!("{e}; and {s}"),
-        (Some(e), Ok(())) => bail!("{e}"),
-        (None, saved) => Ok(saved?),
+    let errors: Vec<String> = [
+        rec.write_error,
+        saved.err().map(|e| format!("{e:#}")),
+        traced.err().map(|e| format!("{e:#}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match errors.is_empty() {
+        true => Ok(()),
+        false => bail!("{}", errors.join("; and ")),
     }
+}
+
+/// `--trace`: one more step timed kernel by kernel where the device has timestamp queries (after
+/// training, whose outputs are already taken: the step's update changes nothing kept), then every
+/// rank's events to rank 0, which writes the file.
+fn write_trace(
+    path: &Path,
+    cfg: &TrainConfig,
+    plan: &StepPlan,
+    backend: &mut dyn backend::Backend,
+    comm: &dyn Communicator,
+) -> anyhow::Result<()> {
+    let (offset, rows) = plan.mine(0);
+    if rows > 0 {
+        let batch = backend::Batch {
+            offset,
+            rows,
+            step: 0,
+            accumulate: false,
+        };
+        let update = cfg.optim.update(0.0, 0, rows as u64);
+        let submitted = std::time::Instant::now();
+        if let Some(kernels) = backend.profile_step(&batch, &update)? {
+            crate::trace::gpu_kernels(submitted, std::time::Instant::now(), &kernels);
+        }
+    }
+    crate::trace::gather_and_write(comm, path)?;
+    if comm.is_root() {
+        println!(
+            "dptrain: timeline in {} (open it in ui.perfetto.dev or chrome://tracing)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// The final summary: figures of the last epoch, the best test accuracy (or lowest RMSE or loss)

@@ -719,8 +719,18 @@ pub mod mpi_comm {
             job: impl FnOnce(&MpiComm) -> R + Send + 'static,
         ) -> R {
             let k = self.next_seq();
-            let rx = self.submit(job);
-            self.wait(&rx, k, &what())
+            let what = what();
+            let rx = match crate::trace::enabled() {
+                true => {
+                    let name = what.clone();
+                    self.submit(move |c| {
+                        let _g = crate::trace::span(name, "comm").arg("collective", k);
+                        job(c)
+                    })
+                }
+                false => self.submit(job),
+            };
+            self.wait(&rx, k, &what)
         }
 
         /// One line, then the job ends: MPI_Abort from this thread when MPI is thread-multiple,
@@ -875,6 +885,9 @@ pub mod mpi_comm {
             let k = self.next_seq();
             let what = format!("allreduce of {} f32", buf.len());
             let rx = self.submit(move |c| {
+                let _g = crate::trace::span("allreduce", "comm")
+                    .arg("collective", k)
+                    .arg("bytes", 4 * buf.len());
                 let t = Instant::now();
                 c.sum_in_place_f32(&mut buf);
                 (buf, t.elapsed().as_secs_f64())

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use dptrain::trace;
 use serde_json::Value;
 
+mod util;
+
 struct Counting;
 
 thread_local! {
@@ -144,4 +146,82 @@ fn three_ranks_share_one_clock() {
         - marks.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread < 40e3, "after-barrier marks {marks:?} µs");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `dptrain train --trace` under mpirun (2 ranks, lavapipe, several buckets): one process per rank,
+/// each with its steps and phases on the training lane, every bucket's readback, wait and upload
+/// there and its allreduce on the communication lane, and one step's GPU kernels; a path that is
+/// the data file is refused before any work.
+#[test]
+fn training_writes_a_timeline_per_rank() {
+    let d = util::tmpdir("trace-train");
+    let digits = util::shared("digits.csv");
+    let path = d.join("run.trace.json");
+    let ps = path.display().to_string();
+    util::mpirun(
+        2,
+        &[
+            "train",
+            "--data",
+            &digits,
+            "--model",
+            "mlp",
+            "--hidden",
+            "64,64",
+            "--epochs",
+            "1",
+            "--device",
+            "gpu",
+            "--bucket-mb",
+            "0.01",
+            "--trace",
+            &ps,
+        ],
+        &[],
+    )
+    .ok();
+    let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let evs = v["traceEvents"].as_array().unwrap();
+    assert_eq!(v["metadata"]["ranks"], 2);
+    let on = |pid: u64, tid: u64, name: &str| -> Vec<&Value> {
+        evs.iter()
+            .filter(|e| e["pid"] == pid && e["tid"] == tid && e["name"] == name)
+            .collect()
+    };
+    // digits: 1437 training rows, batch 64 per rank: 12 steps
+    for pid in [1u64, 2] {
+        assert_eq!(on(pid, 1, "step").len(), 12, "rank {}", pid - 1);
+        for phase in ["gather", "forward", "loss", "exchange", "update"] {
+            assert_eq!(on(pid, 1, phase).len(), 12, "{phase} on rank {}", pid - 1);
+        }
+        let buckets = |tid: u64, name: &str| -> Vec<u64> {
+            on(pid, tid, name)
+                .iter()
+                .map(|e| e["args"]["bucket"].as_u64().unwrap())
+                .collect()
+        };
+        let read = buckets(1, "readback");
+        assert!(read.iter().max().unwrap() >= &1, "buckets {read:?}");
+        assert_eq!(read.len() % 12, 0);
+        assert_eq!(buckets(1, "upload").len(), read.len());
+        assert_eq!(buckets(1, "wait for sum").len(), read.len());
+        let sums = on(pid, 2, "allreduce");
+        assert_eq!(sums.len(), read.len(), "one allreduce per bucket per step");
+        // each allreduce runs after its bucket was read back: the k-th readback before the k-th sum
+        let readbacks = on(pid, 1, "readback");
+        for (r, s) in readbacks.iter().zip(&sums) {
+            assert!(s["ts"].as_f64().unwrap() >= r["ts"].as_f64().unwrap());
+        }
+        assert!(
+            evs.iter()
+                .any(|e| e["pid"] == pid && e["tid"] == 3 && e["name"] == "gpu step"),
+            "no GPU kernels on rank {}",
+            pid - 1
+        );
+    }
+    util::dptrain(&[
+        "train", "--data", &digits, "--epochs", "1", "--trace", &digits,
+    ])
+    .fails_with("--trace");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -273,6 +273,7 @@ impl Exchange {
         for i in 0..n_b {
             let b = self.buckets[i].clone();
             if local_rows > 0 {
+                let _g = crate::trace::span("backward", "phase").arg("bucket", i);
                 backend.backward_through(b.layer, i == 0)?;
                 backend.stage_grads(i, b.range.clone(), i == 0)?;
             }
@@ -286,11 +287,19 @@ impl Exchange {
         let mut totals = Totals::default();
         for (i, p) in pending.into_iter().enumerate() {
             let t0 = Instant::now();
-            let (buf, secs) = comm.finish_sum_f32(p)?;
+            let (buf, secs) = {
+                let _g = crate::trace::span("wait for sum", "exchange").arg("bucket", i);
+                comm.finish_sum_f32(p)?
+            };
             let t1 = Instant::now();
             let b = &self.buckets[i];
             let n = b.range.len();
-            backend.write_grads(b.range.clone(), &buf[..n])?;
+            {
+                let _g = crate::trace::span("upload", "exchange")
+                    .arg("bucket", i)
+                    .arg("bytes", 4 * n);
+                backend.write_grads(b.range.clone(), &buf[..n])?;
+            }
             if i == 0 {
                 totals = Totals {
                     loss_sum: f64::from(buf[n]),
@@ -422,6 +431,9 @@ impl Exchange {
         let t0 = Instant::now();
         let b = self.buckets.get(i).context("bucket index")?.clone();
         let n = b.range.len();
+        let _g = crate::trace::span("readback", "exchange")
+            .arg("bucket", i)
+            .arg("bytes", 4 * n);
         let first = i == 0;
         let mut buf = std::mem::take(&mut self.bufs[i]);
         buf.resize(n + if first { TOTAL_WORDS } else { 0 }, 0.0);

@@ -70,6 +70,7 @@ impl Stepper {
         s: u64,
         step: u64,
     ) -> anyhow::Result<Summed> {
+        let _span = crate::trace::span("step", "step").arg("step", step + 1);
         let t = &mut self.phases;
         let started = Instant::now();
         let batches = self.plan.micro_batches(s, step);
@@ -120,6 +121,21 @@ pub enum Phase {
     Average,
 }
 
+impl Phase {
+    /// The phase's name on the timeline (`--trace`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Gather => "gather",
+            Phase::Forward => "forward",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+            Phase::Exchange => "exchange",
+            Phase::Update => "update",
+            Phase::Average => "average",
+        }
+    }
+}
+
 /// Host time spent in each phase of the step, summed over a run (seconds). With one rank the GPU
 /// runs behind the host, so these measure recording, not execution (`dptrain bench` adds GPU
 /// timestamps).
@@ -140,7 +156,7 @@ impl PhaseTimes {
     /// Run `f`, adding its time to `phase`.
     pub fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
         let t0 = Instant::now();
-        let out = f();
+        let out = crate::trace::instrument_phase(phase.name(), f);
         let dt = t0.elapsed().as_secs_f64();
         *match phase {
             Phase::Gather => &mut self.gather,
