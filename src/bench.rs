@@ -353,6 +353,28 @@ pub struct StepBenchConfig {
     pub gpu: Option<usize>,
     pub precision: crate::backend::Precision,
     pub autotune: crate::backend::autotune::AutotuneMode,
+    /// How the step exchanges gradients under mpirun (as `train`'s flags).
+    pub exchange: BenchExchange,
+}
+
+/// `train`'s exchange settings, for `bench --workload` under mpirun.
+#[derive(Clone, Debug)]
+pub struct BenchExchange {
+    pub bucket_mb: f64,
+    pub grad_wire: crate::compress::WireFormat,
+    pub compress: crate::train::config::CompressKind,
+    pub powersgd_rank: usize,
+}
+
+impl Default for BenchExchange {
+    fn default() -> Self {
+        Self {
+            bucket_mb: crate::train::config::DEFAULT_BUCKET_MB,
+            grad_wire: crate::compress::WireFormat::F32,
+            compress: crate::train::config::CompressKind::None,
+            powersgd_rank: 4,
+        }
+    }
 }
 
 /// A workload's set-up and a backend holding one global batch of its shape, random data on the
@@ -386,6 +408,13 @@ impl WorkloadRun {
         tc.shard = ShardMode::Global;
         tc.sync = SyncMode::Grads;
         tc.precision = cfg.precision;
+        tc.bucket_mb = cfg.exchange.bucket_mb;
+        tc.grad_wire = cfg.exchange.grad_wire;
+        tc.compress = cfg.exchange.compress;
+        tc.powersgd_rank = cfg.exchange.powersgd_rank;
+        // every timed step compressed
+        tc.powersgd_warmup = 0;
+        tc.validate()?;
         let setup = train::setup_rank(&tc, ds, None, comm.rank(), ranks)?;
         let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
         let mut backend = backend::open(
@@ -438,21 +467,46 @@ pub struct StepBenchResult {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ExchangeReport {
+    /// The gradients and totals in f32, as one buffer.
     pub bytes: u64,
-    /// `bench comm`'s allreduce of the same bytes, in the same run.
+    /// What this rank sent per step (fewer with a 16-bit wire or PowerSGD).
+    pub sent_bytes: u64,
+    /// `bench comm`'s allreduce of `bytes` in one piece, in the same run.
     pub raw_allreduce_ms: f64,
-    /// The allreduce inside the step (per step).
+    /// The allreduces inside the step (per step, all buckets).
     pub step_allreduce_ms: f64,
-    /// step allreduce / raw allreduce - 1: what the trainer adds to MPI itself
+    /// step allreduce / raw allreduce of one piece - 1
     pub overhead_vs_raw: f64,
+    /// step allreduce / the raw allreduces of the same buckets - 1: what the trainer adds to MPI
+    /// itself (the goal: at most +10 %); none for a compressed exchange
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overhead_vs_raw_buckets: Option<f64>,
+    /// Each bucket (bucket 0 holds the last layers and the totals): its bytes, its raw MPI
+    /// allreduce and its allreduce inside the step.
+    pub buckets: Vec<BucketReport>,
     /// Waiting for the gradients and copying them to the host (includes the GPU's compute).
     pub readback_ms: f64,
     /// Copying the summed gradients back to the device.
     pub upload_ms: f64,
+    /// The training thread's wait for the sums: the communication not hidden.
+    pub waited_ms: f64,
+    /// The share of the allreduce time that ran behind backward.
+    pub hidden_share: f64,
     /// the same step without exchange (each rank alone)
     pub local_step_ms: f64,
+    /// step time / max(compute alone, communication alone): 1 is perfect overlap (the goal for
+    /// a 2-rank mnist-mlp/1024 step: at most 1.15)
+    pub step_vs_bound: f64,
     /// local step time / step time: the share of one-rank throughput each rank keeps
     pub scaling_efficiency: f64,
+}
+
+/// One gradient bucket in `bench --workload` under mpirun.
+#[derive(Clone, Debug, Serialize)]
+pub struct BucketReport {
+    pub bytes: u64,
+    pub raw_allreduce_ms: f64,
+    pub step_allreduce_ms: f64,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -513,6 +567,13 @@ pub fn step_bench(
     let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
     let total = cfg.warmup + cfg.steps * cfg.repeats as u64 + 1;
     let mut stepper = Stepper::new(&tc, plan, total, n_params);
+    stepper.exchange.set_buckets(
+        &crate::train::run::layer_ranges(&setup.spec),
+        tc.bucket_bytes(),
+    );
+    stepper
+        .exchange
+        .set_compression(&tc, &setup.spec.layout(), comm.rank())?;
     let mut times = time_steps(&mut stepper, backend.as_mut(), comm, cfg)?;
     let repeats = times.clone();
     let step_s = median(&mut times);
@@ -545,8 +606,26 @@ pub fn step_bench(
     }
     let exchange = if ranks > 1 {
         let bytes = ((n_params + 3) * 4) as u64;
-        let raw = comm_bench(comm, &[bytes], 3, 10)?;
+        let bucket_bytes = stepper.exchange.bucket_bytes();
+        let mut sizes = vec![bytes];
+        sizes.extend(&bucket_bytes);
+        let raw = comm_bench(comm, &sizes, 3, 10)?;
         let raw_ms = raw[0].time_us / 1e3;
+        let compressed = stepper.exchange.compressed_mode();
+        let buckets: Vec<BucketReport> = match compressed {
+            true => Vec::new(),
+            false => bucket_bytes
+                .iter()
+                .zip(&raw[1..])
+                .zip(&exchange_ms.buckets)
+                .map(|((&bytes, r), &step_ms)| BucketReport {
+                    bytes,
+                    raw_allreduce_ms: r.time_us / 1e3,
+                    step_allreduce_ms: step_ms,
+                })
+                .collect(),
+        };
+        let raw_buckets_ms: f64 = buckets.iter().map(|b| b.raw_allreduce_ms).sum();
         // the same step with no exchange: what each rank does alone
         let mut alone = Stepper::new(
             &tc,
@@ -561,14 +640,29 @@ pub fn step_bench(
             cfg,
         )?;
         let local_ms = median(&mut local) * 1e3;
+        // communication alone: raw MPI for the buckets as the step sends them (one for a
+        // compressed exchange, whose allreduce time is what it measured)
+        let comm_ms = match compressed {
+            true => exchange_ms.allreduce,
+            false => raw_buckets_ms,
+        };
         Some(ExchangeReport {
             bytes,
+            sent_bytes: (stepper.exchange.times.sent_bytes / per_step) as u64,
             raw_allreduce_ms: raw_ms,
             step_allreduce_ms: exchange_ms.allreduce,
             overhead_vs_raw: exchange_ms.allreduce / raw_ms - 1.0,
+            overhead_vs_raw_buckets: match compressed {
+                true => None,
+                false => Some(exchange_ms.allreduce / raw_buckets_ms - 1.0),
+            },
+            buckets,
             readback_ms: exchange_ms.readback,
             upload_ms: exchange_ms.upload,
+            waited_ms: exchange_ms.waited,
+            hidden_share: exchange_ms.hidden(),
             local_step_ms: local_ms,
+            step_vs_bound: step_s * 1e3 / local_ms.max(comm_ms),
             scaling_efficiency: local_ms / (step_s * 1e3),
         })
     } else {
@@ -645,14 +739,36 @@ impl StepBenchResult {
         }
         if let Some(e) = &self.exchange {
             s += &format!(
-                "\n  exchange of {} B: raw MPI allreduce {:.3} ms, in the step {:.3} ms ({:+.1}%); readback (incl. GPU compute) {:.3} ms, upload {:.3} ms\n  alone each rank steps in {:.3} ms: scaling efficiency {:.1}%",
+                "\n  exchange of {} B (sent {} B per rank): raw MPI allreduce in one piece {:.3} ms, in the step {:.3} ms ({:+.1}%); readback (incl. GPU compute) {:.3} ms, upload {:.3} ms",
                 e.bytes,
+                e.sent_bytes,
                 e.raw_allreduce_ms,
                 e.step_allreduce_ms,
                 e.overhead_vs_raw * 100.0,
                 e.readback_ms,
                 e.upload_ms,
+            );
+            for (i, b) in e.buckets.iter().enumerate() {
+                s += &format!(
+                    "\n    bucket {i}: {:>10} B  raw MPI {:.3} ms  in the step {:.3} ms ({:+.1}%)",
+                    b.bytes,
+                    b.raw_allreduce_ms,
+                    b.step_allreduce_ms,
+                    (b.step_allreduce_ms / b.raw_allreduce_ms - 1.0) * 100.0
+                );
+            }
+            if let Some(o) = e.overhead_vs_raw_buckets {
+                s += &format!(
+                    "\n  the step's allreduces against raw MPI of the same buckets: {:.2}x (goal: at most 1.1x)",
+                    1.0 + o
+                );
+            }
+            s += &format!(
+                "\n  overlap: {:.1}% of the allreduce time behind backward; waited {:.3} ms per step\n  alone each rank steps in {:.3} ms: step / max(compute, communication) = {:.2} (1 is perfect overlap); scaling efficiency {:.1}%",
+                e.hidden_share * 100.0,
+                e.waited_ms,
                 e.local_step_ms,
+                e.step_vs_bound,
                 e.scaling_efficiency * 100.0
             );
         }

@@ -70,7 +70,7 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
     #[command(flatten)]
-    pub step: StepBenchArgs,
+    pub step: Box<StepBenchArgs>,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +114,18 @@ pub struct StepBenchArgs {
     /// Kernel tuning before timing: auto, on, off, cached (as `train`).
     #[arg(long, value_enum, default_value = "auto")]
     pub autotune: AutotuneMode,
+    /// Under mpirun: gradient bucket size in MiB (as `train`).
+    #[arg(long, default_value_t = crate::train::config::DEFAULT_BUCKET_MB)]
+    pub bucket_mb: f64,
+    /// Under mpirun: gradients on an f32, bf16 or f16 wire (as `train`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub grad_wire: crate::compress::WireFormat,
+    /// Under mpirun: none, or powersgd (as `train`; no warm-up here).
+    #[arg(long, value_enum, default_value = "none")]
+    pub compress: crate::train::config::CompressKind,
+    /// PowerSGD's rank with --compress powersgd.
+    #[arg(long, default_value_t = 4)]
+    pub powersgd_rank: usize,
     /// Also write the result as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -1551,6 +1563,7 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
                             gpu: a.gpu,
                             precision,
                             autotune: AutotuneMode::Off,
+                            exchange: Default::default(),
                         };
                         rows.extend(crate::bench::matmul_bench_workload(&cfg, comm)?);
                     }
@@ -1646,6 +1659,12 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
         gpu: a.gpu,
         precision: a.precision,
         autotune: a.autotune,
+        exchange: crate::bench::BenchExchange {
+            bucket_mb: a.bucket_mb,
+            grad_wire: a.grad_wire,
+            compress: a.compress,
+            powersgd_rank: a.powersgd_rank,
+        },
     };
     // no agreement round here: the benchmark is full of collectives, and an error part-way on one
     // rank is ended by main's abort

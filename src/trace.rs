@@ -473,6 +473,13 @@ impl SpanGuard<'_> {
 
     /// End the span now.
     pub fn end(self) {}
+
+    /// Run `f` inside the span, then end it.
+    pub fn end_after<T>(self, f: impl FnOnce() -> T) -> T {
+        let out = f();
+        drop(self);
+        out
+    }
 }
 
 impl Drop for SpanGuard<'_> {

@@ -35,6 +35,8 @@ pub struct ExchangeTimes {
     pub allreduce: f64,
     /// How long the training thread waited for the sums: the communication not hidden.
     pub waited: f64,
+    /// Backward run inside the exchange (in stretches, between the buckets' sends).
+    pub backward: f64,
     /// Copying the summed gradients back to the device.
     pub upload: f64,
     /// The allreduce time of each bucket (bucket 0 holds the last layers).
@@ -51,6 +53,7 @@ impl ExchangeTimes {
             readback: self.readback * k,
             allreduce: self.allreduce * k,
             waited: self.waited * k,
+            backward: self.backward * k,
             upload: self.upload * k,
             buckets: self.buckets.iter().map(|b| b * k).collect(),
             sent_bytes: self.sent_bytes * k,
@@ -174,6 +177,20 @@ impl Exchange {
         self.ranks > 1 && self.sync == SyncMode::Grads
     }
 
+    /// Each bucket's bytes as it travels in f32 (the first with the totals' words).
+    pub fn bucket_bytes(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| 4 * (b.range.len() + if i == 0 { TOTAL_WORDS } else { 0 }) as u64)
+            .collect()
+    }
+
+    /// Whether gradients travel compressed (a 16-bit wire or PowerSGD), not in f32 buckets.
+    pub fn compressed_mode(&self) -> bool {
+        self.compressor.is_some()
+    }
+
     /// The buckets, exchanged one at a time in this order.
     pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
@@ -274,8 +291,10 @@ impl Exchange {
             let b = self.buckets[i].clone();
             if local_rows > 0 {
                 let _g = crate::trace::span("backward", "phase").arg("bucket", i);
+                let t0 = Instant::now();
                 backend.backward_through(b.layer, i == 0)?;
                 backend.stage_grads(i, b.range.clone(), i == 0)?;
+                self.times.backward += t0.elapsed().as_secs_f64();
             }
             if i > 0 {
                 pending.push(self.send_bucket(backend, comm, i - 1, local_rows, asked)?);
@@ -337,8 +356,13 @@ impl Exchange {
         let t0 = Instant::now();
         let mut grad = std::mem::take(&mut self.bufs[0]);
         grad.resize(n, 0.0);
+        let mut back = 0.0;
         let local = if local_rows > 0 {
+            let t0 = Instant::now();
             backend.backward()?;
+            back = t0.elapsed().as_secs_f64();
+            self.times.backward += back;
+            let _g = crate::trace::span("readback", "exchange").arg("bytes", 4 * n);
             backend.read_grads(0..n, &mut grad, true)?
         } else {
             grad.fill(0.0);
@@ -346,7 +370,7 @@ impl Exchange {
         }
         .unwrap_or_default();
         let t1 = Instant::now();
-        self.times.readback += (t1 - t0).as_secs_f64();
+        self.times.readback += (t1 - t0).as_secs_f64() - back;
         let mut words = [
             local.loss_sum as f32,
             local.correct as f32,
@@ -366,13 +390,16 @@ impl Exchange {
                 let w = fmt.words();
                 let segs = segments(n, ranks);
                 let counts: Vec<usize> = segs.iter().map(|r| r.len() * w).collect();
-                state.encode(&grad, *fmt, wire);
+                crate::trace::span("encode", "exchange")
+                    .end_after(|| state.encode(&grad, *fmt, wire));
                 recv.resize(counts[rank] * ranks, 0);
                 comm.all_to_all_u16(wire, &counts, recv, &vec![counts[rank]; ranks])?;
-                state.reduce_owned(recv, *fmt, owned);
+                crate::trace::span("sum owned segment", "exchange")
+                    .end_after(|| state.reduce_owned(recv, *fmt, owned));
                 gathered.resize(n * w, 0);
                 comm.all_gather_u16(owned, &counts, gathered)?;
-                decode(*fmt, gathered, &mut grad);
+                crate::trace::span("decode", "exchange")
+                    .end_after(|| decode(*fmt, gathered, &mut grad));
                 comm.allreduce_sum_f32(&mut words)?;
                 wire_bytes_per_rank(n, ranks, rank, *fmt) + 16
             }

@@ -89,10 +89,15 @@ impl Stepper {
         }
         let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
         let idle = self.exchange.times.waited + self.exchange.times.upload;
+        let back = self.exchange.times.backward;
         let summed = t.time(Phase::Exchange, || {
             self.exchange.gradients(backend, comm, mine, all)
         })?;
         let idle = self.exchange.times.waited + self.exchange.times.upload - idle;
+        // backward that ran inside the exchange (between bucket sends) counts as backward
+        let back = self.exchange.times.backward - back;
+        t.backward += back;
+        t.exchange -= back;
         let compute = (started.elapsed().as_secs_f64() - idle).max(0.0);
         self.compute += compute;
         self.last_compute = (compute - slept).max(0.0);
