@@ -364,6 +364,10 @@ pub struct BenchExchange {
     pub grad_wire: crate::compress::WireFormat,
     pub compress: crate::train::config::CompressKind,
     pub powersgd_rank: usize,
+    pub staleness: u64,
+    pub sync: crate::train::SyncMode,
+    pub sync_every: u64,
+    pub async_average: bool,
 }
 
 impl Default for BenchExchange {
@@ -373,6 +377,10 @@ impl Default for BenchExchange {
             grad_wire: crate::compress::WireFormat::F32,
             compress: crate::train::config::CompressKind::None,
             powersgd_rank: 4,
+            staleness: 0,
+            sync: crate::train::SyncMode::Grads,
+            sync_every: 1,
+            async_average: false,
         }
     }
 }
@@ -390,7 +398,7 @@ pub struct WorkloadRun {
 impl WorkloadRun {
     pub fn open(cfg: &StepBenchConfig, comm: &dyn Communicator) -> anyhow::Result<Self> {
         use crate::backend;
-        use crate::train::{self, ShardMode, StepPlan, SyncMode, TrainConfig};
+        use crate::train::{self, ShardMode, StepPlan, TrainConfig};
         let w = &cfg.workload;
         let ranks = comm.size();
         let n = cfg.batch * ranks;
@@ -406,7 +414,10 @@ impl WorkloadRun {
         tc.device = cfg.device;
         tc.gpu = cfg.gpu;
         tc.shard = ShardMode::Global;
-        tc.sync = SyncMode::Grads;
+        tc.sync = cfg.exchange.sync;
+        tc.sync_every = cfg.exchange.sync_every;
+        tc.staleness = cfg.exchange.staleness;
+        tc.async_average = cfg.exchange.async_average;
         tc.precision = cfg.precision;
         tc.bucket_mb = cfg.exchange.bucket_mb;
         tc.grad_wire = cfg.exchange.grad_wire;
@@ -567,6 +578,9 @@ pub fn step_bench(
     let plan = StepPlan::of(&tc, n, comm.rank(), ranks);
     let total = cfg.warmup + cfg.steps * cfg.repeats as u64 + 1;
     let mut stepper = Stepper::new(&tc, plan, total, n_params);
+    // every step trains on the same batch, the epoch's only one: with --staleness 1 the sums
+    // stay in flight across it
+    stepper.drain_at_epoch_end = false;
     stepper.exchange.set_buckets(
         &crate::train::run::layer_ranges(&setup.spec),
         tc.bucket_bytes(),

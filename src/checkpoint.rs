@@ -90,6 +90,10 @@ pub struct Checkpoint {
     pub params: Vec<f32>,
     /// The optimizer's state tensors by name, in the optimizer's order.
     pub optim: Vec<(String, Vec<f32>)>,
+    /// The exchange's state by name, any length (`dptrain.extra`; absent in older files): the
+    /// gradient sum in flight with `--staleness 1`, each rank's own parameters and optimizer
+    /// state under `--sync params` ("rank{r}.params", "rank{r}.optim.{name}", ...).
+    pub extra: Vec<(String, Vec<f32>)>,
 }
 
 /// CRC-32 of the state text and the tensors, in order.
@@ -118,23 +122,30 @@ pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, Checkpo
     let state = serde_json::to_string(&ck.state).map_err(|e| werr(&path, e.to_string()))?;
     let sum = checksum(
         &state,
-        std::iter::once(ck.params.as_slice()).chain(ck.optim.iter().map(|(_, v)| v.as_slice())),
+        std::iter::once(ck.params.as_slice())
+            .chain(ck.optim.iter().map(|(_, v)| v.as_slice()))
+            .chain(ck.extra.iter().map(|(_, v)| v.as_slice())),
     );
     let names: Vec<&str> = ck.optim.iter().map(|(n, _)| n.as_str()).collect();
+    let extra_names: Vec<&str> = ck.extra.iter().map(|(n, _)| n.as_str()).collect();
     let tensors = std::iter::once(("params".to_string(), &ck.params))
         .chain(ck.optim.iter().map(|(n, v)| (format!("optim.{n}"), v)))
+        .chain(ck.extra.iter().map(|(n, v)| (format!("extra.{n}"), v)))
         .map(|(name, v)| {
             TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))
                 .map(|view| (name, view))
                 .map_err(|e| werr(&path, e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("dptrain.format".to_string(), FORMAT.to_string()),
         ("dptrain.state".to_string(), state),
         ("dptrain.optim".to_string(), names.join(",")),
         ("dptrain.checksum".to_string(), sum),
     ]);
+    if !extra_names.is_empty() {
+        meta.insert("dptrain.extra".to_string(), extra_names.join(","));
+    }
     let bytes =
         safetensors::serialize(tensors, Some(meta)).map_err(|e| werr(&path, e.to_string()))?;
     write_atomic(&path, &bytes).map_err(|e| werr(&path, e.to_string()))?;
@@ -249,9 +260,19 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
             .map(|n| Ok((n.to_string(), tensor(&format!("optim.{n}"))?)))
             .collect::<Result<_, CheckpointError>>()?
     };
+    let extra: Vec<(String, Vec<f32>)> = match meta.get("dptrain.extra") {
+        Some(names) if !first_format => names
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| Ok((n.to_string(), tensor(&format!("extra.{n}"))?)))
+            .collect::<Result<_, CheckpointError>>()?,
+        _ => Vec::new(),
+    };
     let want = checksum(
         state_text,
-        std::iter::once(params.as_slice()).chain(optim.iter().map(|(_, v)| v.as_slice())),
+        std::iter::once(params.as_slice())
+            .chain(optim.iter().map(|(_, v)| v.as_slice()))
+            .chain(extra.iter().map(|(_, v)| v.as_slice())),
     );
     if *sum != want {
         return Err(damaged(format!("checksum {sum} recorded, {want} computed")));
@@ -272,6 +293,7 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
         state,
         params,
         optim,
+        extra,
     })
 }
 
@@ -443,6 +465,7 @@ mod tests {
                     (0..n).map(|i| i as f32 * 0.25).collect(),
                 ),
             ],
+            extra: vec![("exchange.inflight".into(), vec![1.5, -2.0, 3.25])],
         }
     }
 

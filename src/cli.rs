@@ -126,6 +126,18 @@ pub struct StepBenchArgs {
     /// PowerSGD's rank with --compress powersgd.
     #[arg(long, default_value_t = 4)]
     pub powersgd_rank: usize,
+    /// Under mpirun: 1 applies the previous step's gradient while this step's sums travel.
+    #[arg(long, default_value_t = 0)]
+    pub staleness: u64,
+    /// Under mpirun: exchange gradients every step, or average parameters every --sync-every.
+    #[arg(long, value_enum, default_value = "grads")]
+    pub sync: SyncMode,
+    /// Local steps between parameter averages with --sync params.
+    #[arg(long, default_value_t = 1)]
+    pub sync_every: u64,
+    /// With --sync params: the average travels while the next round's steps run.
+    #[arg(long)]
+    pub async_average: bool,
     /// Also write the result as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -513,6 +525,18 @@ pub struct TrainArgs {
     /// Steps of plain allreduce before PowerSGD starts.
     #[arg(long, default_value_t = 100, help_heading = "Distributed")]
     pub powersgd_warmup: u64,
+    /// 1: each step applies the previous step's summed gradient while its own gradient's sums
+    /// travel (one-step-delayed SGD; also with one rank); 0: synchronous.
+    #[arg(long, default_value_t = 0, help_heading = "Distributed")]
+    pub staleness: u64,
+    /// The momentum to use with --staleness 1 instead of --momentum (a delay acts like extra
+    /// momentum; see the README for measured values).
+    #[arg(long, help_heading = "Distributed")]
+    pub staleness_momentum: Option<f64>,
+    /// With --sync params: compute each round's parameter average in the background while the
+    /// ranks take the next --sync-every local steps, then apply it as a correction.
+    #[arg(long, help_heading = "Distributed")]
+    pub async_average: bool,
     /// Under mpirun: share out each global batch between ranks (off: equal parts; auto: after 20
     /// steps of timing each rank's compute, parts proportional to its rows per second).
     #[arg(long, value_enum, default_value = "off", help_heading = "Distributed")]
@@ -746,7 +770,13 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         batch_size: a.batch_size,
         accumulate: a.accumulate,
         lr: a.lr,
-        optim: a.optim.config(),
+        optim: {
+            let mut o = a.optim.config();
+            if let (1, Some(m)) = (a.staleness, a.staleness_momentum) {
+                o.momentum = m;
+            }
+            o
+        },
         schedule: a.schedule,
         warmup: a.warmup,
         step_size: a.step_size,
@@ -771,6 +801,8 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         powersgd_rank: a.powersgd_rank,
         powersgd_warmup: a.powersgd_warmup,
         balance: a.balance,
+        staleness: a.staleness,
+        async_average: a.async_average,
     }
 }
 
@@ -813,6 +845,9 @@ pub fn resolve_datasets(a: &TrainArgs) -> anyhow::Result<(Dataset, Option<Datase
 fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     if a.keep_checkpoints == 0 {
         bail!("--keep-checkpoints must be at least 1");
+    }
+    if a.staleness_momentum.is_some() && a.staleness != 1 {
+        bail!("--staleness-momentum applies to --staleness 1");
     }
     if a.resume.as_deref() == Some("auto") && a.checkpoint_dir.is_none() {
         bail!("--resume auto needs --checkpoint-dir");
@@ -1664,6 +1699,10 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
             grad_wire: a.grad_wire,
             compress: a.compress,
             powersgd_rank: a.powersgd_rank,
+            staleness: a.staleness,
+            sync: a.sync,
+            sync_every: a.sync_every,
+            async_average: a.async_average,
         },
     };
     // no agreement round here: the benchmark is full of collectives, and an error part-way on one

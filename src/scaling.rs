@@ -1,7 +1,8 @@
 //! A scaling model of data-parallel training on paper: the α–β cost of an allreduce (ring or tree),
 //! fitted to `bench comm` rows, and the step time and efficiency it predicts for p ranks with each
-//! way of exchanging (f32 or bf16 on the wire, PowerSGD, local SGD), with or without overlapping
-//! the exchange with the backward pass. Pure arithmetic: `dptrain bench scaling` feeds it the
+//! way of exchanging (f32 or bf16 on the wire, PowerSGD, local SGD, and the two asynchronous modes:
+//! one-step-stale gradients and overlapped local SGD), with or without overlapping the exchange
+//! with the backward pass. Pure arithmetic: `dptrain bench scaling` feeds it the
 //! measured figures and prints its predictions (docs/SCALING.md).
 //!
 //! Every number this module returns is a prediction. The only measurements are its inputs.
@@ -137,6 +138,15 @@ pub enum Exchange {
     /// Local SGD: the f32 parameters averaged every `every` steps (the cost per step is 1/every of
     /// one allreduce); never overlapped, it follows the update.
     LocalSgd { every: u64 },
+    /// One-step-stale gradients (`--staleness 1`): the f32 exchange of step t travels while step
+    /// t+1 computes, and step t+1 applies it. The whole step hides it: step = max(compute,
+    /// exchange). The `overlap` flag is ignored (the mode is its own overlap).
+    StaleF32,
+    /// Overlapped local SGD (`--sync params --sync-every every --async-average`, Wang et al. 2020):
+    /// each round's f32 parameter average travels while the next `every` local steps run, so a
+    /// round costs max(every·compute, exchange): step = max(compute, exchange / every). The
+    /// `overlap` flag is ignored.
+    LocalSgdAsync { every: u64 },
 }
 
 impl Exchange {
@@ -146,7 +156,15 @@ impl Exchange {
             Exchange::Bf16 => "bf16".into(),
             Exchange::PowerSgd { rank } => format!("psgd-r{rank}"),
             Exchange::LocalSgd { every } => format!("local-h{every}"),
+            Exchange::StaleF32 => "f32-stale1".into(),
+            Exchange::LocalSgdAsync { every } => format!("local-h{every}-async"),
         }
+    }
+
+    /// Whether the exchange runs behind the following step(s) by itself (the asynchronous modes):
+    /// exposed = max(0, exchange − compute), whatever the overlap flag says.
+    pub fn is_async(&self) -> bool {
+        matches!(self, Exchange::StaleF32 | Exchange::LocalSgdAsync { .. })
     }
 }
 
@@ -239,7 +257,10 @@ pub struct Prediction {
 }
 
 /// The step time of `sc` on p ranks: compute + exposed exchange, where exposed = the exchange
-/// without overlap, max(0, exchange − overlap_share·compute) with it.
+/// without overlap, max(0, exchange − overlap_share·compute) with it, and max(0, exchange −
+/// compute) for the asynchronous modes (the whole next step hides it, so step = max(compute,
+/// exchange); their `overlap` is reported false). For local SGD, synchronous or not, the exchange
+/// per step is 1/every of one allreduce of the f32 parameters.
 pub fn predict(
     sc: &Scenario,
     s: &Settings,
@@ -258,10 +279,15 @@ pub fn predict(
             let (a, b) = (4.0 * a as f64, 4.0 * b as f64);
             (a + b, t(a) + t(b))
         }
-        Exchange::LocalSgd { every } => (f32_bytes, t(f32_bytes) / every.max(1) as f64),
+        Exchange::LocalSgd { every } | Exchange::LocalSgdAsync { every } => {
+            (f32_bytes, t(f32_bytes) / every.max(1) as f64)
+        }
+        Exchange::StaleF32 => (f32_bytes, t(f32_bytes)),
     };
-    let overlap = overlap && !matches!(exchange, Exchange::LocalSgd { .. });
-    let exposed = if overlap {
+    let overlap = overlap && !matches!(exchange, Exchange::LocalSgd { .. }) && !exchange.is_async();
+    let exposed = if exchange.is_async() {
+        (comm - sc.compute_s).max(0.0)
+    } else if overlap {
         (comm - sc.overlap_share * sc.compute_s).max(0.0)
     } else {
         comm
@@ -384,7 +410,8 @@ pub fn rank_counts(max: usize) -> Vec<usize> {
 }
 
 /// The columns the table prints: f32, f32 overlapped, bf16, bf16 overlapped, PowerSGD and
-/// PowerSGD overlapped, local SGD.
+/// PowerSGD overlapped, local SGD, then the asynchronous modes: one-step-stale f32 gradients and
+/// overlapped local SGD (same H).
 pub fn table_modes(powersgd_rank: usize, sync_every: u64) -> Vec<(Exchange, bool)> {
     let psgd = Exchange::PowerSgd {
         rank: powersgd_rank,
@@ -397,6 +424,8 @@ pub fn table_modes(powersgd_rank: usize, sync_every: u64) -> Vec<(Exchange, bool
         (psgd, false),
         (psgd, true),
         (Exchange::LocalSgd { every: sync_every }, false),
+        (Exchange::StaleF32, false),
+        (Exchange::LocalSgdAsync { every: sync_every }, false),
     ]
 }
 
@@ -568,6 +597,101 @@ mod tests {
     }
 
     #[test]
+    fn the_asynchronous_modes_match_hand_computed_values() {
+        // 2,000,000 plain elements = 8 MB; ring on 4 ranks, one message: 6·2 µs + 1.5·8e6/4e9
+        // = 3.012 ms
+        let s = Settings {
+            bucket_bytes: None,
+            ..settings(Algo::Ring)
+        };
+        let at = |compute_s: f64| Scenario {
+            shape: ModelShape {
+                name: "flat".into(),
+                matrices: vec![],
+                vectors: 2_000_000,
+            },
+            compute_s,
+            overlap_share: 2.0 / 3.0,
+        };
+        let ms = |sc: &Scenario, e: Exchange, o: bool| predict(sc, &s, 4, e, o).step_ms;
+        let one = at(1e-3);
+        // compute 1 ms: f32 1 + 3.012; overlapped 1 + (3.012 − 0.667); stale max(1, 3.012)
+        assert!(close(ms(&one, Exchange::F32, false), 4.012));
+        assert!(close(
+            ms(&one, Exchange::F32, true),
+            1.0 + 3.012 - 2.0 / 3.0
+        ));
+        let st = predict(&one, &s, 4, Exchange::StaleF32, true);
+        assert!(close(st.step_ms, 3.012) && close(st.exposed_ms, 2.012));
+        assert!(close(st.comm_ms, 3.012) && st.bytes == 8e6 && !st.overlap);
+        assert!(close(st.efficiency, 1.0 / 3.012));
+        // local SGD every 4: 1 + 3.012/4 = 1.753 ms synchronous, max(1, 0.753) = 1 ms overlapped;
+        // every 2: 1 + 1.506 against max(1, 1.506)
+        assert!(close(
+            ms(&one, Exchange::LocalSgd { every: 4 }, false),
+            1.753
+        ));
+        let la = predict(&one, &s, 4, Exchange::LocalSgdAsync { every: 4 }, false);
+        assert!(close(la.step_ms, 1.0) && la.exposed_ms == 0.0 && la.efficiency == 1.0);
+        assert!(close(la.comm_ms, 0.753) && la.bytes == 8e6);
+        assert!(close(
+            ms(&one, Exchange::LocalSgd { every: 2 }, false),
+            2.506
+        ));
+        assert!(close(
+            ms(&one, Exchange::LocalSgdAsync { every: 2 }, true),
+            1.506
+        ));
+        // compute 4 ms: the backward pass (2.667 ms) cannot hide 3.012 ms, the whole step can
+        let four = at(4e-3);
+        assert!(close(
+            ms(&four, Exchange::F32, true),
+            4.0 + 3.012 - 8.0 / 3.0
+        ));
+        assert!(close(ms(&four, Exchange::StaleF32, false), 4.0));
+        // one rank: nothing to send, nothing to wait for
+        assert!(close(
+            predict(&one, &s, 1, Exchange::StaleF32, false).step_ms,
+            1.0
+        ));
+        assert_eq!(Exchange::StaleF32.label(), "f32-stale1");
+        assert_eq!(
+            Exchange::LocalSgdAsync { every: 8 }.label(),
+            "local-h8-async"
+        );
+    }
+
+    #[test]
+    fn the_asynchronous_modes_are_never_slower_than_their_synchronous_counterparts() {
+        for algo in [Algo::Ring, Algo::Tree] {
+            let s = settings(algo);
+            for compute in [1e-5, 6.45e-4, 5.69e-2] {
+                let sc = Scenario {
+                    compute_s: compute,
+                    ..mnist()
+                };
+                for p in rank_counts(1024) {
+                    for o in [false, true] {
+                        let f = predict(&sc, &s, p, Exchange::F32, o);
+                        let st = predict(&sc, &s, p, Exchange::StaleF32, o);
+                        assert!(st.step_ms <= f.step_ms, "{algo:?} p {p} {compute} {o}");
+                        // staleness 1 is max(compute, the f32 exchange), overlap or not
+                        assert!(close(st.comm_ms, f.comm_ms) && st.bytes == f.bytes);
+                        assert!(close(st.step_ms, (compute * 1e3).max(f.comm_ms)));
+                        for every in [1, 2, 8, 64] {
+                            let l = predict(&sc, &s, p, Exchange::LocalSgd { every }, o);
+                            let a = predict(&sc, &s, p, Exchange::LocalSgdAsync { every }, o);
+                            assert!(a.step_ms <= l.step_ms, "{algo:?} p {p} H {every}");
+                            assert!(close(a.comm_ms, l.comm_ms));
+                            assert!(close(a.step_ms, (compute * 1e3).max(l.comm_ms)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn ring_efficiency_never_rises_with_more_ranks() {
         let per_ranks = |algo| {
             let mut s = settings(algo);
@@ -705,6 +829,15 @@ mod tests {
         );
         assert_eq!(t.lines().count(), 1 + 9);
         assert!(t.contains("psgd-r4+ovl") && t.contains("local-h8"));
+        assert!(t.contains("f32-stale1") && t.contains("local-h8-async"));
+        assert!(!t.contains("stale1+ovl") && !t.contains("async+ovl"));
+        // the p column, then a step time and an efficiency per mode
+        let head: Vec<&str> = t.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(head.len(), 1 + 9);
+        assert_eq!(&head[8..], ["f32-stale1", "local-h8-async"]);
+        for row in t.lines().skip(1) {
+            assert_eq!(row.split_whitespace().count(), 1 + 2 * 9, "{row}");
+        }
         assert_eq!(rank_counts(512).last(), Some(&512));
         assert_eq!(rank_counts(600).last(), Some(&512));
     }

@@ -574,13 +574,13 @@ pub fn gather_and_write(comm: &dyn Communicator, path: &Path) -> anyhow::Result<
 
 /// Bytes each rank sends per gather round: all ranks receive every round, so a round stays
 /// near 64 MiB in all.
-fn chunk_bytes(ranks: usize) -> usize {
+pub(crate) fn chunk_bytes(ranks: usize) -> usize {
     ((64 << 20) / ranks.max(1)).clamp(64 << 10, 16 << 20)
 }
 
 /// Every rank's `mine`, in rank order, on rank 0 (None elsewhere), in rounds of at most `chunk`
 /// bytes a rank.
-fn gather_to_root(
+pub(crate) fn gather_to_root(
     comm: &dyn Communicator,
     mine: &[u8],
     chunk: usize,

@@ -114,6 +114,20 @@ fn bench_scaling_prints_labelled_predictions_for_each_workload() {
         .ok()
         .stdout();
     assert!(out.starts_with("# bench scaling: PREDICTIONS"), "{out}");
+    // every table has the asynchronous columns after the synchronous ones
+    let heads: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("p "))
+        .collect();
+    assert_eq!(heads.len(), 3, "{out}");
+    for h in &heads {
+        let cols: Vec<&str> = h.split_whitespace().collect();
+        assert_eq!(
+            &cols[6..],
+            ["psgd-r4+ovl", "local-h8", "f32-stale1", "local-h8-async"],
+            "{h}"
+        );
+    }
     for w in ["seed-logreg", "mnist-mlp", "wide-mlp"] {
         assert!(out.contains(&format!("# {w}: ")), "{w}: {out}");
     }
@@ -132,8 +146,16 @@ fn bench_scaling_prints_labelled_predictions_for_each_workload() {
     assert_eq!(v["kind"], "prediction");
     let ws = v["workloads"].as_array().unwrap();
     assert_eq!(ws.len(), 3);
-    // 2 algorithms × 9 rank counts × 7 modes
-    assert_eq!(ws[1]["predictions"].as_array().unwrap().len(), 2 * 9 * 7);
+    // 2 algorithms × 9 rank counts × 9 modes (7 synchronous, 2 asynchronous)
+    assert_eq!(ws[1]["predictions"].as_array().unwrap().len(), 2 * 9 * 9);
+    let kinds: Vec<&str> = ws[1]["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(9)
+        .map(|p| p["exchange"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(&kinds[7..], ["stale_f32", "local_sgd_async"], "{kinds:?}");
     assert_eq!(ws[1]["parameters"], 1_863_690);
     let p0 = &ws[1]["predictions"][0];
     let (c, s, e) = (

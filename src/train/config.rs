@@ -60,6 +60,22 @@ pub struct TrainConfig {
     /// (absent from the settings records when off, so that older checkpoints still match).
     #[serde(skip_serializing_if = "BalanceMode::is_off")]
     pub balance: BalanceMode,
+    /// `--staleness 1`: each step applies the previous step's summed gradient while its own sums
+    /// travel (absent from the settings records when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub staleness: u64,
+    /// `--async-average` (with `--sync params`): each round's parameter average travels while the
+    /// ranks take the next round's local steps.
+    #[serde(skip_serializing_if = "is_false")]
+    pub async_average: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// How each global batch is shared out between ranks (`--shard global`, `--sync grads`).
@@ -160,6 +176,8 @@ impl TrainConfig {
             powersgd_rank: 4,
             powersgd_warmup: 100,
             balance: BalanceMode::Off,
+            staleness: 0,
+            async_average: false,
         }
     }
 
@@ -232,6 +250,30 @@ impl TrainConfig {
             self.balance == BalanceMode::Off
                 || (self.shard == ShardMode::Global && self.sync == SyncMode::Grads),
             "--balance auto shares out global batches: it needs --shard global and --sync grads"
+        );
+        ensure!(
+            self.staleness <= 1,
+            "--staleness must be 0 (synchronous) or 1 (each step applies the previous step's gradient); got {}",
+            self.staleness
+        );
+        if self.staleness == 1 {
+            ensure!(
+                self.sync == SyncMode::Grads,
+                "--staleness 1 delays the gradient exchange: it needs --sync grads (for --sync params use --async-average)"
+            );
+            ensure!(
+                self.compress == CompressKind::None
+                    && self.grad_wire == crate::compress::WireFormat::F32,
+                "--staleness 1 does not combine with --grad-wire or --compress yet"
+            );
+            ensure!(
+                self.balance == BalanceMode::Off,
+                "--staleness 1 does not combine with --balance auto yet"
+            );
+        }
+        ensure!(
+            !self.async_average || self.sync == SyncMode::Params,
+            "--async-average overlaps parameter averaging: it needs --sync params (for --sync grads use --staleness 1)"
         );
         if self.model == ModelKind::Mlp && self.hidden.is_empty() {
             bail!("--model mlp needs --hidden W1[,W2,...]: the widths of its hidden layers");

@@ -148,7 +148,22 @@ pub struct Exchange {
     since_average: u64,
     /// Gradient compression, when the run asks for it (`set_compression`).
     compressor: Option<Compressor>,
+    /// `--staleness 1`: the sums of the last step's gradients, in flight while this step computes
+    /// (with the step they belong to).
+    inflight: Option<(u64, Sums)>,
+    staleness: u64,
+    /// `--async-average`: the average of the last round in flight ([Σ nᵢθᵢ, Σ nᵢ]), and this rank's
+    /// parameters when it started (the anchor the correction is taken from).
+    async_average: bool,
+    avg_inflight: Option<Sums>,
+    anchor: Vec<f32>,
     pub times: ExchangeTimes,
+}
+
+/// Sums over the ranks, per bucket: still in flight, or arrived (after a checkpoint or a resume).
+enum Sums {
+    Pending(Vec<crate::comm::PendingSum>),
+    Ready(Vec<Vec<f32>>),
 }
 
 impl Exchange {
@@ -168,8 +183,19 @@ impl Exchange {
             recv: vec![0.0; len],
             since_average: 0,
             compressor: None,
+            inflight: None,
+            staleness: cfg.staleness,
+            async_average: cfg.async_average,
+            avg_inflight: None,
+            anchor: Vec::new(),
             times: ExchangeTimes::default(),
         }
+    }
+
+    /// Whether steps apply the previous step's summed gradient (`--staleness 1`, any number of
+    /// ranks, so that one rank trains exactly as N do).
+    pub fn delayed(&self) -> bool {
+        self.staleness > 0 && self.sync == SyncMode::Grads && self.compressor.is_none()
     }
 
     /// Whether gradients travel every step (several ranks, `--sync grads`).
@@ -265,10 +291,15 @@ impl Exchange {
                 SyncMode::Params => local_rows,
                 SyncMode::Grads => global_rows,
             };
-            // ranks that exchange no gradients agree on a stop with a one-word collective
+            // ranks that exchange no gradients agree on a stop with a one-word collective (with
+            // --async-average the request travels with the averages instead: no step waits)
             let mut stop = [asked];
-            if self.ranks > 1 {
+            if self.ranks > 1 && !self.async_average {
+                let t0 = Instant::now();
                 comm.allreduce_sum_u64(&mut stop)?;
+                self.times.waited += t0.elapsed().as_secs_f64();
+            } else if self.async_average {
+                stop[0] = 0;
             }
             return Ok(Summed {
                 samples: samples as u64,
@@ -279,14 +310,26 @@ impl Exchange {
         if self.compressor.is_some() {
             return self.compressed(backend, comm, local_rows, asked);
         }
+        let pending = self.send_all(backend, comm, local_rows, asked)?;
+        self.receive_all(backend, comm, Sums::Pending(pending))
+    }
+
+    /// Backward in stretches: each bucket's copy is submitted as soon as its layers are done, and
+    /// the one before is collected and its sum started while the device works on. Returns the
+    /// sums in flight, in bucket order.
+    fn send_all(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        local_rows: usize,
+        asked: u64,
+    ) -> anyhow::Result<Vec<crate::comm::PendingSum>> {
         let n_b = self.buckets.len();
         self.times.buckets.resize(n_b, 0.0);
         let n_all: usize = self.buckets.iter().map(|b| b.range.len()).sum();
         self.times.sent_bytes += (4 * n_all) as f64;
         self.times.f32_bytes += (4 * n_all) as f64;
         let mut pending = Vec::with_capacity(n_b);
-        // backward in stretches: each bucket's copy is submitted as soon as its layers are done,
-        // and the one before is collected and sent while the device works on
         for i in 0..n_b {
             let b = self.buckets[i].clone();
             if local_rows > 0 {
@@ -301,18 +344,45 @@ impl Exchange {
             }
         }
         pending.push(self.send_bucket(backend, comm, n_b - 1, local_rows, asked)?);
-        // the sums, in order, back to the device
+        Ok(pending)
+    }
+
+    /// The sums, in bucket order, back to the device's gradient buffer; the totals and the stop
+    /// request from the first bucket.
+    fn receive_all(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        sums: Sums,
+    ) -> anyhow::Result<Summed> {
+        let n_b = self.buckets.len();
+        self.times.buckets.resize(n_b, 0.0);
         let mut stop = false;
         let mut totals = Totals::default();
-        for (i, p) in pending.into_iter().enumerate() {
+        let (mut pending, mut ready) = match sums {
+            Sums::Pending(p) => (p.into_iter().map(Some).collect::<Vec<_>>(), Vec::new()),
+            Sums::Ready(r) => (Vec::new(), r.into_iter().map(Some).collect::<Vec<_>>()),
+        };
+        for i in 0..n_b {
             let t0 = Instant::now();
-            let (buf, secs) = {
-                let _g = crate::trace::span("wait for sum", "exchange").arg("bucket", i);
-                comm.finish_sum_f32(p)?
+            let (buf, secs) = match (
+                pending.get_mut(i).and_then(Option::take),
+                ready.get_mut(i).and_then(Option::take),
+            ) {
+                (Some(p), _) => {
+                    let _g = crate::trace::span("wait for sum", "exchange").arg("bucket", i);
+                    comm.finish_sum_f32(p)?
+                }
+                (None, Some(r)) => (r, 0.0),
+                (None, None) => anyhow::bail!("bucket {i}'s sum is missing"),
             };
             let t1 = Instant::now();
             let b = &self.buckets[i];
             let n = b.range.len();
+            ensure!(
+                buf.len() >= n + if i == 0 { TOTAL_WORDS } else { 0 },
+                "bucket {i}'s sum is short"
+            );
             {
                 let _g = crate::trace::span("upload", "exchange")
                     .arg("bucket", i)
@@ -338,6 +408,69 @@ impl Exchange {
             totals: Some(totals),
             stop,
         })
+    }
+
+    /// `--staleness 1`: finish this step's backward, start its sums, and return the previous
+    /// step's sums (its step and what they summed) once they are in the device's gradient buffer;
+    /// None at the first step after a start or a drain.
+    pub fn delayed_gradients(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        step: u64,
+        local_rows: usize,
+    ) -> anyhow::Result<Option<(u64, Summed)>> {
+        self.since_average += local_rows as u64;
+        let asked = u64::from(crate::stop::requested().is_some());
+        let new = self.send_all(backend, comm, local_rows, asked)?;
+        let prev = match self.inflight.take() {
+            Some((s, sums)) => Some((s, self.receive_all(backend, comm, sums)?)),
+            None => None,
+        };
+        self.inflight = Some((step, Sums::Pending(new)));
+        Ok(prev)
+    }
+
+    /// Every rank applies the same updates, so the parameters must be the same bits everywhere:
+    /// compare a CRC-32 of them across the ranks (one small collective and a readback); an error
+    /// names the ranks that differ from rank 0.
+    pub fn check_identical(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        step: u64,
+    ) -> anyhow::Result<()> {
+        if self.ranks < 2 {
+            return Ok(());
+        }
+        let theta = backend.params()?;
+        let sum = crc32fast::hash(bytemuck::cast_slice(&theta));
+        let all = comm.all_gather_bytes(&sum.to_le_bytes())?;
+        let differ: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != all[0])
+            .map(|(r, _)| r.to_string())
+            .collect();
+        ensure!(
+            differ.is_empty(),
+            "after step {step} the parameters of rank(s) {} differ from rank 0's",
+            differ.join(", ")
+        );
+        Ok(())
+    }
+
+    /// `--staleness 1`: the sums still in flight, in the device's gradient buffer (their step and
+    /// what they summed); None when nothing is in flight.
+    pub fn drain(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<Option<(u64, Summed)>> {
+        match self.inflight.take() {
+            Some((s, sums)) => Ok(Some((s, self.receive_all(backend, comm, sums)?))),
+            None => Ok(None),
+        }
     }
 
     /// The compressed exchange: backward whole, then the gradient through the 16-bit wire (an
@@ -484,17 +617,91 @@ impl Exchange {
     /// In local SGD, after every `--sync-every` steps and after the last: θ = Σ nᵢθᵢ / Σ nᵢ over
     /// ranks, nᵢ being the samples rank i trained on since the last average. `done` counts the
     /// steps taken so far.
+    ///
+    /// With `--async-average` the average of a round travels while the ranks take the next
+    /// round's steps; at the next boundary each rank adds (average − its parameters when the
+    /// round's average started) to its parameters, then starts the next round's average (Wang et
+    /// al., 2020, overlap local SGD). The run's last average is synchronous, so that every rank
+    /// ends with the same parameters. The stop request travels with the averages: true when the
+    /// ranks agreed to stop (async only; the synchronous modes agree every step).
     pub fn average_if_due(
         &mut self,
         backend: &mut dyn Backend,
         comm: &dyn Communicator,
         done: u64,
         total_steps: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let due = done.is_multiple_of(self.sync_every) || done == total_steps;
         if self.sync != SyncMode::Params || self.ranks == 1 || !due {
-            return Ok(());
+            return Ok(false);
         }
+        if !self.async_average {
+            self.average_now(backend, comm)?;
+            return Ok(false);
+        }
+        let stop = self.apply_average(backend, comm)?;
+        if done == total_steps {
+            self.average_now(backend, comm)?;
+            return Ok(stop);
+        }
+        let theta = backend.params()?;
+        let n = theta.len();
+        let w = self.since_average as f32;
+        let mut send = std::mem::take(&mut self.bufs[0]);
+        send.clear();
+        send.extend(theta.iter().map(|v| v * w));
+        send.push(w);
+        send.push(f32::from(crate::stop::requested().is_some()));
+        self.anchor = theta;
+        self.since_average = 0;
+        self.times.sent_bytes += (4 * (n + 2)) as f64;
+        self.avg_inflight = Some(Sums::Pending(vec![comm.start_sum_f32(send)?]));
+        Ok(stop)
+    }
+
+    /// `--async-average`: wait for the average in flight, if any, and add (average − anchor) to
+    /// this rank's parameters; true when a rank asked to stop.
+    fn apply_average(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<bool> {
+        let Some(sums) = self.avg_inflight.take() else {
+            return Ok(false);
+        };
+        let t0 = Instant::now();
+        let (buf, secs) = match sums {
+            Sums::Pending(mut p) => {
+                comm.finish_sum_f32(p.pop().context("no average in flight")?)?
+            }
+            Sums::Ready(mut r) => (r.pop().context("no average in flight")?, 0.0),
+        };
+        self.times.waited += t0.elapsed().as_secs_f64();
+        self.times.allreduce += secs;
+        let n = self.anchor.len();
+        ensure!(
+            buf.len() == n + 2,
+            "the parameter average in flight has {} values, the model {n}",
+            buf.len().saturating_sub(2)
+        );
+        let total = buf[n];
+        ensure!(total > 0.0, "parameter averaging over zero samples");
+        let mut theta = backend.params()?;
+        for ((t, s), a) in theta.iter_mut().zip(&buf[..n]).zip(&self.anchor) {
+            *t += s / total - a;
+        }
+        let stop = buf[n + 1] > 0.0;
+        self.bufs[0] = buf;
+        backend.set_params(&theta)?;
+        Ok(stop)
+    }
+
+    /// θ = Σ nᵢθᵢ / Σ nᵢ over the ranks, now.
+    fn average_now(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<()> {
         let theta = backend.params()?;
         let n = theta.len();
         let w = self.since_average as f32;
@@ -502,12 +709,176 @@ impl Exchange {
             *s = v * w;
         }
         self.send[n] = w;
+        let t0 = Instant::now();
         comm.allreduce_sum_f32_into(&self.send[..n + 1], &mut self.recv[..n + 1])?;
+        let dt = t0.elapsed().as_secs_f64();
+        self.times.waited += dt;
+        self.times.allreduce += dt;
+        self.times.sent_bytes += (4 * (n + 1)) as f64;
         let total = self.recv[n];
         ensure!(total > 0.0, "parameter averaging over zero samples");
         let avg: Vec<f32> = self.recv[..n].iter().map(|v| v / total).collect();
         self.since_average = 0;
         backend.set_params(&avg)
+    }
+
+    /// The exchange's state for a checkpoint, by name (a collective: every rank calls it, and
+    /// rank 0 gets it all). `--staleness 1`: the sums in flight, waited for (they stay, arrived,
+    /// for the next step), in parameter order with the totals' words after. `--sync params`:
+    /// every rank's own parameters, optimizer state, anchor and samples since the last average
+    /// ("rank{r}.…"), and the average in flight.
+    pub fn checkpoint_state(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+        let mut out = Vec::new();
+        if let Some((at, sums)) = self.inflight.take() {
+            let ready = self.arrive(comm, sums)?;
+            let n: usize = self.buckets.iter().map(|b| b.range.len()).sum();
+            let mut flat = vec![0.0; n + TOTAL_WORDS];
+            for (b, buf) in self.buckets.iter().zip(&ready) {
+                flat[b.range.clone()].copy_from_slice(&buf[..b.range.len()]);
+            }
+            let n0 = self.buckets[0].range.len();
+            flat[n..].copy_from_slice(&ready[0][n0..n0 + TOTAL_WORDS]);
+            out.push(("exchange.inflight".to_string(), flat));
+            self.inflight = Some((at, Sums::Ready(ready)));
+        }
+        if self.sync == SyncMode::Params && self.ranks > 1 {
+            if let Some(sums) = self.avg_inflight.take() {
+                let ready = self.arrive(comm, sums)?;
+                out.push(("exchange.average".to_string(), ready[0].clone()));
+                self.avg_inflight = Some(Sums::Ready(ready));
+            }
+            // this rank's own state, to rank 0
+            let mut mine: Vec<(String, Vec<f32>)> = vec![("params".into(), backend.params()?)];
+            mine.extend(
+                backend
+                    .optim_state()?
+                    .into_iter()
+                    .map(|(k, v)| (format!("optim.{k}"), v)),
+            );
+            mine.push(("anchor".into(), self.anchor.clone()));
+            let s = self.since_average;
+            mine.push((
+                "since".into(),
+                vec![f32::from_bits(s as u32), f32::from_bits((s >> 32) as u32)],
+            ));
+            let mut bytes = Vec::new();
+            for (_, v) in &mine {
+                bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                bytes.extend_from_slice(bytemuck::cast_slice(v));
+            }
+            let all =
+                crate::trace::gather_to_root(comm, &bytes, crate::trace::chunk_bytes(comm.size()))?;
+            if let Some(all) = all {
+                for (r, b) in all.iter().enumerate() {
+                    let mut at = 0;
+                    for (k, _) in &mine {
+                        let len = b
+                            .get(at..at + 8)
+                            .and_then(|w| w.try_into().ok())
+                            .map(u64::from_le_bytes)
+                            .context("a rank's checkpoint state did not arrive whole")?
+                            as usize;
+                        at += 8;
+                        let data = b
+                            .get(at..at + 4 * len)
+                            .context("a rank's checkpoint state did not arrive whole")?;
+                        at += 4 * len;
+                        let v: Vec<f32> = data
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect();
+                        out.push((format!("rank{r}.{k}"), v));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sums in flight, waited for.
+    fn arrive(&mut self, comm: &dyn Communicator, sums: Sums) -> anyhow::Result<Vec<Vec<f32>>> {
+        match sums {
+            Sums::Ready(r) => Ok(r),
+            Sums::Pending(p) => {
+                let t0 = Instant::now();
+                let mut v = Vec::with_capacity(p.len());
+                for p in p {
+                    let (b, secs) = comm.finish_sum_f32(p)?;
+                    self.times.allreduce += secs;
+                    v.push(b);
+                }
+                self.times.waited += t0.elapsed().as_secs_f64();
+                Ok(v)
+            }
+        }
+    }
+
+    /// Restore what [`Exchange::checkpoint_state`] saved (this rank's part of it); `step` is the
+    /// checkpoint's step.
+    pub fn restore(
+        &mut self,
+        backend: &mut dyn Backend,
+        extra: &[(String, Vec<f32>)],
+        rank: usize,
+        step: u64,
+    ) -> anyhow::Result<()> {
+        let mine = format!("rank{rank}.");
+        let mut optim = Vec::new();
+        for (k, v) in extra {
+            match k.as_str() {
+                "exchange.inflight" if self.delayed() => {
+                    let n: usize = self.buckets.iter().map(|b| b.range.len()).sum();
+                    ensure!(
+                        v.len() == n + TOTAL_WORDS,
+                        "the checkpoint's gradient sums in flight have {} values, the model {n}",
+                        v.len().saturating_sub(TOTAL_WORDS)
+                    );
+                    let ready: Vec<Vec<f32>> = self
+                        .buckets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            let mut buf = v[b.range.clone()].to_vec();
+                            if i == 0 {
+                                buf.extend_from_slice(&v[n..]);
+                            }
+                            buf
+                        })
+                        .collect();
+                    // the sums of the step before the checkpoint's position
+                    self.inflight = Some((step.saturating_sub(1), Sums::Ready(ready)));
+                }
+                "exchange.average" if self.async_average => {
+                    self.avg_inflight = Some(Sums::Ready(vec![v.clone()]));
+                }
+                _ => {
+                    let Some(name) = k.strip_prefix(&mine) else {
+                        continue;
+                    };
+                    match name {
+                        "params" => backend.set_params(v)?,
+                        "anchor" => self.anchor = v.clone(),
+                        "since" if v.len() == 2 => {
+                            self.since_average =
+                                u64::from(v[0].to_bits()) | (u64::from(v[1].to_bits()) << 32);
+                        }
+                        _ => {
+                            if let Some(o) = name.strip_prefix("optim.") {
+                                optim.push((o.to_string(), v.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !optim.is_empty() {
+            backend.set_optim_state(&optim)?;
+        }
+        Ok(())
     }
 }
 

@@ -171,6 +171,52 @@ impl Checkpoints<'_> {
         }
         let state: checkpoint::State = serde_json::from_slice(&all[0])?;
         let n = state.spec.layout().total;
+        // the names and lengths of the exchange's state, then each tensor; a rank keeps the
+        // shared ones and its own ("rank{r}.")
+        let index = found
+            .as_ref()
+            .map(|(_, ck)| {
+                ck.extra
+                    .iter()
+                    .map(|(k, v)| format!("{k}:{}", v.len()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let index = comm.all_gather_bytes(index.as_bytes())?.swap_remove(0);
+        let index: Vec<(String, usize)> = String::from_utf8_lossy(&index)
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (k, n) = e.rsplit_once(':').context("checkpoint state index")?;
+                Ok((k.to_string(), n.parse::<usize>()?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        if index.iter().any(|(k, _)| k.starts_with("rank")) && state.world_size != comm.size() {
+            // every rank sees the same index: an agreed error, said once
+            return Err(crate::consistency::Agreed(format!(
+                "this checkpoint holds each of its {} ranks' own parameters (--sync params); resume it with {} ranks",
+                state.world_size, state.world_size
+            ))
+            .into());
+        }
+        let mine = format!("rank{}.", comm.rank());
+        let mut theirs = found
+            .as_ref()
+            .map(|(_, ck)| ck.extra.clone())
+            .unwrap_or_default();
+        let mut extra = Vec::new();
+        for (i, (k, n)) in index.iter().enumerate() {
+            let mut v = match theirs.get_mut(i) {
+                Some((_, v)) => std::mem::take(v),
+                None => vec![0.0; *n],
+            };
+            comm.broadcast_f32(&mut v)?;
+            if !k.starts_with("rank") || k.starts_with(&mine) {
+                extra.push((k.clone(), v));
+            }
+        }
+        drop(theirs);
         let (mut params, mut optim) = match found {
             Some((path, ck)) => {
                 if comm.is_root() {
@@ -200,6 +246,7 @@ impl Checkpoints<'_> {
             state,
             params,
             optim,
+            extra,
         }))
     }
 
@@ -211,6 +258,7 @@ impl Checkpoints<'_> {
         comm: &dyn Communicator,
         pos: &Position,
         plan: &StepPlan,
+        extra: Vec<(String, Vec<f32>)>,
     ) -> anyhow::Result<Option<PathBuf>> {
         let Some(dir) = &self.ctl.checkpoint_dir else {
             return Ok(None);
@@ -243,6 +291,7 @@ impl Checkpoints<'_> {
             },
             params: backend.params()?,
             optim: backend.optim_state()?,
+            extra,
         };
         let path = checkpoint::save(dir, &ck, self.ctl.keep)?;
         tracing::info!("checkpoint {}", path.display());

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 
-use super::config::{BalanceMode, ShardMode, SyncMode, TrainConfig};
+use super::config::{BalanceMode, ShardMode, TrainConfig};
 use super::exchange::sum_totals;
 use super::plan::{StepPlan, epoch_order, proportional_shares};
 use super::report::{
@@ -114,10 +114,13 @@ pub fn train_with(
         Some(from) => cks.fetch(comm, from)?,
         None => None,
     };
+    // the exchange's state from the checkpoint, for the first stretch's stepper
+    let mut restore: Vec<(String, Vec<f32>)> = Vec::new();
     let mut pos = match resumed {
         Some(ck) => {
             backend.set_params(&ck.params)?;
             backend.set_optim_state(&ck.optim)?;
+            restore = ck.extra.clone();
             if !ck.state.kernels.is_empty() {
                 // the kernels that computed the checkpoint compute the rest, bit for bit
                 backend.set_kernel_choices(&ck.state.kernels)?;
@@ -161,6 +164,9 @@ pub fn train_with(
                     .collect::<Vec<_>>()
             );
         }
+        stepper
+            .exchange
+            .restore(backend, &std::mem::take(&mut restore), rank, pos.step)?;
         stepper.lr.scale = pos.lr_scale;
         let result = run_from(
             cfg,
@@ -219,6 +225,7 @@ pub fn train_with(
                 rollbacks += 1;
                 backend.set_params(&ck.params)?;
                 backend.set_optim_state(&ck.optim)?;
+                restore = ck.extra.clone();
                 // discard what the failed stretch left in the backend's running totals
                 backend.take_step_losses()?;
                 backend.take_train_totals()?;
@@ -233,7 +240,7 @@ pub fn train_with(
             }
         }
     }
-    if ranks > 1 && cfg.sync == SyncMode::Grads {
+    if ranks > 1 {
         report_waits(cfg, comm, waited, &last_plan)?;
     }
     let params = backend.params().context("reading the trained parameters")?;
@@ -322,7 +329,8 @@ fn run_from(
     let total_steps = stepper.lr.schedule.total_steps;
     let regression = setup.spec.is_regression();
     let start = Instant::now();
-    let exchange = stepper.exchange.exchanges_gradients();
+    // whether the step's totals travel with the gradients (else they are summed at each flush)
+    let exchange = stepper.exchange.exchanges_gradients() || stepper.exchange.delayed();
     // the step of each training batch whose loss the backend keeps, until the next flush
     let mut recorded: Vec<u64> = Vec::new();
     // whether a signal asked the ranks to stop, and the newest checkpoint written (rank 0)
@@ -388,7 +396,8 @@ fn run_from(
                 pos.epochs_done = epoch - 1;
                 pos.steps_in_epoch = s;
                 pos.totals = epoch_totals;
-                written = cks.write(backend, comm, pos, &plan)?;
+                let extra = stepper.exchange.checkpoint_state(backend, comm)?;
+                written = cks.write(backend, comm, pos, &plan, extra)?;
             }
             if ctl.log_every > 0 && pos.step.is_multiple_of(ctl.log_every) {
                 if !exchange && !recorded.is_empty() {
@@ -486,7 +495,8 @@ fn run_from(
         if ctl.checkpoint_dir.is_some()
             && (by_epoch || by_step_at_boundary || pos.step >= total_steps || stop || early)
         {
-            written = cks.write(backend, comm, pos, &plan)?;
+            let extra = stepper.exchange.checkpoint_state(backend, comm)?;
+            written = cks.write(backend, comm, pos, &plan, extra)?;
         }
         if stop {
             return Err(stopped(pos.step, written));
@@ -644,8 +654,9 @@ impl Balancer {
     }
 }
 
-/// Every rank's wait for the gradient sums over the run (one collective on every rank), shown by
-/// rank 0: on stderr with `--balance auto`, else at -v.
+/// Every rank's wait at the step's collectives over the run (the gradient sums, the parameter
+/// averages, the stop agreement; one collective on every rank), shown by rank 0: on stderr with
+/// `--balance auto`, `--staleness 1` or `--async-average`, else at -v.
 fn report_waits(
     cfg: &TrainConfig,
     comm: &dyn Communicator,
@@ -663,12 +674,17 @@ fn report_waits(
             format!("{:.3} s", f64::from_bits(u64::from_le_bytes(w)))
         })
         .collect();
-    let line = format!(
-        "dptrain: wait at the gradient collective per rank: {}; rows of each global batch per rank: {}",
-        waits.join(", "),
-        join(&plan.shares())
+    let mut line = format!(
+        "dptrain: wait at collectives per rank: {}",
+        waits.join(", ")
     );
-    if cfg.balance == BalanceMode::Auto {
+    if plan.shard() == ShardMode::Global && cfg.sync == super::config::SyncMode::Grads {
+        line += &format!(
+            "; rows of each global batch per rank: {}",
+            join(&plan.shares())
+        );
+    }
+    if cfg.balance == BalanceMode::Auto || cfg.staleness > 0 || cfg.async_average {
         eprintln!("{line}");
     } else {
         tracing::info!("{line}");

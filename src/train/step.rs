@@ -2,11 +2,14 @@
 //! rank's rows, gather → forward → loss → backward (the last backward runs inside the exchange,
 //! bucket by bucket, so that the gradients travel while it goes on); then the exchange of the
 //! gradients between ranks; then the update; then, in local SGD, the parameter average. Timing is the `PhaseTimes`
-//! helper's business, not the paragraph's.
+//! helper's business, not the paragraph's. With `--staleness 1` the step branches to
+//! [`Stepper::delayed`] after its micro-batches: the update applies the previous step's sums.
 
 use std::time::Instant;
 
 use serde::Serialize;
+
+use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::TrainConfig;
 use super::exchange::{Exchange, Summed};
@@ -34,6 +37,9 @@ pub struct Stepper {
     /// sleep that stretches it.
     slow: Option<f64>,
     last_compute: f64,
+    /// `--staleness 1`: wait for the sums in flight at each epoch's end (the trainer; `bench`
+    /// repeats a one-step epoch and turns it off).
+    pub drain_at_epoch_end: bool,
 }
 
 impl Stepper {
@@ -58,6 +64,7 @@ impl Stepper {
             compute: 0.0,
             slow: crate::fault::slow_factor(plan.rank()),
             last_compute: 0.0,
+            drain_at_epoch_end: true,
         }
     }
 
@@ -88,6 +95,9 @@ impl Stepper {
             std::thread::sleep(std::time::Duration::from_secs_f64(slept));
         }
         let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
+        if self.exchange.delayed() {
+            return self.delayed(backend, comm, s, step, mine);
+        }
         let idle = self.exchange.times.waited + self.exchange.times.upload;
         let back = self.exchange.times.backward;
         let summed = t.time(Phase::Exchange, || {
@@ -107,10 +117,79 @@ impl Stepper {
             t.time(Phase::Update, || backend.update(&update))?;
         }
         let total = self.total_steps;
-        t.time(Phase::Average, || {
+        let stop = t.time(Phase::Average, || {
             self.exchange.average_if_due(backend, comm, step + 1, total)
         })?;
-        Ok(summed)
+        Ok(Summed {
+            stop: summed.stop || stop,
+            ..summed
+        })
+    }
+
+    /// `--staleness 1`, after the micro-batches: this step's gradients start their sums over the
+    /// ranks, and the previous step's sums, arrived meanwhile, make the update, at the previous
+    /// step's rate and count (so that the optimizer sees the same sequence of updates as
+    /// synchronous SGD, each gradient one step older). At an epoch's or the run's last step
+    /// nothing stays in flight: this step's sums are waited for and applied too.
+    fn delayed(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        s: u64,
+        step: u64,
+        mine: usize,
+    ) -> anyhow::Result<Summed> {
+        let back = self.exchange.times.backward;
+        let prev = self.phases.time(Phase::Exchange, || {
+            self.exchange.delayed_gradients(backend, comm, step, mine)
+        })?;
+        let back = self.exchange.times.backward - back;
+        self.phases.backward += back;
+        self.phases.exchange -= back;
+        let mut out = Summed {
+            samples: 0,
+            totals: Some(Totals::default()),
+            stop: false,
+        };
+        if let Some((at, summed)) = prev {
+            self.apply(backend, at, &summed, &mut out)?;
+        }
+        let last = (self.drain_at_epoch_end && s + 1 == self.plan.steps_per_epoch)
+            || step + 1 == self.total_steps;
+        if last {
+            let drained = self
+                .phases
+                .time(Phase::Exchange, || self.exchange.drain(backend, comm))?;
+            if let Some((at, summed)) = drained {
+                self.apply(backend, at, &summed, &mut out)?;
+            }
+            // nothing in flight: every rank holds the same parameters
+            self.exchange.check_identical(backend, comm, step + 1)?;
+        }
+        Ok(out)
+    }
+
+    /// The update of the step `at`, whose sums are in the gradient buffer; their totals and stop
+    /// request added to `out`.
+    fn apply(
+        &mut self,
+        backend: &mut dyn Backend,
+        at: u64,
+        summed: &Summed,
+        out: &mut Summed,
+    ) -> anyhow::Result<()> {
+        self.last_lr = self.lr.at(at);
+        let update = self.optim.update(self.last_lr, at, summed.samples);
+        if summed.samples > 0 {
+            self.phases
+                .time(Phase::Update, || backend.update(&update))?;
+        }
+        out.samples += summed.samples;
+        out.stop |= summed.stop;
+        if let (Some(o), Some(t)) = (&mut out.totals, &summed.totals) {
+            o.add(t);
+        }
+        Ok(())
     }
 }
 
