@@ -778,7 +778,7 @@ impl StepBenchResult {
                 );
             }
             s += &format!(
-                "\n  overlap: {:.1}% of the allreduce time behind backward; waited {:.3} ms per step\n  alone each rank steps in {:.3} ms: step / max(compute, communication) = {:.2} (1 is perfect overlap); scaling efficiency {:.1}%",
+                "\n  overlap: {:.1}% of the allreduce time hidden behind computation; waited {:.3} ms per step\n  alone each rank steps in {:.3} ms: step / max(compute, communication) = {:.2} (1 is perfect overlap); scaling efficiency {:.1}%",
                 e.hidden_share * 100.0,
                 e.waited_ms,
                 e.local_step_ms,

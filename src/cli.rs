@@ -846,8 +846,13 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     if a.keep_checkpoints == 0 {
         bail!("--keep-checkpoints must be at least 1");
     }
-    if a.staleness_momentum.is_some() && a.staleness != 1 {
-        bail!("--staleness-momentum applies to --staleness 1");
+    if let Some(m) = a.staleness_momentum {
+        if a.staleness != 1 {
+            bail!("--staleness-momentum applies to --staleness 1");
+        }
+        if !(0.0..1.0).contains(&m) {
+            bail!("--staleness-momentum must be in [0, 1) (got {m})");
+        }
     }
     if a.resume.as_deref() == Some("auto") && a.checkpoint_dir.is_none() {
         bail!("--resume auto needs --checkpoint-dir");

@@ -337,4 +337,52 @@ fn asynchronous_flags_are_checked() {
     with(&["--staleness", "1", "--grad-wire", "bf16"]).fails_with("does not combine");
     with(&["--async-average"]).fails_with("needs --sync params");
     with(&["--staleness-momentum", "0.5"]).fails_with("applies to --staleness 1");
+    with(&["--staleness", "1", "--staleness-momentum", "1.5"])
+        .fails_with("--staleness-momentum must be in [0, 1)");
+}
+
+/// `--async-average` on lavapipe gives the CPU backend's result (2 and 3 ranks; the GPU's
+/// products round differently, so to 1e-4), and differs from synchronous local SGD.
+#[test]
+fn async_average_on_lavapipe_matches_the_cpu() {
+    let digits = shared("digits.csv");
+    let d = tmpdir("async-gpu");
+    for n in [2usize, 3] {
+        let run = |device: &str, extra: &[&str]| -> Vec<f32> {
+            let out = d.join(format!("{device}-{n}-{}.safetensors", extra.len()));
+            let os = p(&out);
+            let mut args = vec![
+                "train",
+                "--data",
+                &digits,
+                "--model",
+                "mlp",
+                "--hidden",
+                "16",
+                "--steps",
+                "30",
+                "--batch-size",
+                "16",
+                "--momentum",
+                "0.9",
+                "--sync",
+                "params",
+                "--sync-every",
+                "3",
+                "--device",
+                device,
+                "--save",
+                &os,
+            ];
+            args.extend_from_slice(extra);
+            mpirun(n, &args).ok();
+            params(&out)
+        };
+        let cpu = run("cpu", &["--async-average"]);
+        let gpu = run("gpu", &["--async-average"]);
+        assert!(rel(&gpu, &cpu) <= 1e-4, "{n} ranks: {}", rel(&gpu, &cpu));
+        let sync = run("cpu", &[]);
+        assert!(rel(&sync, &cpu) > 1e-3, "--async-average changed nothing");
+    }
+    let _ = std::fs::remove_dir_all(&d);
 }

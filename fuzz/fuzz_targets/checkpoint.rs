@@ -29,6 +29,14 @@ fn with_checksum(data: &[u8]) -> Option<Vec<u8>> {
                 .map(|n| format!("optim.{n}")),
         ),
     }
+    if let Some(extra) = meta.get("dptrain.extra") {
+        names.extend(
+            extra
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("extra.{n}")),
+        );
+    }
     let mut h = crc32fast::Hasher::new();
     h.update(state.as_bytes());
     for name in &names {
@@ -57,6 +65,7 @@ fn check_checkpoint(data: &[u8]) -> bool {
             let n = ck.state.spec.layout().total;
             assert_eq!(ck.params.len(), n);
             assert!(ck.optim.iter().all(|(_, v)| v.len() == n));
+            let _ = ck.extra.len();
             true
         }
         Err(_) => false,

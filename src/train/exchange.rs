@@ -223,8 +223,8 @@ impl Exchange {
     }
 
     /// Compress the gradients as `cfg` asks (16-bit wire or PowerSGD); `layout` is the model's,
-    /// `rank` this rank. The error-feedback residuals start at zero: a resumed run starts them
-    /// afresh (they are not in checkpoints).
+    /// `rank` this rank. The error-feedback residuals start at zero; checkpoints keep them
+    /// (`checkpoint_state`), so a resume with the same number of ranks continues them.
     pub fn set_compression(
         &mut self,
         cfg: &TrainConfig,
@@ -284,7 +284,9 @@ impl Exchange {
         let asked = u64::from(crate::stop::requested().is_some());
         if !self.exchanges_gradients() {
             if local_rows > 0 {
+                let t0 = Instant::now();
                 backend.backward()?;
+                self.times.backward += t0.elapsed().as_secs_f64();
             }
             let samples = match self.sync {
                 // local SGD: each rank steps on its own rows
@@ -745,14 +747,15 @@ impl Exchange {
             out.push(("exchange.inflight".to_string(), flat));
             self.inflight = Some((at, Sums::Ready(ready)));
         }
+        // this rank's own state, to rank 0
+        let mut mine: Vec<(String, Vec<f32>)> = Vec::new();
         if self.sync == SyncMode::Params && self.ranks > 1 {
             if let Some(sums) = self.avg_inflight.take() {
                 let ready = self.arrive(comm, sums)?;
                 out.push(("exchange.average".to_string(), ready[0].clone()));
                 self.avg_inflight = Some(Sums::Ready(ready));
             }
-            // this rank's own state, to rank 0
-            let mut mine: Vec<(String, Vec<f32>)> = vec![("params".into(), backend.params()?)];
+            mine.push(("params".into(), backend.params()?));
             mine.extend(
                 backend
                     .optim_state()?
@@ -760,11 +763,26 @@ impl Exchange {
                     .map(|(k, v)| (format!("optim.{k}"), v)),
             );
             mine.push(("anchor".into(), self.anchor.clone()));
-            let s = self.since_average;
-            mine.push((
-                "since".into(),
-                vec![f32::from_bits(s as u32), f32::from_bits((s >> 32) as u32)],
-            ));
+            mine.push(("since".into(), u64_words(self.since_average)));
+        }
+        // the compressors' error-feedback residuals (and PowerSGD's warm start)
+        match &self.compressor {
+            Some(Compressor::Wire { state, .. }) => {
+                let (local, owned) = state.state();
+                mine.push(("ef.local".into(), local.to_vec()));
+                mine.push(("ef.owned".into(), owned.to_vec()));
+            }
+            Some(Compressor::PowerSgd { p, .. }) => {
+                let st = p.state();
+                mine.push(("psgd.step".into(), u64_words(st.step)));
+                for (k, q) in st.q.into_iter().enumerate() {
+                    mine.push((format!("psgd.q{k}"), q));
+                }
+                mine.push(("psgd.residual".into(), st.residual));
+            }
+            None => {}
+        }
+        if !mine.is_empty() {
             let mut bytes = Vec::new();
             for (_, v) in &mine {
                 bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
@@ -828,6 +846,8 @@ impl Exchange {
     ) -> anyhow::Result<()> {
         let mine = format!("rank{rank}.");
         let mut optim = Vec::new();
+        let (mut ef_local, mut ef_owned) = (None, None);
+        let (mut psgd_step, mut psgd_residual, mut psgd_q) = (None, None, Vec::new());
         for (k, v) in extra {
             match k.as_str() {
                 "exchange.inflight" if self.delayed() => {
@@ -860,15 +880,20 @@ impl Exchange {
                         continue;
                     };
                     match name {
-                        "params" => backend.set_params(v)?,
+                        "params" if self.sync == SyncMode::Params => backend.set_params(v)?,
                         "anchor" => self.anchor = v.clone(),
-                        "since" if v.len() == 2 => {
-                            self.since_average =
-                                u64::from(v[0].to_bits()) | (u64::from(v[1].to_bits()) << 32);
-                        }
+                        "since" => self.since_average = words_u64(v),
+                        "ef.local" => ef_local = Some(v.as_slice()),
+                        "ef.owned" => ef_owned = Some(v.as_slice()),
+                        "psgd.step" => psgd_step = Some(words_u64(v)),
+                        "psgd.residual" => psgd_residual = Some(v.clone()),
                         _ => {
                             if let Some(o) = name.strip_prefix("optim.") {
-                                optim.push((o.to_string(), v.clone()));
+                                if self.sync == SyncMode::Params {
+                                    optim.push((o.to_string(), v.clone()));
+                                }
+                            } else if let Some(k) = name.strip_prefix("psgd.q") {
+                                psgd_q.push((k.parse::<usize>().unwrap_or(usize::MAX), v.clone()));
                             }
                         }
                     }
@@ -878,7 +903,38 @@ impl Exchange {
         if !optim.is_empty() {
             backend.set_optim_state(&optim)?;
         }
+        match &mut self.compressor {
+            Some(Compressor::Wire { state, .. }) => {
+                if let (Some(l), Some(o)) = (ef_local, ef_owned) {
+                    state
+                        .set_state(l, o)
+                        .map_err(|e| anyhow::anyhow!("the checkpoint's error feedback: {e}"))?;
+                }
+            }
+            Some(Compressor::PowerSgd { p, .. }) => {
+                if let (Some(step), Some(residual)) = (psgd_step, psgd_residual) {
+                    psgd_q.sort_by_key(|(k, _)| *k);
+                    let q = psgd_q.into_iter().map(|(_, q)| q).collect();
+                    p.set_state(crate::compress::PowerSgdState { step, q, residual })
+                        .map_err(|e| anyhow::anyhow!("the checkpoint's PowerSGD state: {e}"))?;
+                }
+            }
+            None => {}
+        }
         Ok(())
+    }
+}
+
+/// A u64 as two f32 words (their bits), for a checkpoint's f32 tensors.
+fn u64_words(x: u64) -> Vec<f32> {
+    vec![f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)]
+}
+
+/// The u64 of [`u64_words`] (0 when the tensor is not two words).
+fn words_u64(v: &[f32]) -> u64 {
+    match v {
+        [lo, hi] => u64::from(lo.to_bits()) | (u64::from(hi.to_bits()) << 32),
+        _ => 0,
     }
 }
 

@@ -192,13 +192,25 @@ impl Checkpoints<'_> {
                 Ok((k.to_string(), n.parse::<usize>()?))
             })
             .collect::<anyhow::Result<_>>()?;
-        if index.iter().any(|(k, _)| k.starts_with("rank")) && state.world_size != comm.size() {
+        let other_world = state.world_size != comm.size();
+        if other_world
+            && index
+                .iter()
+                .any(|(k, _)| k.starts_with("rank") && k.ends_with(".params"))
+        {
             // every rank sees the same index: an agreed error, said once
             return Err(crate::consistency::Agreed(format!(
                 "this checkpoint holds each of its {} ranks' own parameters (--sync params); resume it with {} ranks",
                 state.world_size, state.world_size
             ))
             .into());
+        }
+        if other_world && index.iter().any(|(k, _)| k.starts_with("rank")) && comm.is_root() {
+            eprintln!(
+                "dptrain: warning: the checkpoint's per-rank exchange state (error-feedback residuals) is for {} ranks; with {} they restart at zero",
+                state.world_size,
+                comm.size()
+            );
         }
         let mine = format!("rank{}.", comm.rank());
         let mut theirs = found
@@ -212,7 +224,7 @@ impl Checkpoints<'_> {
                 None => vec![0.0; *n],
             };
             comm.broadcast_f32(&mut v)?;
-            if !k.starts_with("rank") || k.starts_with(&mine) {
+            if !k.starts_with("rank") || (!other_world && k.starts_with(&mine)) {
                 extra.push((k.clone(), v));
             }
         }

@@ -199,7 +199,11 @@ pub fn train_with(
             }
         }
         match result {
-            Ok(()) => break,
+            Ok(()) => {
+                // a run that ended mid-epoch (early stopping) applies the sums still in flight
+                stepper.finish(backend, comm)?;
+                break;
+            }
             Err(Halt::Error(e)) => return Err(e),
             Err(Halt::Stopped(s)) => return Err(s.into()),
             Err(Halt::NotFinite { step, loss }) => {

@@ -169,6 +169,24 @@ impl Stepper {
         Ok(out)
     }
 
+    /// `--staleness 1`: apply the sums still in flight, if any (the end of a run that stopped
+    /// mid-epoch); nothing otherwise.
+    pub fn finish(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<()> {
+        if let Some((at, summed)) = self.exchange.drain(backend, comm)? {
+            let mut out = Summed {
+                samples: 0,
+                totals: None,
+                stop: false,
+            };
+            self.apply(backend, at, &summed, &mut out)?;
+        }
+        Ok(())
+    }
+
     /// The update of the step `at`, whose sums are in the gradient buffer; their totals and stop
     /// request added to `out`.
     fn apply(
