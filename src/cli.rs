@@ -1151,8 +1151,10 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     drop(lock);
     let errors: Vec<String> = [
         rec.write_error,
-        saved.err().map(|e| format!("{e:#}")),
-        traced.err().map(|e| format!("{e:#}")),
+        saved
+            .err()
+            .map(|e| consistency::one_line(&anyhow::Error::new(e))),
+        traced.err().map(|e| consistency::one_line(&e)),
     ]
     .into_iter()
     .flatten()

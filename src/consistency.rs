@@ -27,7 +27,7 @@ pub fn agree<T>(comm: &dyn Communicator, r: anyhow::Result<T>) -> anyhow::Result
     }
     let mine = match &r {
         Ok(_) => String::new(),
-        Err(e) => format!("{e:#}"),
+        Err(e) => one_line(e),
     };
     let all = comm.all_gather_bytes(mine.as_bytes())?;
     let failed: Vec<(usize, String)> = all
@@ -93,4 +93,21 @@ pub fn check_same(comm: &dyn Communicator, fingerprint: &Value) -> anyhow::Resul
         ))
         .into())
     }
+}
+
+/// An error and its causes on one line, each cause said once (a message that already quotes its
+/// source, as thiserror's `{source}` does, does not repeat it), whitespace collapsed.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg += ": ";
+        }
+        msg += &text;
+    }
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -77,18 +77,7 @@ fn main() -> ExitCode {
 /// The error and its causes on one line, skipping a cause whose text the line already holds
 /// (typed errors often quote their source, e.g. "x.csv: cannot read: No such file").
 fn one_line(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg += ": ";
-        }
-        msg += &text;
-    }
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+    dptrain::consistency::one_line(e)
 }
 
 /// dptrain's own diagnostics at -v (info) and -vv (debug); the libraries under it (wgpu, naga, ...)

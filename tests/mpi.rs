@@ -707,3 +707,20 @@ fn compressed_gradients_resume_exactly() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// An error agreed by the ranks before training is said once, its cause once (not "cannot read:
+/// No such file ...: No such file ...").
+#[test]
+fn an_agreed_error_names_its_cause_once() {
+    let r = mpirun(2, &["train", "--data", "/nonexistent/x.csv"]);
+    assert!(!r.out.status.success(), "{}", r.show());
+    let err = r.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{}", r.show());
+    assert!(
+        lines[0].contains("/nonexistent/x.csv: cannot read"),
+        "{}",
+        r.show()
+    );
+    assert_eq!(lines[0].matches("No such file").count(), 1, "{}", r.show());
+}
