@@ -620,12 +620,16 @@ pub fn step_bench(
     }
     let exchange = if ranks > 1 {
         let bytes = ((n_params + 3) * 4) as u64;
-        let bucket_bytes = stepper.exchange.bucket_bytes();
+        // the gradient buckets, when gradients are what travels
+        let bucket_bytes = match tc.sync {
+            crate::train::SyncMode::Grads => stepper.exchange.bucket_bytes(),
+            crate::train::SyncMode::Params => Vec::new(),
+        };
         let mut sizes = vec![bytes];
         sizes.extend(&bucket_bytes);
         let raw = comm_bench(comm, &sizes, 3, 10)?;
         let raw_ms = raw[0].time_us / 1e3;
-        let compressed = stepper.exchange.compressed_mode();
+        let compressed = stepper.exchange.compressed_mode() || bucket_bytes.is_empty();
         let buckets: Vec<BucketReport> = match compressed {
             true => Vec::new(),
             false => bucket_bytes
@@ -640,9 +644,12 @@ pub fn step_bench(
                 .collect(),
         };
         let raw_buckets_ms: f64 = buckets.iter().map(|b| b.raw_allreduce_ms).sum();
-        // the same step with no exchange: what each rank does alone
+        // the same step with no exchange: what each rank does alone (synchronously: one rank
+        // with --staleness 1 would still read back and upload its gradient)
+        let mut solo = tc.clone();
+        solo.staleness = 0;
         let mut alone = Stepper::new(
-            &tc,
+            &solo,
             StepPlan::new(ShardMode::Global, n, cfg.batch, 0, 1),
             total,
             n_params,

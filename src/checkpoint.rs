@@ -25,6 +25,9 @@ use crate::modelfile::write_atomic;
 pub const FORMAT: &str = "dptrain-checkpoint-2";
 /// The first format: SGD only, its momentum buffers stored as `velocity`.
 const FORMAT_1: &str = "dptrain-checkpoint-1";
+/// Format 2 with the exchange's state (`dptrain.extra`): written only when there is some, so that
+/// older builds refuse such a file by its format instead of calling it damaged.
+pub const FORMAT_3: &str = "dptrain-checkpoint-3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -138,7 +141,15 @@ pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, Checkpo
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut meta = HashMap::from([
-        ("dptrain.format".to_string(), FORMAT.to_string()),
+        (
+            "dptrain.format".to_string(),
+            if extra_names.is_empty() {
+                FORMAT
+            } else {
+                FORMAT_3
+            }
+            .to_string(),
+        ),
         ("dptrain.state".to_string(), state),
         ("dptrain.optim".to_string(), names.join(",")),
         ("dptrain.checksum".to_string(), sum),
@@ -216,11 +227,11 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let first_format = match meta.get("dptrain.format").map(String::as_str) {
-        Some(FORMAT) => false,
+        Some(FORMAT) | Some(FORMAT_3) => false,
         Some(FORMAT_1) => true,
         Some(other) => {
             return Err(format(format!(
-                "format {other:?}; this dptrain reads {FORMAT:?} and {FORMAT_1:?}"
+                "format {other:?}; this dptrain reads {FORMAT_3:?}, {FORMAT:?} and {FORMAT_1:?}"
             )));
         }
         None => return Err(format("no dptrain.format in its metadata".into())),

@@ -853,6 +853,9 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
         if !(0.0..1.0).contains(&m) {
             bail!("--staleness-momentum must be in [0, 1) (got {m})");
         }
+        if a.optim.optimizer != crate::optim::OptimizerKind::Sgd {
+            bail!("--staleness-momentum replaces SGD's --momentum; with adam/adamw lower --beta1");
+        }
     }
     if a.resume.as_deref() == Some("auto") && a.checkpoint_dir.is_none() {
         bail!("--resume auto needs --checkpoint-dir");
@@ -1176,6 +1179,7 @@ fn write_trace(
     comm: &dyn Communicator,
 ) -> anyhow::Result<()> {
     let (offset, rows) = plan.mine(0);
+    let mut profiled = Ok(());
     if rows > 0 {
         let batch = backend::Batch {
             offset,
@@ -1185,11 +1189,17 @@ fn write_trace(
         };
         let update = cfg.optim.update(0.0, 0, rows as u64);
         let submitted = std::time::Instant::now();
-        if let Some(kernels) = backend.profile_step(&batch, &update)? {
-            crate::trace::gpu_kernels(submitted, std::time::Instant::now(), &kernels);
+        match backend.profile_step(&batch, &update) {
+            Ok(Some(kernels)) => {
+                crate::trace::gpu_kernels(submitted, std::time::Instant::now(), &kernels)
+            }
+            Ok(None) => {}
+            // the collective below runs on every rank all the same; the error is said after it
+            Err(e) => profiled = Err(e.context("--trace: timing one step's GPU kernels")),
         }
     }
     crate::trace::gather_and_write(comm, path)?;
+    profiled?;
     if comm.is_root() {
         println!(
             "dptrain: timeline in {} (open it in ui.perfetto.dev or chrome://tracing)",

@@ -270,6 +270,10 @@ impl TrainConfig {
                 self.balance == BalanceMode::Off,
                 "--staleness 1 does not combine with --balance auto yet"
             );
+            ensure!(
+                self.precision == Precision::F32,
+                "--staleness 1 does not combine with --precision f16 yet (the loss scale may change between a step's backward and its delayed update)"
+            );
         }
         ensure!(
             !self.async_average || self.sync == SyncMode::Params,

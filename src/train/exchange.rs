@@ -300,7 +300,7 @@ impl Exchange {
                 let t0 = Instant::now();
                 comm.allreduce_sum_u64(&mut stop)?;
                 self.times.waited += t0.elapsed().as_secs_f64();
-            } else if self.async_average {
+            } else if self.async_average && self.ranks > 1 {
                 stop[0] = 0;
             }
             return Ok(Summed {
@@ -696,6 +696,26 @@ impl Exchange {
         self.bufs[0] = buf;
         backend.set_params(&theta)?;
         Ok(stop)
+    }
+
+    /// A run that ended before its last step under `--sync params`: the average in flight is
+    /// applied, then the ranks average once more (nothing changes when no rank trained since the
+    /// last average). A collective: call it on every rank.
+    pub fn final_average(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<()> {
+        if self.sync != SyncMode::Params || self.ranks == 1 {
+            return Ok(());
+        }
+        self.apply_average(backend, comm)?;
+        let mut n = [self.since_average];
+        comm.allreduce_sum_u64(&mut n)?;
+        if n[0] > 0 {
+            self.average_now(backend, comm)?;
+        }
+        Ok(())
     }
 
     /// θ = Σ nᵢθᵢ / Σ nᵢ over the ranks, now.

@@ -168,6 +168,7 @@ pub fn train_with(
             .exchange
             .restore(backend, &std::mem::take(&mut restore), rank, pos.step)?;
         stepper.lr.scale = pos.lr_scale;
+        let stretch_from = pos.step;
         let result = run_from(
             cfg,
             &cks,
@@ -182,7 +183,8 @@ pub fn train_with(
         last_plan = stepper.plan;
         let t = &stepper.exchange.times;
         if t.f32_bytes > 0.0 && comm.is_root() {
-            let steps = (pos.step.max(1)) as f64;
+            // this stretch's figures over this stretch's steps (a resume starts a stretch)
+            let steps = pos.step.saturating_sub(stretch_from).max(1) as f64;
             let line = format!(
                 "dptrain: gradients sent per step per rank: {:.3} MB ({:.1}× fewer bytes than f32); exchange {:.2} ms per step, {:.0}% of it behind backward",
                 t.sent_bytes / steps / 1e6,
@@ -200,8 +202,9 @@ pub fn train_with(
         }
         match result {
             Ok(()) => {
-                // a run that ended mid-epoch (early stopping) applies the sums still in flight
-                stepper.finish(backend, comm)?;
+                // a run that ended early (early stopping) applies what is still in flight, and
+                // local SGD averages once more, so that every rank ends alike
+                stepper.finish(backend, comm, pos.step < total_steps)?;
                 break;
             }
             Err(Halt::Error(e)) => return Err(e),

@@ -258,6 +258,10 @@ pub fn resume_settings(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
         }
         o.insert("training_samples".into(), setup.total_train.into());
         o.insert("features".into(), setup.spec.inputs.into());
+        // absent from the record when off, but a checkpoint of either mode holds state in flight
+        // that only that mode applies: compared always (older checkpoints: off)
+        o.insert("staleness".into(), cfg.staleness.into());
+        o.insert("async_average".into(), cfg.async_average.into());
     }
     v
 }
@@ -300,5 +304,7 @@ pub fn settings_defaults() -> serde_json::Value {
         "compress": "none",
         "powersgd_rank": 4,
         "powersgd_warmup": 100,
+        "staleness": 0,
+        "async_average": false,
     })
 }

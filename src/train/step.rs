@@ -169,13 +169,18 @@ impl Stepper {
         Ok(out)
     }
 
-    /// `--staleness 1`: apply the sums still in flight, if any (the end of a run that stopped
-    /// mid-epoch); nothing otherwise.
+    /// The end of a run: `--staleness 1` applies the sums still in flight, if any; a run that
+    /// ended `early` (every rank alike) under `--sync params` averages once more (after applying
+    /// the average in flight with `--async-average`).
     pub fn finish(
         &mut self,
         backend: &mut dyn Backend,
         comm: &dyn Communicator,
+        early: bool,
     ) -> anyhow::Result<()> {
+        if early {
+            self.exchange.final_average(backend, comm)?;
+        }
         if let Some((at, summed)) = self.exchange.drain(backend, comm)? {
             let mut out = Summed {
                 samples: 0,
