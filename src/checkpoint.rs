@@ -231,7 +231,7 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
         Some(FORMAT_1) => true,
         Some(other) => {
             return Err(format(format!(
-                "format {other:?}; this dptrain reads {FORMAT_3:?}, {FORMAT:?} and {FORMAT_1:?}"
+                "format {other:?}; this dptrain reads {FORMAT:?}, {FORMAT_3:?} and {FORMAT_1:?}"
             )));
         }
         None => return Err(format("no dptrain.format in its metadata".into())),
