@@ -692,7 +692,12 @@ pub mod mpi_comm {
         }
 
         /// Wait for a job's reply under the deadline.
-        fn wait<R>(&self, rx: &std::sync::mpsc::Receiver<R>, k: u64, what: &str) -> R {
+        fn wait<R>(
+            &self,
+            rx: &std::sync::mpsc::Receiver<R>,
+            k: u64,
+            what: &dyn Fn() -> String,
+        ) -> R {
             use std::sync::mpsc::RecvTimeoutError;
             match self.timeout.get() {
                 None => match rx.recv() {
@@ -702,7 +707,8 @@ pub mod mpi_comm {
                 Some(t) => match rx.recv_timeout(t + GRACE + SLACK) {
                     Ok(r) => r,
                     Err(RecvTimeoutError::Timeout) => self.end(&format!(
-                        "collective #{k} ({what}) did not complete within {:.0} s (--collective-timeout): every rank arrived, then a rank stopped responding during the transfer; aborting the job",
+                        "collective #{k} ({}) did not complete within {:.0} s (--collective-timeout): every rank arrived, then a rank stopped responding during the transfer; aborting the job",
+                        what(),
                         (t + GRACE + SLACK).as_secs_f64()
                     )),
                     Err(RecvTimeoutError::Disconnected) => {
@@ -715,14 +721,14 @@ pub mod mpi_comm {
         /// Run `job` as collective k and wait for it.
         fn run<R: Send + 'static>(
             &self,
-            what: impl FnOnce() -> String,
+            what: impl Fn() -> String,
             job: impl FnOnce(&MpiComm) -> R + Send + 'static,
         ) -> R {
             let k = self.next_seq();
-            let what = what();
+            // the description is formatted only for the timeline or for a deadline's message
             let rx = match crate::trace::enabled() {
                 true => {
-                    let name = what.clone();
+                    let name = what();
                     self.submit(move |c| {
                         let _g = crate::trace::span(name, "comm").arg("collective", k);
                         job(c)
@@ -900,7 +906,7 @@ pub mod mpi_comm {
         fn finish_sum_f32(&self, p: super::PendingSum) -> anyhow::Result<(Vec<f32>, f64)> {
             match (p.ready, p.waiting) {
                 (Some(b), _) => Ok(b),
-                (None, Some(w)) => Ok(self.wait(&w.rx, w.k, &w.what)),
+                (None, Some(w)) => Ok(self.wait(&w.rx, w.k, &|| w.what.clone())),
                 (None, None) => anyhow::bail!("an empty background sum"),
             }
         }

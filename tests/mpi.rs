@@ -2,22 +2,32 @@
 //! shards, parameter averaging, and a configuration mismatch that must end the job quickly.
 
 mod util;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use util::{Run, dptrain, metrics, mpirun_raw, params, shared, tmpdir};
+use util::{Run, dptrain, metrics, mnist_mlp256, mpirun_raw, params, rel, shared, tmpdir};
 
 fn mpirun(np: usize, args: &[&str]) -> Run {
     util::mpirun(np, args, &[])
 }
 
-/// max |a - b| / max |b|
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from((x - y).abs()))
-        .fold(0.0, f64::max);
-    d / b.iter().map(|y| f64::from(y.abs())).fold(1e-30, f64::max)
+/// Synchronous f32 SGD on MNIST (`mnist_mlp256`, seeds 1, 2 and 3): the baseline every MNIST
+/// comparison of this file measures against, run once per test binary.
+fn mnist_baseline() -> &'static [f64] {
+    static BASE: OnceLock<Vec<f64>> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let d = tmpdir("mnist-baseline");
+        let accs = ["1", "2", "3"]
+            .iter()
+            .map(|s| mnist_mlp256(&d, s, &[]).0)
+            .collect();
+        let _ = std::fs::remove_dir_all(&d);
+        accs
+    })
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 #[test]
@@ -330,38 +340,8 @@ fn bench_comm_reports_correct_sums_across_ranks() {
 /// MNIST MLP on 2 ranks (global sharding, per-rank batch 64): ≥ 0.975 test accuracy in 5 epochs.
 #[test]
 fn two_rank_mnist_mlp_reaches_0_975() {
-    let d = tmpdir("mnist2");
-    let m = d.join("m.jsonl").display().to_string();
-    mpirun(
-        2,
-        &[
-            "train",
-            "--data",
-            &shared("mnist"),
-            "--model",
-            "mlp",
-            "--hidden",
-            "256",
-            "--epochs",
-            "5",
-            "--batch-size",
-            "64",
-            "--lr",
-            "0.1",
-            "--momentum",
-            "0.9",
-            "--seed",
-            "1",
-            "--device",
-            "cpu",
-            "--metrics-out",
-            &m,
-        ],
-    )
-    .ok();
-    let last = metrics(std::path::Path::new(&m)).pop().unwrap();
-    assert!(last["test_accuracy"].as_f64().unwrap() >= 0.975, "{last}");
-    let _ = std::fs::remove_dir_all(&d);
+    let seed1 = mnist_baseline()[0];
+    assert!(seed1 >= 0.975, "seed 1: {seed1}");
 }
 
 /// Gradients summed in buckets while backward goes on give the fused exchange's result: bit for
@@ -427,38 +407,6 @@ fn bucketed_exchange_matches_the_fused_one() {
 #[test]
 fn compressed_gradients_keep_mnist_accuracy() {
     let d = tmpdir("compress");
-    let mnist = shared("mnist");
-    let run = |seed: &str, extra: &[&str]| -> (f64, String) {
-        let m = d.join(format!("m-{seed}-{}.jsonl", extra.join("_")));
-        let ms = m.display().to_string();
-        let mut args = vec![
-            "train",
-            "--data",
-            &mnist,
-            "--model",
-            "mlp",
-            "--hidden",
-            "256",
-            "--epochs",
-            "5",
-            "--batch-size",
-            "64",
-            "--lr",
-            "0.1",
-            "--momentum",
-            "0.9",
-            "--seed",
-            seed,
-            "--device",
-            "cpu",
-            "--metrics-out",
-            &ms,
-        ];
-        args.extend_from_slice(extra);
-        let out = mpirun(2, &args).ok().stdout();
-        let last = metrics(&m).pop().unwrap();
-        (last["test_accuracy"].as_f64().unwrap(), out)
-    };
     let saved = |out: &str| -> f64 {
         out.lines()
             .find_map(|l| l.split(" MB (").nth(1))
@@ -466,27 +414,52 @@ fn compressed_gradients_keep_mnist_accuracy() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no byte count in\n{out}"))
     };
-    let mut f32_acc = Vec::new();
+    let f32_acc = mnist_baseline();
     let mut bf16_acc = Vec::new();
     for seed in ["1", "2", "3"] {
-        f32_acc.push(run(seed, &[]).0);
-        let (acc, out) = run(seed, &["--grad-wire", "bf16"]);
+        let (acc, out) = mnist_mlp256(&d, seed, &["--grad-wire", "bf16"]);
         assert!(saved(&out) >= 1.9, "{out}");
         bf16_acc.push(acc);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (f, b) = (mean(&f32_acc), mean(&bf16_acc));
+    let (f, b) = (mean(f32_acc), mean(&bf16_acc));
     assert!(
         (f - b).abs() <= 0.002,
         "bf16 wire {bf16_acc:?} against f32 {f32_acc:?}"
     );
-    let (p, out) = run("1", &["--compress", "powersgd", "--powersgd-rank", "4"]);
+    let (p, out) = mnist_mlp256(&d, "1", &["--compress", "powersgd", "--powersgd-rank", "4"]);
     eprintln!("f32 {f32_acc:?}, bf16 wire {bf16_acc:?}, PowerSGD rank 4 (seed 1) {p}\n{out}");
     assert!(saved(&out) >= 10.0, "{out}");
     assert!(
         p >= f32_acc[0] - 0.005,
         "PowerSGD rank 4: {p} against f32 {}",
         f32_acc[0]
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// MNIST MLP-256, 5 epochs, 2 ranks, CPU backend, mean of 3 seeds: `--staleness 1` with the
+/// momentum lowered for the delay (`--staleness-momentum 0.8`, from 0.9) within 0.3 points of
+/// synchronous SGD, `--async-average` with H = 4 within 0.5 points of it. (Measured on the
+/// development machine: synchronous 0.9781; staleness 1 at momentum 0.9 0.9712, at 0.8 0.9757;
+/// async-average 0.9770.) Here, beside the compressed exchanges, to share their baseline.
+#[test]
+fn asynchronous_modes_keep_mnist_accuracy() {
+    let d = tmpdir("async-mnist");
+    let runs = |extra: &[&str]| -> Vec<f64> {
+        ["1", "2", "3"]
+            .iter()
+            .map(|s| mnist_mlp256(&d, s, extra).0)
+            .collect()
+    };
+    let sync = mnist_baseline();
+    let stale = runs(&["--staleness", "1", "--staleness-momentum", "0.8"]);
+    let local = runs(&["--sync", "params", "--sync-every", "4", "--async-average"]);
+    eprintln!("sync {sync:?}\nstaleness 1 {stale:?}\nasync-average H=4 {local:?}");
+    let (m0, m1, m2) = (mean(sync), mean(&stale), mean(&local));
+    assert!((m1 - m0).abs() <= 0.003, "staleness 1: {m1} against {m0}");
+    assert!(
+        (m2 - m0).abs() <= 0.005,
+        "async-average H=4: {m2} against {m0}"
     );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -104,10 +104,7 @@ impl Stepper {
             self.exchange.gradients(backend, comm, mine, all)
         })?;
         let idle = self.exchange.times.waited + self.exchange.times.upload - idle;
-        // backward that ran inside the exchange (between bucket sends) counts as backward
-        let back = self.exchange.times.backward - back;
-        t.backward += back;
-        t.exchange -= back;
+        t.backward_inside_exchange(self.exchange.times.backward - back);
         let compute = (started.elapsed().as_secs_f64() - idle).max(0.0);
         self.compute += compute;
         self.last_compute = (compute - slept).max(0.0);
@@ -143,9 +140,8 @@ impl Stepper {
         let prev = self.phases.time(Phase::Exchange, || {
             self.exchange.delayed_gradients(backend, comm, step, mine)
         })?;
-        let back = self.exchange.times.backward - back;
-        self.phases.backward += back;
-        self.phases.exchange -= back;
+        self.phases
+            .backward_inside_exchange(self.exchange.times.backward - back);
         let mut out = Summed {
             samples: 0,
             totals: Some(Totals::default()),
@@ -261,6 +257,13 @@ pub struct PhaseTimes {
 
 impl PhaseTimes {
     /// Run `f`, adding its time to `phase`.
+    /// `seconds` of backward that ran inside the exchange (between bucket sends), timed as
+    /// exchange: counted as backward instead.
+    fn backward_inside_exchange(&mut self, seconds: f64) {
+        self.backward += seconds;
+        self.exchange -= seconds;
+    }
+
     pub fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
         let t0 = Instant::now();
         let out = crate::trace::instrument_phase(phase.name(), f);

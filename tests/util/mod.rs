@@ -230,3 +230,52 @@ pub fn params(path: &Path) -> Vec<f32> {
     let spec = m.spec.clone().expect("spec in metadata");
     m.flat_params(&spec, path).expect("parameters")
 }
+
+/// max |a − b| / max |b|: the relative error the multi-rank checks bound.
+pub fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max);
+    d / b.iter().map(|y| f64::from(y.abs())).fold(1e-30, f64::max)
+}
+
+/// The MNIST comparison runs: `mpirun -np 2 dptrain train` on MNIST, an MLP-256, 5 epochs,
+/// per-rank batch 64, lr 0.1, momentum 0.9, CPU backend, seed `seed`, then `extra`; the last test
+/// accuracy and the run's stdout. The metrics file goes into `dir`.
+pub fn mnist_mlp256(dir: &Path, seed: &str, extra: &[&str]) -> (f64, String) {
+    let m = dir.join(format!("m-{seed}-{}.jsonl", extra.join("_")));
+    let ms = m.display().to_string();
+    let mnist = shared("mnist");
+    let mut args = vec![
+        "train",
+        "--data",
+        &mnist,
+        "--model",
+        "mlp",
+        "--hidden",
+        "256",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.1",
+        "--momentum",
+        "0.9",
+        "--seed",
+        seed,
+        "--device",
+        "cpu",
+        "--metrics-out",
+        &ms,
+    ];
+    args.extend_from_slice(extra);
+    let out = mpirun(2, &args, &[]).ok().stdout();
+    let acc = metrics(&m).pop().expect("an epoch record")["test_accuracy"]
+        .as_f64()
+        .expect("a test accuracy");
+    (acc, out)
+}
