@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dptrain::cli::{self, Cli, Command};
-use dptrain::comm::Communicator;
+use dptrain::distributed::comm::Communicator;
 
 fn main() -> ExitCode {
     // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on headless machines
@@ -37,12 +37,12 @@ fn main() -> ExitCode {
     // the value parser has checked the range
     let timeout = dptrain::limits::collective_timeout(timeout).unwrap_or(None);
     if matches!(cli.command, Command::Train(_))
-        && let Err(e) = dptrain::stop::install()
+        && let Err(e) = dptrain::distributed::stop::install()
     {
         eprintln!("error: cannot catch the stop signals: {e}");
         return ExitCode::FAILURE;
     }
-    let comm = match dptrain::comm::from_env(timeout) {
+    let comm = match dptrain::distributed::comm::from_env(timeout) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -52,8 +52,8 @@ fn main() -> ExitCode {
     match run(&cli, comm.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         // a stop asked for by a signal: every rank leaves normally, rank 0 says where to resume
-        Err(e) if e.downcast_ref::<dptrain::stop::Stopped>().is_some() => {
-            let stopped = e.downcast_ref::<dptrain::stop::Stopped>();
+        Err(e) if e.downcast_ref::<dptrain::distributed::stop::Stopped>().is_some() => {
+            let stopped = e.downcast_ref::<dptrain::distributed::stop::Stopped>();
             if comm.is_root() {
                 eprintln!("dptrain: {e}");
             }
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // an error all ranks agreed on is reported once, by rank 0, and every rank exits
             // non-zero; an error on one rank alone ends the whole job so nobody waits for it
-            let agreed = e.downcast_ref::<dptrain::consistency::Agreed>().is_some();
+            let agreed = e.downcast_ref::<dptrain::distributed::agree::Agreed>().is_some();
             if comm.size() == 1 || (agreed && comm.is_root()) {
                 eprintln!("error: {}", one_line(&e));
             } else if !agreed {
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
 /// The error and its causes on one line, skipping a cause whose text the line already holds
 /// (typed errors often quote their source, e.g. "x.csv: cannot read: No such file").
 fn one_line(e: &anyhow::Error) -> String {
-    dptrain::consistency::one_line(e)
+    dptrain::distributed::agree::one_line(e)
 }
 
 /// dptrain's own diagnostics at -v (info) and -vv (debug); the libraries under it (wgpu, naga, ...)

@@ -3,7 +3,7 @@
 use dptrain::backend::cpu::CpuBackend;
 use dptrain::backend::gpu::GpuBackend;
 use dptrain::backend::{self, Backend, Split};
-use dptrain::comm::SingleProcess;
+use dptrain::distributed::comm::SingleProcess;
 use dptrain::data::{self, CsvOptions, NormKind, synth};
 use dptrain::model::{Activation, ModelKind};
 use dptrain::train::{self, DeviceKind, StepPlan, TrainConfig};
@@ -160,7 +160,7 @@ fn host_fed_data_trains_like_device_resident_data() {
         let o = c.output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{err}");
-        let m = dptrain::modelfile::load(&out).unwrap();
+        let m = dptrain::store::modelfile::load(&out).unwrap();
         (m.flat_params(m.spec.as_ref().unwrap(), &out).unwrap(), err)
     };
     let (device, _) = run("device.safetensors", None);
@@ -199,7 +199,7 @@ fn the_fused_small_model_step_trains_like_the_separate_kernels() {
             }
             let o = c.output().unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let m = dptrain::modelfile::load(&out).unwrap();
+            let m = dptrain::store::modelfile::load(&out).unwrap();
             m.flat_params(m.spec.as_ref().unwrap(), &out).unwrap()
         };
         let (f, s) = (run(true), run(false));

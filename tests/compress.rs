@@ -1,8 +1,8 @@
-//! `dptrain::compress` driven through its public API the way the exchange would drive it around
+//! `dptrain::distributed::codec` driven through its public API the way the exchange would drive it around
 //! MPI: the buffers of an all-to-all and an allgather built by hand, and PowerSGD's two
 //! allreduces with the training totals appended to the first buffer.
 
-use dptrain::compress::{
+use dptrain::distributed::codec::{
     ExchangeState, PowerSgd, Round, WireFormat, decode, segments, simulate_exchange,
     weight_matrices,
 };

@@ -454,8 +454,8 @@ fn tuned_kernels_are_recorded_in_checkpoints_and_a_resume_reproduces_the_run() {
         "--checkpoint-every",
         "10",
     ]);
-    let newest = dptrain::checkpoint::list(std::path::Path::new(&ck));
-    let state = dptrain::checkpoint::load(newest.last().unwrap())
+    let newest = dptrain::store::checkpoint::list(std::path::Path::new(&ck));
+    let state = dptrain::store::checkpoint::load(newest.last().unwrap())
         .unwrap()
         .state;
     assert!(

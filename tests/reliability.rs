@@ -104,7 +104,7 @@ fn a_mid_epoch_checkpoint_resumes_exactly_too() {
     ))
     .ok();
     // resume from step 40 explicitly (the newest is the end of the 45-step run)
-    let at40 = Path::new(&ck).join(dptrain::checkpoint::file_name(40));
+    let at40 = Path::new(&ck).join(dptrain::store::checkpoint::file_name(40));
     dptrain(&with(
         &base,
         &[
@@ -317,7 +317,7 @@ fn damaged_checkpoints_are_refused_by_path_and_skipped_by_auto() {
     let cks = ck.display().to_string();
     let base = with(&["train", "--data", &digits, "--device", "cpu"], DIGITS_MLP);
     dptrain(&with(&base, &["--epochs", "2", "--checkpoint-dir", &cks])).ok();
-    let files = dptrain::checkpoint::list(&ck);
+    let files = dptrain::store::checkpoint::list(&ck);
     let newest = files.last().unwrap().clone();
     let mut bytes = std::fs::read(&newest).unwrap();
     let n = bytes.len();
@@ -649,7 +649,7 @@ fn sigusr1_to_mpirun_stops_three_ranks_at_one_step_and_the_resume_is_exact() {
         err.contains("stopped by SIGUSR1 after step"),
         "{out}\n{err}"
     );
-    let files = dptrain::checkpoint::list(Path::new(&ck));
+    let files = dptrain::store::checkpoint::list(Path::new(&ck));
     assert!(!files.is_empty(), "no checkpoint\n{err}");
     mpirun(
         3,
@@ -703,7 +703,7 @@ fn a_second_run_on_a_locked_checkpoint_folder_is_refused_naming_the_holder() {
         first.id()
     ));
     // the first run's checkpoints are still there
-    assert!(!dptrain::checkpoint::list(Path::new(&ck)).is_empty());
+    assert!(!dptrain::store::checkpoint::list(Path::new(&ck)).is_empty());
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -1,4 +1,4 @@
-//! The timeline (`dptrain::trace`): nothing allocated while recording is off (this binary counts
+//! The timeline (`dptrain::observe::trace`): nothing allocated while recording is off (this binary counts
 //! allocations), and three real MPI ranks whose clocks start apart merged onto one clock.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dptrain::trace;
+use dptrain::observe::trace;
 use serde_json::Value;
 
 mod util;
@@ -72,7 +72,7 @@ fn mpi_rank() {
     let Some(out) = std::env::var_os(CHILD) else {
         return;
     };
-    let comm = dptrain::comm::from_env(Some(Duration::from_secs(60))).expect("MPI");
+    let comm = dptrain::distributed::comm::from_env(Some(Duration::from_secs(60))).expect("MPI");
     // each rank's clock starts 150 ms after the one before
     std::thread::sleep(Duration::from_millis(150 * comm.rank() as u64));
     trace::enable();
@@ -82,7 +82,7 @@ fn mpi_rank() {
     }
     comm.barrier().unwrap();
     trace::instant("after barrier", "test");
-    trace::gather_and_write(comm.as_ref(), &PathBuf::from(out)).unwrap();
+    dptrain::distributed::gather::write_trace(comm.as_ref(), &PathBuf::from(out)).unwrap();
 }
 
 #[test]

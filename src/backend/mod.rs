@@ -7,7 +7,6 @@
 //! (`read_grads` / `write_grads`) when there are several ranks, then `update` applies the optimizer.
 //! Training statistics accumulate on the backend and are read only at logging points.
 
-pub mod autotune;
 pub mod cpu;
 pub mod gpu;
 

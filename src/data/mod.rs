@@ -5,6 +5,7 @@
 //! where there is one), because the binary prints it as `error: <msg>` and stops; nothing here panics on input.
 
 pub mod csv;
+pub mod fingerprint;
 pub mod idx;
 pub mod synth;
 

@@ -7,6 +7,9 @@ use anyhow::{bail, ensure};
 use serde::Serialize;
 
 pub use crate::backend::{DeviceKind, Precision};
+pub use crate::distributed::exchange::config::{
+    CompressKind, DEFAULT_BUCKET_MB, ExchangeConfig, SyncMode,
+};
 use crate::data::NormKind;
 use crate::model::{Activation, ModelKind};
 use crate::optim::{OptimConfig, ScheduleKind};
@@ -41,41 +44,16 @@ pub struct TrainConfig {
     pub device: DeviceKind,
     pub gpu: Option<usize>,
     pub shard: ShardMode,
-    pub sync: SyncMode,
-    /// Local steps between parameter averages for `SyncMode::Params`.
-    pub sync_every: u64,
     pub precision: Precision,
     /// Fraction of the training data held out, seeded, as the validation set (0: none).
     pub val_fraction: f64,
-    /// Target size of a gradient bucket in MiB (0: one bucket, no overlap with backward).
-    pub bucket_mb: f64,
-    /// How gradients travel between ranks: f32, or 16 bits with error feedback.
-    pub grad_wire: crate::compress::WireFormat,
-    /// Gradient compression: none, or PowerSGD of rank `powersgd_rank` after `powersgd_warmup`
-    /// steps of plain allreduce.
-    pub compress: CompressKind,
-    pub powersgd_rank: usize,
-    pub powersgd_warmup: u64,
+    /// How gradients (or parameters) cross ranks: the exchange's own settings.
+    #[serde(flatten)]
+    pub exchange: ExchangeConfig,
     /// `--balance auto`: shares of each global batch proportional to the ranks' measured speed
     /// (absent from the settings records when off, so that older checkpoints still match).
     #[serde(skip_serializing_if = "BalanceMode::is_off")]
     pub balance: BalanceMode,
-    /// `--staleness 1`: each step applies the previous step's summed gradient while its own sums
-    /// travel (absent from the settings records when 0).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub staleness: u64,
-    /// `--async-average` (with `--sync params`): each round's parameter average travels while the
-    /// ranks take the next round's local steps.
-    #[serde(skip_serializing_if = "is_false")]
-    pub async_average: bool,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
-fn is_false(v: &bool) -> bool {
-    !*v
 }
 
 /// How each global batch is shared out between ranks (`--shard global`, `--sync grads`).
@@ -95,29 +73,6 @@ impl BalanceMode {
     }
 }
 
-/// Gradient compression between ranks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CompressKind {
-    /// Every gradient value travels (in the --grad-wire format).
-    #[default]
-    None,
-    /// PowerSGD (Vogels et al., 2019): each weight matrix as a rank-R product, with error feedback.
-    Powersgd,
-}
-
-impl TrainConfig {
-    /// `--bucket-mb` in bytes.
-    pub fn bucket_bytes(&self) -> usize {
-        (self.bucket_mb * (1u64 << 20) as f64) as usize
-    }
-}
-
-/// The default gradient bucket: large enough that an allreduce's latency is small beside its
-/// transfer, well below the 16 MiB above which Open MPI's default algorithm was measured to drop
-/// to a third of the ring's bandwidth on the H200 machine (docs/PERF.md).
-pub const DEFAULT_BUCKET_MB: f64 = 4.0;
-
 /// How the training set is divided between ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -129,16 +84,6 @@ pub enum ShardMode {
     /// Each rank keeps only its contiguous 1/N of the training set (sizes may differ by one) and
     /// shuffles it on its own: for data larger than one GPU.
     Split,
-}
-
-/// What ranks exchange.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncMode {
-    /// Allreduce the gradients every step (synchronous data-parallel SGD).
-    Grads,
-    /// Local SGD: `--sync-every` local steps, then θ = Σ nᵢθᵢ / Σ nᵢ weighted by samples seen.
-    Params,
 }
 
 impl TrainConfig {
@@ -166,18 +111,10 @@ impl TrainConfig {
             device: DeviceKind::Auto,
             gpu: None,
             shard: ShardMode::Global,
-            sync: SyncMode::Grads,
-            sync_every: 1,
             precision: Precision::F32,
             val_fraction: 0.0,
-            bucket_mb: DEFAULT_BUCKET_MB,
-            grad_wire: crate::compress::WireFormat::F32,
-            compress: CompressKind::None,
-            powersgd_rank: 4,
-            powersgd_warmup: 100,
+            exchange: ExchangeConfig::default(),
             balance: BalanceMode::Off,
-            staleness: 0,
-            async_average: false,
         }
     }
 
@@ -210,7 +147,7 @@ impl TrainConfig {
             self.gamma
         );
         ensure!(self.step_size >= 1, "--step-size must be at least 1");
-        ensure!(self.sync_every >= 1, "--sync-every must be at least 1");
+        self.exchange.validate()?;
         ensure!(
             self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr,
             "--min-lr must be in [0, --lr] (got {})",
@@ -227,45 +164,11 @@ impl TrainConfig {
             self.val_fraction
         );
         ensure!(
-            self.bucket_mb.is_finite() && (0.0..=4096.0).contains(&self.bucket_mb),
-            "--bucket-mb must be between 0 and 4096 (got {})",
-            self.bucket_mb
-        );
-        ensure!(
-            self.powersgd_rank >= 1,
-            "--powersgd-rank must be at least 1"
-        );
-        ensure!(
-            !(self.compress == CompressKind::Powersgd
-                && self.grad_wire != crate::compress::WireFormat::F32),
-            "--compress powersgd sends its factors in f32; leave --grad-wire at f32"
-        );
-        ensure!(
-            (self.compress == CompressKind::None
-                && self.grad_wire == crate::compress::WireFormat::F32)
-                || self.sync == SyncMode::Grads,
-            "--grad-wire and --compress apply to --sync grads"
-        );
-        ensure!(
             self.balance == BalanceMode::Off
-                || (self.shard == ShardMode::Global && self.sync == SyncMode::Grads),
+                || (self.shard == ShardMode::Global && self.exchange.sync == SyncMode::Grads),
             "--balance auto shares out global batches: it needs --shard global and --sync grads"
         );
-        ensure!(
-            self.staleness <= 1,
-            "--staleness must be 0 (synchronous) or 1 (each step applies the previous step's gradient); got {}",
-            self.staleness
-        );
-        if self.staleness == 1 {
-            ensure!(
-                self.sync == SyncMode::Grads,
-                "--staleness 1 delays the gradient exchange: it needs --sync grads (for --sync params use --async-average)"
-            );
-            ensure!(
-                self.compress == CompressKind::None
-                    && self.grad_wire == crate::compress::WireFormat::F32,
-                "--staleness 1 does not combine with --grad-wire or --compress yet"
-            );
+        if self.exchange.staleness == 1 {
             ensure!(
                 self.balance == BalanceMode::Off,
                 "--staleness 1 does not combine with --balance auto yet"
@@ -275,10 +178,6 @@ impl TrainConfig {
                 "--staleness 1 does not combine with --precision f16 yet (the loss scale may change between a step's backward and its delayed update)"
             );
         }
-        ensure!(
-            !self.async_average || self.sync == SyncMode::Params,
-            "--async-average overlaps parameter averaging: it needs --sync params (for --sync grads use --staleness 1)"
-        );
         if self.model == ModelKind::Mlp && self.hidden.is_empty() {
             bail!("--model mlp needs --hidden W1[,W2,...]: the widths of its hidden layers");
         }

@@ -11,8 +11,8 @@ use super::config::{ShardMode, TrainConfig};
 use super::plan::StepPlan;
 use super::setup::Setup;
 use crate::backend::Backend;
-use crate::checkpoint;
-use crate::comm::Communicator;
+use crate::store::checkpoint;
+use crate::distributed::comm::Communicator;
 
 /// What to do when the training loss stops being finite.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -159,7 +159,7 @@ impl Checkpoints<'_> {
         } else {
             Ok(None)
         };
-        let found = crate::consistency::agree(comm, found)?;
+        let found = crate::distributed::agree::agree(comm, found)?;
         // rank 0's state text to everyone, then the tensors
         let text = found
             .as_ref()
@@ -199,7 +199,7 @@ impl Checkpoints<'_> {
                 .any(|(k, _)| k.starts_with("rank") && k.ends_with(".params"))
         {
             // every rank sees the same index: an agreed error, said once
-            return Err(crate::consistency::Agreed(format!(
+            return Err(crate::distributed::agree::Agreed(format!(
                 "this checkpoint holds each of its {} ranks' own parameters (--sync params); resume it with {} ranks",
                 state.world_size, state.world_size
             ))

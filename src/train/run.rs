@@ -7,7 +7,7 @@ use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::{BalanceMode, ShardMode, TrainConfig};
-use super::exchange::sum_totals;
+use crate::distributed::exchange::sum_totals;
 use super::plan::{StepPlan, epoch_order, proportional_shares};
 use super::report::{
     EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord, evaluate_rows,
@@ -18,7 +18,7 @@ use super::resume::{
 use super::setup::{Setup, initial_params, resume_settings, settings_defaults};
 use super::step::Stepper;
 use crate::backend::{Backend, Split};
-use crate::comm::Communicator;
+use crate::distributed::comm::Communicator;
 
 /// What a finished run leaves.
 pub struct Outcome {
@@ -38,7 +38,7 @@ enum Halt {
         loss: f64,
     },
     /// A signal asked the run to stop; it stopped after a step, with a checkpoint if it could.
-    Stopped(crate::stop::Stopped),
+    Stopped(crate::distributed::stop::Stopped),
     Error(anyhow::Error),
 }
 
@@ -148,10 +148,10 @@ pub fn train_with(
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total);
         stepper
             .exchange
-            .set_buckets(&layer_ranges(&setup.spec), cfg.bucket_bytes());
+            .set_buckets(&layer_ranges(&setup.spec), cfg.exchange.bucket_bytes());
         stepper
             .exchange
-            .set_compression(cfg, &setup.spec.layout(), rank)?;
+            .set_compression(&cfg.exchange, &setup.spec.layout(), rank, cfg.seed)?;
         if stepper.exchange.exchanges_gradients() {
             tracing::info!(
                 "rank {rank}: gradients in {} bucket(s) of {:?} values, last layers first",
@@ -192,8 +192,8 @@ pub fn train_with(
                 (t.readback + t.allreduce + t.upload) / steps * 1e3,
                 100.0 * t.hidden()
             );
-            if cfg.compress != super::config::CompressKind::None
-                || cfg.grad_wire != crate::compress::WireFormat::F32
+            if cfg.exchange.compress != super::config::CompressKind::None
+                || cfg.exchange.grad_wire != crate::distributed::codec::WireFormat::F32
             {
                 println!("{line}");
             } else {
@@ -219,7 +219,7 @@ pub fn train_with(
                     None
                 };
                 let Some(ck) = back else {
-                    return Err(crate::consistency::Agreed(format!(
+                    return Err(crate::distributed::agree::Agreed(format!(
                         "training diverged: the loss is {loss} at step {step}; lower --lr{}",
                         if ctl.on_nan == NanPolicy::Rollback {
                             " (no checkpoint left to roll back to)"
@@ -362,7 +362,7 @@ fn run_from(
             let samples = plan.global_rows(s) as u64;
             let batches = plan.micro_batches(s, pos.step).len();
             recorded.extend(std::iter::repeat_n(pos.step, batches));
-            crate::fault::before_step(rank, pos.step);
+            crate::distributed::fault::before_step(rank, pos.step);
             let computed = stepper.compute;
             let summed = stepper.step(backend, comm, s, pos.step)?;
             stop |= summed.stop;
@@ -527,7 +527,7 @@ fn validate(
     let rows = setup.val_rows().unwrap_or(0..0);
     let r = evaluate_rows(backend, comm, Split::Test, rows, regression)?;
     let value = ctl.monitor.value(&r).unwrap_or(r.loss);
-    let best = pos.watch.observe(ctl.monitor, value, pos.step, epoch);
+    let best = pos.watch.observe(ctl.monitor.higher_is_better(), value, pos.step, epoch);
     let rec = ValRecord {
         epoch,
         step: pos.step,
@@ -549,8 +549,8 @@ fn validate(
 
 /// The halt of a run that a signal stopped after `step`, its checkpoint `written` (rank 0's path).
 fn stopped(step: u64, written: Option<std::path::PathBuf>) -> Halt {
-    Halt::Stopped(crate::stop::Stopped {
-        signal: crate::stop::requested(),
+    Halt::Stopped(crate::distributed::stop::Stopped {
+        signal: crate::distributed::stop::requested(),
         step,
         checkpoint: written,
     })
@@ -685,13 +685,13 @@ fn report_waits(
         "dptrain: wait at collectives per rank: {}",
         waits.join(", ")
     );
-    if plan.shard() == ShardMode::Global && cfg.sync == super::config::SyncMode::Grads {
+    if plan.shard() == ShardMode::Global && cfg.exchange.sync == super::config::SyncMode::Grads {
         line += &format!(
             "; rows of each global batch per rank: {}",
             join(&plan.shares())
         );
     }
-    if cfg.balance == BalanceMode::Auto || cfg.staleness > 0 || cfg.async_average {
+    if cfg.balance == BalanceMode::Auto || cfg.exchange.staleness > 0 || cfg.exchange.async_average {
         eprintln!("{line}");
     } else {
         tracing::info!("{line}");

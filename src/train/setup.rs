@@ -6,6 +6,7 @@ use anyhow::{bail, ensure};
 use super::config::{ShardMode, TrainConfig};
 use super::plan::{StepPlan, shard_range};
 use crate::backend::BackendInit;
+pub use crate::data::fingerprint::DataFingerprint;
 use crate::data::{Dataset, Normalizer};
 use crate::model::{ModelKind, ModelSpec};
 
@@ -27,32 +28,6 @@ pub struct Setup {
     pub total_train: usize,
     /// What the whole training set was, for checking that a resume trains on the same data.
     pub data: DataFingerprint,
-}
-
-/// The training set's size, shape and a hash of every parsed row (features and targets).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DataFingerprint {
-    pub samples: usize,
-    pub features: usize,
-    /// CRC-32 of the features' bytes (u8 pixels, or f32 in little-endian), then of the targets.
-    pub features_crc: String,
-    pub targets_crc: String,
-}
-
-impl DataFingerprint {
-    pub fn of(ds: &Dataset) -> Self {
-        let crc = |b: &[u8]| format!("{:08x}", crc32fast::hash(b));
-        let x = match &ds.x {
-            crate::data::Features::U8(v) => crc(v),
-            crate::data::Features::F32(v) => crc(bytemuck::cast_slice(v)),
-        };
-        Self {
-            samples: ds.n_samples,
-            features: ds.n_features,
-            features_crc: x,
-            targets_crc: crc(bytemuck::cast_slice(&ds.y)),
-        }
-    }
 }
 
 impl Setup {
@@ -240,7 +215,7 @@ fn concat(a: &Dataset, b: &Dataset) -> Dataset {
 pub fn initial_params(cfg: &TrainConfig, spec: &ModelSpec) -> anyhow::Result<Vec<f32>> {
     match &cfg.init {
         Some(path) => {
-            let saved = crate::modelfile::load(path)?;
+            let saved = crate::store::modelfile::load(path)?;
             Ok(saved.flat_params(spec, path)?)
         }
         None => Ok(spec.init(cfg.seed)),
@@ -260,8 +235,8 @@ pub fn resume_settings(cfg: &TrainConfig, setup: &Setup) -> serde_json::Value {
         o.insert("features".into(), setup.spec.inputs.into());
         // absent from the record when off, but a checkpoint of either mode holds state in flight
         // that only that mode applies: compared always (older checkpoints: off)
-        o.insert("staleness".into(), cfg.staleness.into());
-        o.insert("async_average".into(), cfg.async_average.into());
+        o.insert("staleness".into(), cfg.exchange.staleness.into());
+        o.insert("async_average".into(), cfg.exchange.async_average.into());
     }
     v
 }

@@ -12,10 +12,10 @@ use serde::Serialize;
 use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::TrainConfig;
-use super::exchange::{Exchange, Summed};
+use crate::distributed::exchange::{Exchange, Summed};
 use super::plan::StepPlan;
 use crate::backend::Backend;
-use crate::comm::Communicator;
+use crate::distributed::comm::Communicator;
 use crate::optim::{LearningRate, OptimConfig, Schedule};
 
 /// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
@@ -57,12 +57,12 @@ impl Stepper {
             plan,
             lr: LearningRate::new(schedule),
             optim: cfg.optim,
-            exchange: Exchange::new(cfg, n_params, plan.ranks()),
+            exchange: Exchange::new(&cfg.exchange, n_params, plan.ranks()),
             total_steps,
             phases: PhaseTimes::default(),
             last_lr: 0.0,
             compute: 0.0,
-            slow: crate::fault::slow_factor(plan.rank()),
+            slow: crate::distributed::fault::slow_factor(plan.rank()),
             last_compute: 0.0,
             drain_at_epoch_end: true,
         }
@@ -77,7 +77,7 @@ impl Stepper {
         s: u64,
         step: u64,
     ) -> anyhow::Result<Summed> {
-        let _span = crate::trace::span("step", "step").arg("step", step + 1);
+        let _span = crate::observe::trace::span("step", "step").arg("step", step + 1);
         let t = &mut self.phases;
         let started = Instant::now();
         let batches = self.plan.micro_batches(s, step);
@@ -266,7 +266,7 @@ impl PhaseTimes {
 
     pub fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
         let t0 = Instant::now();
-        let out = crate::trace::instrument_phase(phase.name(), f);
+        let out = crate::observe::trace::instrument_phase(phase.name(), f);
         let dt = t0.elapsed().as_secs_f64();
         *match phase {
             Phase::Gather => &mut self.gather,

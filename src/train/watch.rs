@@ -1,7 +1,7 @@
 //! Early stopping and the best model: the validation value watched (`--monitor`), the best seen,
 //! and how many evaluations have gone by without beating it.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::report::EvalReport;
 
@@ -63,43 +63,7 @@ impl Monitor {
     }
 }
 
-/// The best watched value so far and the evaluations since; checkpoints keep it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct WatchState {
-    pub best: Option<f64>,
-    pub best_step: u64,
-    pub best_epoch: u64,
-    /// Evaluations since the best.
-    pub since_best: u64,
-}
-
-impl WatchState {
-    /// Take one evaluation; true when it beats every earlier one (strictly; a NaN never does).
-    pub fn observe(&mut self, monitor: Monitor, value: f64, step: u64, epoch: u64) -> bool {
-        let better = match self.best {
-            _ if value.is_nan() => false,
-            None => true,
-            Some(b) if monitor.higher_is_better() => value > b,
-            Some(b) => value < b,
-        };
-        if better {
-            *self = WatchState {
-                best: Some(value),
-                best_step: step,
-                best_epoch: epoch,
-                since_best: 0,
-            };
-        } else {
-            self.since_best += 1;
-        }
-        better
-    }
-
-    /// Whether `patience` evaluations (0: never) have gone by without an improvement.
-    pub fn exhausted(&self, patience: u64) -> bool {
-        patience > 0 && self.since_best >= patience
-    }
-}
+pub use crate::store::checkpoint::WatchState;
 
 #[cfg(test)]
 mod tests {
@@ -108,28 +72,28 @@ mod tests {
     #[test]
     fn lower_is_better_for_loss_and_patience_counts_evaluations() {
         let mut w = WatchState::default();
-        assert!(w.observe(Monitor::ValLoss, 1.0, 10, 1));
-        assert!(w.observe(Monitor::ValLoss, 0.5, 20, 2));
+        assert!(w.observe(Monitor::ValLoss.higher_is_better(), 1.0, 10, 1));
+        assert!(w.observe(Monitor::ValLoss.higher_is_better(), 0.5, 20, 2));
         assert!(
-            !w.observe(Monitor::ValLoss, 0.5, 30, 3),
+            !w.observe(Monitor::ValLoss.higher_is_better(), 0.5, 30, 3),
             "equal is no improvement"
         );
         assert!(!w.exhausted(2));
-        assert!(!w.observe(Monitor::ValLoss, 0.7, 40, 4));
+        assert!(!w.observe(Monitor::ValLoss.higher_is_better(), 0.7, 40, 4));
         assert!(w.exhausted(2));
         assert!(!w.exhausted(0), "patience 0 never stops");
         assert_eq!((w.best, w.best_step, w.best_epoch), (Some(0.5), 20, 2));
-        assert!(w.observe(Monitor::ValLoss, 0.4, 50, 5));
+        assert!(w.observe(Monitor::ValLoss.higher_is_better(), 0.4, 50, 5));
         assert_eq!(w.since_best, 0);
     }
 
     #[test]
     fn higher_is_better_for_accuracy_and_nan_never_wins() {
         let mut w = WatchState::default();
-        assert!(!w.observe(Monitor::ValAccuracy, f64::NAN, 1, 1));
-        assert!(w.observe(Monitor::ValAccuracy, 0.8, 2, 1));
-        assert!(!w.observe(Monitor::ValAccuracy, 0.7, 3, 1));
-        assert!(w.observe(Monitor::ValAccuracy, 0.9, 4, 2));
+        assert!(!w.observe(Monitor::ValAccuracy.higher_is_better(), f64::NAN, 1, 1));
+        assert!(w.observe(Monitor::ValAccuracy.higher_is_better(), 0.8, 2, 1));
+        assert!(!w.observe(Monitor::ValAccuracy.higher_is_better(), 0.7, 3, 1));
+        assert!(w.observe(Monitor::ValAccuracy.higher_is_better(), 0.9, 4, 2));
         assert_eq!(w.best, Some(0.9));
     }
 

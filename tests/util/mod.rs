@@ -226,7 +226,7 @@ pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Run {
 
 /// The flat parameters of a saved model file.
 pub fn params(path: &Path) -> Vec<f32> {
-    let m = dptrain::modelfile::load(path).expect("model file");
+    let m = dptrain::store::modelfile::load(path).expect("model file");
     let spec = m.spec.clone().expect("spec in metadata");
     m.flat_params(&spec, path).expect("parameters")
 }

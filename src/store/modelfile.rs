@@ -7,13 +7,13 @@
 //! interrupted save never damages the file already there.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::data::Normalizer;
 use crate::model::ModelSpec;
+use crate::store::atomic::write_atomic;
 
 pub const FORMAT: &str = "dptrain-model-1";
 
@@ -113,39 +113,10 @@ pub fn save_with(
         path: p.clone(),
         msg: e.to_string(),
     })?;
-    write_atomic(path, &out)
-}
-
-/// Write `bytes` to `path` through a temporary file in the same folder, fsync, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelFileError> {
-    let p = path.display().to_string();
-    let err = |source| ModelFileError::Write {
-        path: p.clone(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    write_atomic(path, &out).map_err(|e| ModelFileError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Read a model file (any safetensors file with f32 tensors; metadata when present).
@@ -241,7 +212,7 @@ pub fn load_usable(path: &Path) -> anyhow::Result<Usable> {
         .and_then(|m| m.get("dptrain.format").cloned())
         .is_some_and(|f| f.starts_with("dptrain-checkpoint"));
     if is_checkpoint {
-        let ck = crate::checkpoint::parse(&bytes, &p)?;
+        let ck = crate::store::checkpoint::parse(&bytes, &p)?;
         return Ok(Usable {
             meta: ModelMeta {
                 labels: ck.state.labels.clone(),

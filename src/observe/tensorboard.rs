@@ -124,15 +124,7 @@ fn now() -> f64 {
 
 /// This machine's host name, made safe for a file name; "localhost" when it cannot be had.
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let raw = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
+    let raw = crate::store::outputs::host_name().unwrap_or_default();
     let clean: String = raw
         .chars()
         .map(|c| {

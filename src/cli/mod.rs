@@ -6,17 +6,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::autotune::{self, AutotuneMode};
+use crate::train::autotune::{self, AutotuneMode};
 use crate::backend::{self, BackendInit, Precision, Split};
-use crate::bench::StepBenchConfig;
-use crate::comm::{Communicator, SingleProcess};
-use crate::consistency;
+use crate::distributed::exchange::config::ExchangeArgs;
+use crate::tools::bench::StepBenchConfig;
+use crate::distributed::comm::{Communicator, SingleProcess};
+use crate::distributed::agree as consistency;
 use crate::data::{self, CsvOptions, Dataset, HeaderMode, LabelColumn, NormKind, synth};
 use crate::model::{Activation, ModelKind};
 use crate::optim::{OptimArgs, OptimConfig, ScheduleKind};
 use crate::train::{
-    self, CheckpointUnit, DeviceKind, NanPolicy, ResumeFrom, RunControl, ShardMode, StepPlan,
-    SyncMode, TrainConfig,
+    self, CheckpointUnit, DeviceKind, NanPolicy, ResumeFrom, RunControl, ShardMode, StepPlan, TrainConfig,
 };
 
 #[derive(Parser, Debug)]
@@ -114,30 +114,8 @@ pub struct StepBenchArgs {
     /// Kernel tuning before timing: auto, on, off, cached (as `train`).
     #[arg(long, value_enum, default_value = "auto")]
     pub autotune: AutotuneMode,
-    /// Under mpirun: gradient bucket size in MiB (as `train`).
-    #[arg(long, default_value_t = crate::train::config::DEFAULT_BUCKET_MB)]
-    pub bucket_mb: f64,
-    /// Under mpirun: gradients on an f32, bf16 or f16 wire (as `train`).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub grad_wire: crate::compress::WireFormat,
-    /// Under mpirun: none, or powersgd (as `train`; no warm-up here).
-    #[arg(long, value_enum, default_value = "none")]
-    pub compress: crate::train::config::CompressKind,
-    /// PowerSGD's rank with --compress powersgd.
-    #[arg(long, default_value_t = 4)]
-    pub powersgd_rank: usize,
-    /// Under mpirun: 1 applies the previous step's gradient while this step's sums travel.
-    #[arg(long, default_value_t = 0)]
-    pub staleness: u64,
-    /// Under mpirun: exchange gradients every step, or average parameters every --sync-every.
-    #[arg(long, value_enum, default_value = "grads")]
-    pub sync: SyncMode,
-    /// Local steps between parameter averages with --sync params.
-    #[arg(long, default_value_t = 1)]
-    pub sync_every: u64,
-    /// With --sync params: the average travels while the next round's steps run.
-    #[arg(long)]
-    pub async_average: bool,
+    #[command(flatten)]
+    pub exchange: ExchangeArgs,
     /// Also write the result as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -155,55 +133,7 @@ pub enum BenchCommand {
     /// Predicted (not measured) step time and scaling efficiency for 2 to 512 ranks, per workload
     /// and exchange (f32, bf16, PowerSGD, local SGD, overlapped or not), from the measured step
     /// times and allreduce figures (docs/SCALING.md).
-    Scaling(ScalingBenchArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct ScalingBenchArgs {
-    /// Workloads to model (default: seed-logreg, mnist-mlp, wide-mlp).
-    #[arg(long, value_delimiter = ',')]
-    pub workload: Vec<String>,
-    /// A `bench comm --json` file to fit the allreduce's latency and bandwidth to (default: the
-    /// H200 machine's shared-memory figures of WORKLOADS.md).
-    #[arg(long)]
-    pub comm_json: Option<PathBuf>,
-    /// Fit only rows of at most this many bytes (the trainer's buckets are 4 MiB; at 8 ranks
-    /// Open MPI's default algorithm already slows at 16 MiB).
-    #[arg(long, default_value_t = 8 << 20)]
-    pub fit_max_bytes: u64,
-    /// One rank's step time without exchange, WORKLOAD=MS (repeatable; default: the H200 figures).
-    #[arg(long = "step-ms", value_parser = crate::bench::parse_step_ms)]
-    pub step_ms: Vec<(String, f64)>,
-    /// Ranks per node; collectives over more ranks also cross the network.
-    #[arg(long, default_value_t = 8)]
-    pub ranks_per_node: usize,
-    /// Network bandwidth per node, GB/s (25: InfiniBand HDR; 12.5: 100 GbE); an assumption.
-    #[arg(long, default_value_t = 25.0)]
-    pub inter_gbs: f64,
-    /// Network latency per message step, µs; an assumption.
-    #[arg(long, default_value_t = 5.0)]
-    pub inter_alpha_us: f64,
-    /// Allreduce algorithm of the printed tables: ring or tree (the JSON holds both).
-    #[arg(long, value_enum, default_value = "ring")]
-    pub algo: crate::scaling::Algo,
-    /// Gradient bucket size in bytes (0: one allreduce for all gradients).
-    #[arg(long, default_value_t = 4 << 20)]
-    pub bucket_bytes: u64,
-    /// PowerSGD rank.
-    #[arg(long, default_value_t = 4)]
-    pub powersgd_rank: usize,
-    /// Local SGD: average the parameters every H steps.
-    #[arg(long, default_value_t = 8)]
-    pub sync_every: u64,
-    /// Share of one rank's step the exchange can overlap (the backward pass, about 2/3).
-    #[arg(long, default_value_t = 2.0 / 3.0)]
-    pub overlap_share: f64,
-    /// Largest rank count (2, 4, 8, ... up to this).
-    #[arg(long, default_value_t = 512)]
-    pub max_ranks: usize,
-    /// Also write the predictions as JSON.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    Scaling(crate::tools::scaling::ScalingBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -499,51 +429,13 @@ pub struct TrainArgs {
         help_heading = "Distributed"
     )]
     pub shard: ShardMode,
-    /// Under mpirun: allreduce gradients every step, or average parameters every --sync-every steps.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "grads",
-        help_heading = "Distributed"
-    )]
-    pub sync: SyncMode,
-    /// Target size of a gradient bucket in MiB: buckets of whole layers, last layers first, are
-    /// summed over the ranks while backward goes on (0: one bucket after backward).
-    #[arg(long, default_value_t = crate::train::config::DEFAULT_BUCKET_MB, help_heading = "Distributed")]
-    pub bucket_mb: f64,
-    /// How gradients travel between ranks: f32, or bf16/f16 (half the bytes) with error feedback,
-    /// summed in f32 at each segment's owner.
-    #[arg(long, value_enum, default_value = "f32", help_heading = "Distributed")]
-    pub grad_wire: crate::compress::WireFormat,
-    /// Gradient compression: none, or powersgd (each weight matrix sent as a rank-R product, with
-    /// error feedback, after --powersgd-warmup steps of plain allreduce).
-    #[arg(long, value_enum, default_value = "none", help_heading = "Distributed")]
-    pub compress: crate::train::config::CompressKind,
-    /// The rank R of PowerSGD's factors.
-    #[arg(long, default_value_t = 4, help_heading = "Distributed")]
-    pub powersgd_rank: usize,
-    /// Steps of plain allreduce before PowerSGD starts.
-    #[arg(long, default_value_t = 100, help_heading = "Distributed")]
-    pub powersgd_warmup: u64,
-    /// 1: each step applies the previous step's summed gradient while its own gradient's sums
-    /// travel (one-step-delayed SGD; also with one rank); 0: synchronous.
-    #[arg(long, default_value_t = 0, help_heading = "Distributed")]
-    pub staleness: u64,
-    /// The momentum to use with --staleness 1 instead of --momentum (a delay acts like extra
-    /// momentum; see the README for measured values).
-    #[arg(long, help_heading = "Distributed")]
-    pub staleness_momentum: Option<f64>,
-    /// With --sync params: compute each round's parameter average in the background while the
-    /// ranks take the next --sync-every local steps, then apply it as a correction.
-    #[arg(long, help_heading = "Distributed")]
-    pub async_average: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub exchange: ExchangeArgs,
     /// Under mpirun: share out each global batch between ranks (off: equal parts; auto: after 20
     /// steps of timing each rank's compute, parts proportional to its rows per second).
     #[arg(long, value_enum, default_value = "off", help_heading = "Distributed")]
     pub balance: crate::train::config::BalanceMode,
-    /// Local steps between parameter averages with --sync params.
-    #[arg(long, default_value_t = 1, help_heading = "Distributed")]
-    pub sync_every: u64,
     /// Under mpirun: seconds any collective may wait before the job is aborted, naming the ranks
     /// that have not arrived (0: wait forever, with MPI's blocking collectives).
     #[arg(long, default_value_t = 300.0, value_parser = non_negative_seconds, help_heading = "Distributed")]
@@ -772,7 +664,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         lr: a.lr,
         optim: {
             let mut o = a.optim.config();
-            if let (1, Some(m)) = (a.staleness, a.staleness_momentum) {
+            if let Some(m) = a.exchange.momentum() {
                 o.momentum = m;
             }
             o
@@ -791,18 +683,10 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         device: a.device,
         gpu: a.gpu,
         shard: a.shard,
-        sync: a.sync,
-        sync_every: a.sync_every,
         precision: a.precision,
         val_fraction: a.val_fraction,
-        bucket_mb: a.bucket_mb,
-        grad_wire: a.grad_wire,
-        compress: a.compress,
-        powersgd_rank: a.powersgd_rank,
-        powersgd_warmup: a.powersgd_warmup,
+        exchange: a.exchange.config(100),
         balance: a.balance,
-        staleness: a.staleness,
-        async_average: a.async_average,
     }
 }
 
@@ -846,8 +730,8 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     if a.keep_checkpoints == 0 {
         bail!("--keep-checkpoints must be at least 1");
     }
-    if let Some(m) = a.staleness_momentum {
-        if a.staleness != 1 {
+    if let Some(m) = a.exchange.staleness_momentum {
+        if a.exchange.staleness != 1 {
             bail!("--staleness-momentum applies to --staleness 1");
         }
         if !(0.0..1.0).contains(&m) {
@@ -887,9 +771,9 @@ fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
 }
 
 /// Every path `train` reads and writes, for the checks before the run.
-fn run_paths(a: &TrainArgs) -> crate::outputs::RunPaths {
+fn run_paths(a: &TrainArgs) -> crate::store::outputs::RunPaths {
     let data = |s: &str| (!s.starts_with("synth:")).then(|| PathBuf::from(s));
-    let mut p = crate::outputs::RunPaths::default();
+    let mut p = crate::store::outputs::RunPaths::default();
     p.inputs.extend(data(&a.data).map(|d| ("--data", d)));
     p.inputs.extend(
         a.test_data
@@ -962,7 +846,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
                 paths.check().and_then(|_| {
                     a.checkpoint_dir
                         .as_deref()
-                        .map(|d| crate::outputs::lock_dir(d, a.break_lock))
+                        .map(|d| crate::store::outputs::lock_dir(d, a.break_lock))
                         .transpose()
                 })
             }
@@ -986,7 +870,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         true => (|| {
             if let Some(p) = &settings {
                 let text = settings_toml(a)?;
-                crate::modelfile::write_atomic(p, text.as_bytes())?;
+                crate::store::atomic::write_atomic(p, text.as_bytes())?;
             }
             let metrics = a
                 .metrics_out
@@ -997,7 +881,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
                 .tensorboard
                 .as_deref()
                 .map(|d| {
-                    crate::tensorboard::EventWriter::new(d)
+                    crate::observe::tensorboard::EventWriter::new(d)
                         .map_err(|e| anyhow::anyhow!("--tensorboard: {e}"))
                 })
                 .transpose()?;
@@ -1016,8 +900,8 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     let probe = std::env::var("DPTRAIN_TRANSPORT_PROBE").map_or(true, |v| v != "off");
     if probe
         && comm.size() > 1
-        && cfg.sync == train::SyncMode::Grads
-        && let Some(w) = crate::bench::probe_transport(comm)?
+        && cfg.exchange.sync == train::SyncMode::Grads
+        && let Some(w) = crate::distributed::probe::probe_transport(comm)?
         && comm.is_root()
     {
         tracing::warn!("{}", w.trim_start_matches("warning: "));
@@ -1088,24 +972,24 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
         monitor: a.monitor,
         ..RunControl::default()
     };
-    let meta = crate::modelfile::ModelMeta {
+    let meta = crate::store::modelfile::ModelMeta {
         labels: setup.labels.clone(),
         settings: Some(settings_value),
     };
     let epochs = cfg.steps.is_none().then_some(a.epochs);
     let progress =
-        crate::progress::Progress::new(comm.is_root(), total, 0, epochs, a.progress_every);
-    let mut rec = crate::record::Recorder::new(comm.is_root(), epochs, progress);
+        crate::observe::progress::Progress::new(comm.is_root(), total, 0, epochs, a.progress_every);
+    let mut rec = crate::observe::record::Recorder::new(comm.is_root(), epochs, progress);
     rec.metrics = metrics;
     rec.tensorboard = tensorboard;
-    rec.best = a.save_best.as_deref().map(|path| crate::record::BestModel {
+    rec.best = a.save_best.as_deref().map(|path| crate::observe::record::BestModel {
         path,
         spec,
         norm: &setup.norm,
         meta: &meta,
     });
     if a.trace.is_some() {
-        crate::trace::enable();
+        crate::observe::trace::enable();
     }
     let started = std::time::Instant::now();
     let outcome = train::train_with(&cfg, &ctl, &setup, &plan, backend.as_mut(), comm, &mut rec);
@@ -1141,7 +1025,7 @@ pub fn run_train(a: &TrainArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     // the model is saved even when the metrics could not be written, and the other way round
     let saved = match (&a.save, comm.is_root()) {
         (Some(path), true) => {
-            crate::modelfile::save_with(path, spec, &setup.norm, &outcome.params, &meta)
+            crate::store::modelfile::save_with(path, spec, &setup.norm, &outcome.params, &meta)
                 .map(|_| println!("dptrain: saved {}", path.display()))
         }
         _ => Ok(()),
@@ -1191,14 +1075,14 @@ fn write_trace(
         let submitted = std::time::Instant::now();
         match backend.profile_step(&batch, &update) {
             Ok(Some(kernels)) => {
-                crate::trace::gpu_kernels(submitted, std::time::Instant::now(), &kernels)
+                crate::observe::trace::gpu_kernels(submitted, std::time::Instant::now(), &kernels)
             }
             Ok(None) => {}
             // the collective below runs on every rank all the same; the error is said after it
             Err(e) => profiled = Err(e.context("--trace: timing one step's GPU kernels")),
         }
     }
-    crate::trace::gather_and_write(comm, path)?;
+    crate::distributed::gather::write_trace(comm, path)?;
     profiled?;
     if comm.is_root() {
         println!(
@@ -1216,7 +1100,7 @@ fn summary(
     monitor: train::Monitor,
     seconds: f64,
     samples: u64,
-) -> crate::progress::Summary {
+) -> crate::observe::progress::Summary {
     let last = o.reports.last();
     let mut fin = Vec::new();
     if let Some(r) = last {
@@ -1258,7 +1142,7 @@ fn summary(
     } else {
         pick(&|r| r.test_loss, false).map(|(v, e)| ("test_loss".to_string(), v, e))
     };
-    crate::progress::Summary {
+    crate::observe::progress::Summary {
         steps: o.steps,
         epochs: last.map_or(0, |r| r.epoch),
         seconds,
@@ -1272,7 +1156,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let model = crate::modelfile::load_usable(&a.model_file)?;
+    let model = crate::store::modelfile::load_usable(&a.model_file)?;
     let spec = &model.spec;
     let loaded = load_data(&a.data, &a.csv.options(), 0)?;
     let mut ds = loaded.test.unwrap_or(loaded.train);
@@ -1287,7 +1171,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
     if !spec.is_regression() {
         relabel_for(&mut ds, model.meta.labels.as_deref())?;
         let labels = ds.class_labels()?;
-        let k = crate::apply::classes(spec);
+        let k = crate::tools::apply::classes(spec);
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= k) {
             bail!(
                 "{}: sample {}: label {l} is out of range for a model with {k} classes",
@@ -1329,10 +1213,10 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         if spec.is_regression() {
             bail!("--report: a confusion matrix needs a classifier; this model is a regression");
         }
-        let z = crate::apply::outputs(&model, &ds)?;
-        let mut c = crate::apply::Confusion::new(crate::apply::classes(spec));
+        let z = crate::tools::apply::outputs(&model, &ds)?;
+        let mut c = crate::tools::apply::Confusion::new(crate::tools::apply::classes(spec));
         for (row, &y) in z.outer_iter().zip(&ds.y) {
-            let p = crate::apply::class_of(spec.kind, row.as_slice().unwrap_or(&[]));
+            let p = crate::tools::apply::class_of(spec.kind, row.as_slice().unwrap_or(&[]));
             c.add(y as usize, p);
         }
         print!("{}", c.report(model.meta.labels.as_deref()));
@@ -1356,7 +1240,7 @@ fn relabel_for(ds: &mut Dataset, names: Option<&[String]>) -> anyhow::Result<()>
 /// `dptrain predict`: the model's outputs for every row, as CSV.
 pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
     let to_stdout = a.out.as_os_str() == "-";
-    let mut paths = crate::outputs::RunPaths::default();
+    let mut paths = crate::store::outputs::RunPaths::default();
     paths.inputs.push(("--model-file", a.model_file.clone()));
     if !a.data.starts_with("synth:") {
         paths.inputs.push(("--data", PathBuf::from(&a.data)));
@@ -1365,7 +1249,7 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
         paths.files.push(("--out", a.out.clone()));
     }
     paths.check()?;
-    let model = crate::modelfile::load_usable(&a.model_file)?;
+    let model = crate::store::modelfile::load_usable(&a.model_file)?;
     let spec = &model.spec;
     let opts = a.csv.options();
     let id = a
@@ -1409,12 +1293,12 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
         relabel_for(&mut ds, model.meta.labels.as_deref())?;
     }
     let names = model.meta.labels.as_deref();
-    let z = crate::apply::outputs(&model, &ds)?;
+    let z = crate::tools::apply::outputs(&model, &ds)?;
     let mut w = ::csv::Writer::from_writer(Vec::new());
     let mut header = vec!["id".to_string(), "predicted".to_string()];
-    let classes = crate::apply::classes(spec);
+    let classes = crate::tools::apply::classes(spec);
     if !spec.is_regression() {
-        header.extend((0..classes).map(|c| format!("p_{}", crate::apply::class_name(names, c))));
+        header.extend((0..classes).map(|c| format!("p_{}", crate::tools::apply::class_name(names, c))));
     }
     if labelled {
         header.push(
@@ -1439,10 +1323,10 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
         if spec.is_regression() {
             rec.push(zr[0].to_string());
         } else {
-            let c = crate::apply::class_of(spec.kind, &zr);
-            rec.push(crate::apply::class_name(names, c));
+            let c = crate::tools::apply::class_of(spec.kind, &zr);
+            rec.push(crate::tools::apply::class_name(names, c));
             rec.extend(
-                crate::apply::probabilities(spec.kind, &zr)
+                crate::tools::apply::probabilities(spec.kind, &zr)
                     .iter()
                     .map(|p| format!("{p:.6}")),
             );
@@ -1455,7 +1339,7 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
             rec.push(if spec.is_regression() {
                 y.to_string()
             } else {
-                crate::apply::class_name(names, y as usize)
+                crate::tools::apply::class_name(names, y as usize)
             });
         }
         w.write_record(&rec).map_err(csv_err)?;
@@ -1468,7 +1352,7 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
             .write_all(&bytes)
             .context("cannot write the predictions to stdout")?;
     } else {
-        crate::modelfile::write_atomic(&a.out, &bytes)?;
+        crate::store::atomic::write_atomic(&a.out, &bytes)?;
     }
     let mut line = format!(
         "dptrain: {} predictions{}",
@@ -1491,7 +1375,7 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
 
 /// `dptrain plot METRICS --out PICTURE`.
 pub fn run_plot(a: &PlotArgs) -> anyhow::Result<()> {
-    crate::plot::plot(&a.metrics, &a.out)?;
+    crate::tools::plot::plot(&a.metrics, &a.out)?;
     println!("dptrain: wrote {}", a.out.display());
     Ok(())
 }
@@ -1500,8 +1384,8 @@ pub fn run_plot(a: &PlotArgs) -> anyhow::Result<()> {
 pub fn run_model(cmd: &ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Show { path } => {
-            let m = crate::modelfile::load_usable(path)?;
-            print!("{}", crate::apply::show(&m, &path.display().to_string()));
+            let m = crate::store::modelfile::load_usable(path)?;
+            print!("{}", crate::tools::apply::show(&m, &path.display().to_string()));
             Ok(())
         }
     }
@@ -1617,11 +1501,11 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
                             autotune: AutotuneMode::Off,
                             exchange: Default::default(),
                         };
-                        rows.extend(crate::bench::matmul_bench_workload(&cfg, comm)?);
+                        rows.extend(crate::tools::bench::matmul_bench_workload(&cfg, comm)?);
                     }
                     rows
                 }
-                None => crate::bench::matmul_bench_square(a.size, &precisions, a.gpu, a.iters)?,
+                None => crate::tools::bench::matmul_bench_square(a.size, &precisions, a.gpu, a.iters)?,
             };
             for r in &rows {
                 let what = match (&r.rejected, r.ms, r.tflops) {
@@ -1643,17 +1527,17 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
             }
             Ok(())
         }
-        BenchCommand::Scaling(a) => crate::bench::scaling_command(a, comm),
-        BenchCommand::Comm(a) if a.probe => crate::bench::print_probe(comm),
+        BenchCommand::Scaling(a) => crate::tools::scaling::scaling_command(a, comm),
+        BenchCommand::Comm(a) if a.probe => crate::distributed::probe::print_probe(comm),
         BenchCommand::Comm(a) => {
             if a.min_bytes > a.max_bytes || a.max_bytes < 4 {
                 bail!("--min-bytes must be ≤ --max-bytes, and --max-bytes at least 4");
             }
-            let sizes = crate::bench::sizes(a.min_bytes, a.max_bytes);
+            let sizes = crate::tools::bench::sizes(a.min_bytes, a.max_bytes);
             if comm.is_root() {
-                println!("{}", crate::bench::comm_header(comm));
+                println!("{}", crate::tools::bench::comm_header(comm));
             }
-            let rows = crate::bench::comm_bench(comm, &sizes, a.warmup, a.iters)?;
+            let rows = crate::tools::bench::comm_bench(comm, &sizes, a.warmup, a.iters)?;
             if comm.is_root() {
                 for r in &rows {
                     println!("{}", r.line());
@@ -1674,8 +1558,8 @@ pub fn run_bench(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()
 }
 
 /// A named workload and its first reference batch.
-fn workload_and_batch(name: &str) -> anyhow::Result<(crate::bench::Workload, usize)> {
-    let w = crate::bench::Workload::named(name)?;
+fn workload_and_batch(name: &str) -> anyhow::Result<(crate::tools::bench::Workload, usize)> {
+    let w = crate::tools::bench::Workload::named(name)?;
     let b = match name {
         "seed-logreg" => 100,
         "mnist-mlp" => 1024,
@@ -1685,7 +1569,7 @@ fn workload_and_batch(name: &str) -> anyhow::Result<(crate::bench::Workload, usi
 }
 
 fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
-    use crate::bench::Workload;
+    use crate::tools::bench::Workload;
     let (workload, default_batch) = match (&a.workload, a.model) {
         (Some(name), None) => workload_and_batch(name)?,
         (None, Some(model)) => (
@@ -1711,20 +1595,12 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
         gpu: a.gpu,
         precision: a.precision,
         autotune: a.autotune,
-        exchange: crate::bench::BenchExchange {
-            bucket_mb: a.bucket_mb,
-            grad_wire: a.grad_wire,
-            compress: a.compress,
-            powersgd_rank: a.powersgd_rank,
-            staleness: a.staleness,
-            sync: a.sync,
-            sync_every: a.sync_every,
-            async_average: a.async_average,
-        },
+        // PowerSGD without warm-up unless asked: the repeats measure the compressed exchange
+        exchange: a.exchange.config(0),
     };
     // no agreement round here: the benchmark is full of collectives, and an error part-way on one
     // rank is ended by main's abort
-    let r = crate::bench::step_bench(&cfg, comm)?;
+    let r = crate::tools::bench::step_bench(&cfg, comm)?;
     if comm.is_root() {
         println!("{}", r.report());
         if let Some(p) = &a.json {

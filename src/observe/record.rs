@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use crate::data::Normalizer;
 use crate::model::ModelSpec;
-use crate::modelfile::ModelMeta;
-use crate::progress::Progress;
-use crate::tensorboard::EventWriter;
-use crate::train::{EpochReport, Observer, StepInfo, StepRecord, ValRecord};
+use crate::store::modelfile::ModelMeta;
+use crate::observe::progress::Progress;
+use crate::observe::tensorboard::EventWriter;
+use crate::observe::events::{EpochReport, Observer, StepInfo, StepRecord, ValRecord};
 
 /// The columns of a CSV metrics file, in order; a record leaves the ones it lacks empty.
 pub const CSV_COLUMNS: [&str; 15] = [
@@ -31,11 +31,7 @@ pub const CSV_COLUMNS: [&str; 15] = [
     "elapsed_s",
 ];
 
-/// Whether a metrics file is CSV (by its name).
-pub fn is_csv(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
-}
+pub use crate::observe::metrics::is_csv;
 
 /// The best model's destination and what it is saved with.
 pub struct BestModel<'a> {
@@ -212,7 +208,7 @@ impl Observer for Recorder<'_> {
 
     fn best(&mut self, params: &[f32], _r: &ValRecord) -> anyhow::Result<()> {
         if let (true, Some(b)) = (self.root, &self.best) {
-            crate::modelfile::save_with(b.path, b.spec, b.norm, params, b.meta)?;
+            crate::store::modelfile::save_with(b.path, b.spec, b.norm, params, b.meta)?;
         }
         Ok(())
     }
@@ -221,7 +217,7 @@ impl Observer for Recorder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::progress::Mode;
+    use crate::observe::progress::Mode;
 
     fn report(epoch: u64) -> EpochReport {
         EpochReport {
@@ -284,7 +280,7 @@ mod tests {
             "{text}"
         );
         assert!(lines[2].starts_with("step,2,15,0.25,0.75,,"), "{text}");
-        let m = crate::plot::read_metrics(&p).unwrap();
+        let m = crate::observe::metrics::read_metrics(&p).unwrap();
         assert_eq!(m.epoch["train_loss"], vec![(10.0, 1.0), (20.0, 0.5)]);
         assert_eq!(m.step["train_loss"], vec![(15.0, 0.75)]);
         assert_eq!(m.epoch["test_accuracy"], vec![(10.0, 0.75), (20.0, 0.75)]);
@@ -314,7 +310,7 @@ mod tests {
         assert_eq!(v[0]["test_accuracy"], 0.75);
         assert_eq!(v[1]["kind"], "eval");
         assert_eq!(v[1]["best"], true);
-        let m = crate::plot::read_metrics(&p).unwrap();
+        let m = crate::observe::metrics::read_metrics(&p).unwrap();
         assert_eq!(m.epoch["val_loss"], vec![(25.0, 0.5)]);
         let _ = std::fs::remove_file(&p);
     }

@@ -18,9 +18,11 @@ use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 use serde::Serialize;
 
-use super::config::{SyncMode, TrainConfig};
+pub mod config;
+
+pub use config::{CompressKind, ExchangeConfig, SyncMode};
 use crate::backend::Backend;
-use crate::comm::Communicator;
+use crate::distributed::comm::Communicator;
 
 /// Words that travel after the first bucket: loss sum, correct, count, and the number of ranks that
 /// were asked to stop (so that all stop at the same step).
@@ -75,8 +77,8 @@ impl ExchangeTimes {
 enum Compressor {
     /// 16-bit wire: two-sided error feedback, and the buffers of the all-to-all and all-gather.
     Wire {
-        fmt: crate::compress::WireFormat,
-        state: crate::compress::ExchangeState,
+        fmt: crate::distributed::codec::WireFormat,
+        state: crate::distributed::codec::ExchangeState,
         wire: Vec<u16>,
         recv: Vec<u16>,
         owned: Vec<u16>,
@@ -84,7 +86,7 @@ enum Compressor {
     },
     /// PowerSGD's factors and residuals, and the Q-phase buffer.
     PowerSgd {
-        p: Box<crate::compress::PowerSgd>,
+        p: Box<crate::distributed::codec::PowerSgd>,
         q: Vec<f32>,
     },
 }
@@ -162,12 +164,12 @@ pub struct Exchange {
 
 /// Sums over the ranks, per bucket: still in flight, or arrived (after a checkpoint or a resume).
 enum Sums {
-    Pending(Vec<crate::comm::PendingSum>),
+    Pending(Vec<crate::distributed::comm::PendingSum>),
     Ready(Vec<Vec<f32>>),
 }
 
 impl Exchange {
-    pub fn new(cfg: &TrainConfig, n_params: usize, ranks: usize) -> Self {
+    pub fn new(cfg: &ExchangeConfig, n_params: usize, ranks: usize) -> Self {
         let len = if ranks > 1 { n_params + TOTAL_WORDS } else { 0 };
         Self {
             sync: cfg.sync,
@@ -227,12 +229,12 @@ impl Exchange {
     /// (`checkpoint_state`), so a resume with the same number of ranks continues them.
     pub fn set_compression(
         &mut self,
-        cfg: &TrainConfig,
+        cfg: &ExchangeConfig,
         layout: &crate::model::Layout,
         rank: usize,
+        seed: u64,
     ) -> anyhow::Result<()> {
-        use super::config::CompressKind;
-        use crate::compress::{ExchangeState, PowerSgd, WireFormat, weight_matrices};
+        use crate::distributed::codec::{ExchangeState, PowerSgd, WireFormat, weight_matrices};
         if !self.exchanges_gradients() {
             return Ok(());
         }
@@ -253,7 +255,7 @@ impl Exchange {
                     &weight_matrices(layout),
                     n,
                     cfg.powersgd_warmup,
-                    cfg.seed,
+                    seed,
                 )?),
                 q: Vec::new(),
             }),
@@ -281,7 +283,7 @@ impl Exchange {
         global_rows: usize,
     ) -> anyhow::Result<Summed> {
         self.since_average += local_rows as u64;
-        let asked = u64::from(crate::stop::requested().is_some());
+        let asked = u64::from(crate::distributed::stop::requested().is_some());
         if !self.exchanges_gradients() {
             if local_rows > 0 {
                 let t0 = Instant::now();
@@ -325,7 +327,7 @@ impl Exchange {
         comm: &dyn Communicator,
         local_rows: usize,
         asked: u64,
-    ) -> anyhow::Result<Vec<crate::comm::PendingSum>> {
+    ) -> anyhow::Result<Vec<crate::distributed::comm::PendingSum>> {
         let n_b = self.buckets.len();
         self.times.buckets.resize(n_b, 0.0);
         let n_all: usize = self.buckets.iter().map(|b| b.range.len()).sum();
@@ -335,7 +337,7 @@ impl Exchange {
         for i in 0..n_b {
             let b = self.buckets[i].clone();
             if local_rows > 0 {
-                let _g = crate::trace::span("backward", "phase").arg("bucket", i);
+                let _g = crate::observe::trace::span("backward", "phase").arg("bucket", i);
                 let t0 = Instant::now();
                 backend.backward_through(b.layer, i == 0)?;
                 backend.stage_grads(i, b.range.clone(), i == 0)?;
@@ -372,7 +374,7 @@ impl Exchange {
                 ready.get_mut(i).and_then(Option::take),
             ) {
                 (Some(p), _) => {
-                    let _g = crate::trace::span("wait for sum", "exchange").arg("bucket", i);
+                    let _g = crate::observe::trace::span("wait for sum", "exchange").arg("bucket", i);
                     comm.finish_sum_f32(p)?
                 }
                 (None, Some(r)) => (r, 0.0),
@@ -386,7 +388,7 @@ impl Exchange {
                 "bucket {i}'s sum is short"
             );
             {
-                let _g = crate::trace::span("upload", "exchange")
+                let _g = crate::observe::trace::span("upload", "exchange")
                     .arg("bucket", i)
                     .arg("bytes", 4 * n);
                 backend.write_grads(b.range.clone(), &buf[..n])?;
@@ -423,7 +425,7 @@ impl Exchange {
         local_rows: usize,
     ) -> anyhow::Result<Option<(u64, Summed)>> {
         self.since_average += local_rows as u64;
-        let asked = u64::from(crate::stop::requested().is_some());
+        let asked = u64::from(crate::distributed::stop::requested().is_some());
         let new = self.send_all(backend, comm, local_rows, asked)?;
         let prev = match self.inflight.take() {
             Some((s, sums)) => Some((s, self.receive_all(backend, comm, sums)?)),
@@ -485,7 +487,7 @@ impl Exchange {
         local_rows: usize,
         asked: u64,
     ) -> anyhow::Result<Summed> {
-        use crate::compress::{Round, decode, segments, wire_bytes_per_rank};
+        use crate::distributed::codec::{Round, decode, segments, wire_bytes_per_rank};
         let n = self.buckets.iter().map(|b| b.range.len()).sum::<usize>();
         let (rank, ranks) = (comm.rank(), self.ranks);
         let t0 = Instant::now();
@@ -497,7 +499,7 @@ impl Exchange {
             backend.backward()?;
             back = t0.elapsed().as_secs_f64();
             self.times.backward += back;
-            let _g = crate::trace::span("readback", "exchange").arg("bytes", 4 * n);
+            let _g = crate::observe::trace::span("readback", "exchange").arg("bytes", 4 * n);
             backend.read_grads(0..n, &mut grad, true)?
         } else {
             grad.fill(0.0);
@@ -525,15 +527,15 @@ impl Exchange {
                 let w = fmt.words();
                 let segs = segments(n, ranks);
                 let counts: Vec<usize> = segs.iter().map(|r| r.len() * w).collect();
-                crate::trace::span("encode", "exchange")
+                crate::observe::trace::span("encode", "exchange")
                     .end_after(|| state.encode(&grad, *fmt, wire));
                 recv.resize(counts[rank] * ranks, 0);
                 comm.all_to_all_u16(wire, &counts, recv, &vec![counts[rank]; ranks])?;
-                crate::trace::span("sum owned segment", "exchange")
+                crate::observe::trace::span("sum owned segment", "exchange")
                     .end_after(|| state.reduce_owned(recv, *fmt, owned));
                 gathered.resize(n * w, 0);
                 comm.all_gather_u16(owned, &counts, gathered)?;
-                crate::trace::span("decode", "exchange")
+                crate::observe::trace::span("decode", "exchange")
                     .end_after(|| decode(*fmt, gathered, &mut grad));
                 comm.allreduce_sum_f32(&mut words)?;
                 wire_bytes_per_rank(n, ranks, rank, *fmt) + 16
@@ -589,11 +591,11 @@ impl Exchange {
         i: usize,
         local_rows: usize,
         asked: u64,
-    ) -> anyhow::Result<crate::comm::PendingSum> {
+    ) -> anyhow::Result<crate::distributed::comm::PendingSum> {
         let t0 = Instant::now();
         let b = self.buckets.get(i).context("bucket index")?.clone();
         let n = b.range.len();
-        let _g = crate::trace::span("readback", "exchange")
+        let _g = crate::observe::trace::span("readback", "exchange")
             .arg("bucket", i)
             .arg("bytes", 4 * n);
         let first = i == 0;
@@ -653,7 +655,7 @@ impl Exchange {
         send.clear();
         send.extend(theta.iter().map(|v| v * w));
         send.push(w);
-        send.push(f32::from(crate::stop::requested().is_some()));
+        send.push(f32::from(crate::distributed::stop::requested().is_some()));
         self.anchor = theta;
         self.since_average = 0;
         self.times.sent_bytes += (4 * (n + 2)) as f64;
@@ -809,7 +811,7 @@ impl Exchange {
                 bytes.extend_from_slice(bytemuck::cast_slice(v));
             }
             let all =
-                crate::trace::gather_to_root(comm, &bytes, crate::trace::chunk_bytes(comm.size()))?;
+                crate::distributed::gather::gather_to_root(comm, &bytes, crate::distributed::gather::chunk_bytes(comm.size()))?;
             if let Some(all) = all {
                 for (r, b) in all.iter().enumerate() {
                     let mut at = 0;
@@ -935,7 +937,7 @@ impl Exchange {
                 if let (Some(step), Some(residual)) = (psgd_step, psgd_residual) {
                     psgd_q.sort_by_key(|(k, _)| *k);
                     let q = psgd_q.into_iter().map(|(_, q)| q).collect();
-                    p.set_state(crate::compress::PowerSgdState { step, q, residual })
+                    p.set_state(crate::distributed::codec::PowerSgdState { step, q, residual })
                         .map_err(|e| anyhow::anyhow!("the checkpoint's PowerSGD state: {e}"))?;
                 }
             }

@@ -7,7 +7,7 @@
 //!
 //! Recording is off until [`enable`]; while it is off every call costs one relaxed atomic load and
 //! allocates nothing. An event carries microseconds since this process's epoch (the recorder's
-//! first use); [`gather_and_write`] shifts each rank's events onto rank 0's clock.
+//! first use); `distributed::gather::write_trace` shifts each rank's events onto rank 0's clock.
 //!
 //! Lanes follow threads: the thread that called [`enable`] is "training", the thread named
 //! `dptrain-comm` (the MPI communication thread) is "communication", [`gpu_kernels`] fills "gpu",
@@ -22,11 +22,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::comm::Communicator;
 
 /// The lane of the thread that called [`enable`].
 pub const LANE_TRAINING: u32 = 1;
@@ -42,7 +41,7 @@ const COMM_THREAD: &str = "dptrain-comm";
 /// file's metadata says so.
 pub const DEFAULT_CAP: usize = 2_000_000;
 /// Barriers whose exit times give the clock offsets (the median is taken).
-const SYNC_ROUNDS: usize = 5;
+pub const SYNC_ROUNDS: usize = 5;
 
 /// What an event is: a span with a duration, a moment, or a counter's value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,53 +350,13 @@ impl Recorder {
         let events = std::mem::take(&mut g.events);
         RankTrace {
             rank,
-            host: hostname(),
+            host: crate::store::outputs::host_name().unwrap_or_default(),
             sync_us,
             lanes: g.lanes.clone(),
             events,
             dropped: self.dropped.swap(0, Ordering::Relaxed),
             cap: self.cap,
         }
-    }
-
-    /// Every rank: stop recording, measure the clock offsets (barriers), and send the events to
-    /// rank 0, which merges them ([`merge`]) and writes `path` atomically. A collective: call it on
-    /// every rank, after the run's last other collective. Rank 0 returns the write's error.
-    pub fn gather_and_write(&self, comm: &dyn Communicator, path: &Path) -> anyhow::Result<()> {
-        self.disable();
-        let mut sync_us = Vec::with_capacity(SYNC_ROUNDS);
-        for _ in 0..SYNC_ROUNDS {
-            comm.barrier()?;
-            sync_us.push(self.now_us());
-        }
-        let mine = self.take(comm.rank(), sync_us);
-        if mine.dropped > 0 {
-            tracing::warn!(
-                "trace: rank {} kept its first {} events and dropped {} more",
-                mine.rank,
-                mine.events.len(),
-                mine.dropped
-            );
-        }
-        let bytes = serde_json::to_vec(&mine).context("serialising this rank's trace")?;
-        drop(mine);
-        let Some(parts) = gather_to_root(comm, &bytes, chunk_bytes(comm.size()))? else {
-            return Ok(());
-        };
-        drop(bytes);
-        let per_rank = parts
-            .iter()
-            .enumerate()
-            .map(|(r, b)| {
-                serde_json::from_slice::<RankTrace>(b)
-                    .with_context(|| format!("reading rank {r}'s trace"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        drop(parts);
-        let json = serde_json::to_vec(&merge(per_rank)).context("serialising the trace")?;
-        crate::modelfile::write_atomic(path, &json)
-            .with_context(|| format!("writing the trace {}", path.display()))?;
-        Ok(())
     }
 }
 
@@ -437,14 +396,6 @@ fn args_of(args: &[(&'static str, Value)]) -> Option<Value> {
     ))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default()
-}
 
 /// A span in progress; it ends (and is recorded) when dropped.
 #[must_use = "a span ends when its guard is dropped: bind it (`let _g = ...`)"]
@@ -566,70 +517,33 @@ pub fn gpu_kernels(submitted: Instant, completed: Instant, kernels: &[(String, f
     global().gpu_kernels(submitted, completed, kernels);
 }
 
-/// Every rank: gather the process recorder's events on rank 0, which writes `path` (see
-/// [`Recorder::gather_and_write`]).
-pub fn gather_and_write(comm: &dyn Communicator, path: &Path) -> anyhow::Result<()> {
-    global().gather_and_write(comm, path)
-}
-
-/// Bytes each rank sends per gather round: all ranks receive every round, so a round stays
-/// near 64 MiB in all.
-pub(crate) fn chunk_bytes(ranks: usize) -> usize {
-    ((64 << 20) / ranks.max(1)).clamp(64 << 10, 16 << 20)
-}
-
-/// Every rank's `mine`, in rank order, on rank 0 (None elsewhere), in rounds of at most `chunk`
-/// bytes a rank.
-pub(crate) fn gather_to_root(
-    comm: &dyn Communicator,
-    mine: &[u8],
-    chunk: usize,
-) -> anyhow::Result<Option<Vec<Vec<u8>>>> {
-    ensure!(chunk > 0, "gather chunk of 0 bytes");
-    let lens: Vec<usize> = comm
-        .all_gather_bytes(&(mine.len() as u64).to_le_bytes())?
-        .iter()
-        .map(|b| {
-            let a: [u8; 8] = b.as_slice().try_into().context("a rank's trace length")?;
-            Ok(u64::from_le_bytes(a) as usize)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    ensure!(
-        lens.len() == comm.size(),
-        "trace lengths from {} of {} ranks",
-        lens.len(),
-        comm.size()
-    );
-    let rounds = lens.iter().map(|l| l.div_ceil(chunk)).max().unwrap_or(0);
-    let root = comm.is_root();
-    let mut out: Vec<Vec<u8>> = if root {
-        lens.iter().map(|&l| Vec::with_capacity(l)).collect()
-    } else {
-        Vec::new()
-    };
-    for k in 0..rounds {
-        let part = mine
-            .get(k * chunk..((k + 1) * chunk).min(mine.len()))
-            .unwrap_or(&[]);
-        let parts = comm.all_gather_bytes(part)?;
-        if root {
-            ensure!(parts.len() == out.len(), "trace parts from too few ranks");
-            for (o, p) in out.iter_mut().zip(parts) {
-                o.extend_from_slice(&p);
-            }
-        }
-    }
-    if !root {
-        return Ok(None);
-    }
-    for (r, (o, &l)) in out.iter().zip(&lens).enumerate() {
-        ensure!(
-            o.len() == l,
-            "rank {r}'s trace arrived with {} of {l} bytes",
-            o.len()
+/// This rank's events as they travel to rank 0 (a warning when some were dropped).
+pub fn encode(mine: &RankTrace) -> anyhow::Result<Vec<u8>> {
+    if mine.dropped > 0 {
+        tracing::warn!(
+            "trace: rank {} kept its first {} events and dropped {} more",
+            mine.rank,
+            mine.events.len(),
+            mine.dropped
         );
     }
-    Ok(Some(out))
+    serde_json::to_vec(mine).context("serialising this rank's trace")
+}
+
+/// Rank 0, with every rank's [`encode`]d events in rank order: merge them onto its clock
+/// ([`merge`]) and write `path` atomically.
+pub fn write_merged(parts: &[Vec<u8>], path: &Path) -> anyhow::Result<()> {
+    let per_rank = parts
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            serde_json::from_slice::<RankTrace>(b).with_context(|| format!("reading rank {r}'s trace"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let json = serde_json::to_vec(&merge(per_rank)).context("serialising the trace")?;
+    crate::store::atomic::write_atomic(path, &json)
+        .with_context(|| format!("writing the trace {}", path.display()))?;
+    Ok(())
 }
 
 /// One event of the written file.
@@ -840,7 +754,6 @@ pub fn merge(mut per_rank: Vec<RankTrace>) -> Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::SingleProcess;
 
     fn sleep_us(us: u64) {
         std::thread::sleep(Duration::from_micros(us));
@@ -1132,92 +1045,6 @@ mod tests {
         assert_eq!(m.metadata.event_cap_per_rank, 3);
         // taken: the count starts again
         assert_eq!(r.take(0, vec![]).dropped, 0);
-    }
-
-    #[test]
-    fn gather_reassembles_chunks() {
-        let bytes: Vec<u8> = (0..100u8).collect();
-        for chunk in [1, 7, 100, 1000] {
-            let got = gather_to_root(&SingleProcess, &bytes, chunk)
-                .unwrap()
-                .unwrap();
-            assert_eq!(got, vec![bytes.clone()]);
-        }
-        let got = gather_to_root(&SingleProcess, &[], 7).unwrap().unwrap();
-        assert_eq!(got, vec![Vec::<u8>::new()]);
-        assert_eq!(chunk_bytes(1), 16 << 20);
-        assert_eq!(chunk_bytes(4096), 64 << 10);
-    }
-
-    #[test]
-    fn single_process_writes_a_trace_that_loads() {
-        let dir = std::env::temp_dir().join(format!("dptrain-trace-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("run.trace.json");
-        let r = Recorder::new();
-        r.enable();
-        for step in 0..3 {
-            let _s = r.span("step", "step").arg("step", step);
-            for phase in ["gather", "forward", "loss"] {
-                let _p = r.span(phase, "phase");
-                sleep_us(20);
-            }
-            let t = Instant::now();
-            {
-                let _x = r.span("exchange", "phase");
-                sleep_us(30);
-            }
-            r.gpu_kernels(
-                t,
-                Instant::now(),
-                &[("matmul".into(), 1e-5), ("relu".into(), 2e-6)],
-            );
-            r.counter("loss", 1.0 / f64::from(step + 1));
-        }
-        r.instant("done", "run");
-        r.gather_and_write(&SingleProcess, &path).unwrap();
-        assert!(!r.enabled(), "writing stops the recording");
-        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(v["displayTimeUnit"], "ms");
-        assert_eq!(v["metadata"]["ranks"], 1);
-        assert_eq!(v["metadata"]["capped"], false);
-        let evs = v["traceEvents"].as_array().unwrap();
-        let mut last: std::collections::HashMap<(u64, u64), f64> = Default::default();
-        for e in evs {
-            let ph = e["ph"].as_str().unwrap();
-            assert!(["X", "i", "C", "M"].contains(&ph), "{e}");
-            assert!(e["name"].as_str().is_some_and(|n| !n.is_empty()), "{e}");
-            let (pid, tid) = (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap());
-            assert_eq!(pid, 1);
-            let ts = e["ts"].as_f64().unwrap();
-            assert!(ts >= 0.0);
-            if ph == "X" {
-                assert!(e["dur"].as_f64().unwrap() >= 0.0);
-            }
-            if ph != "M" {
-                let prev = last.insert((pid, tid), ts).unwrap_or(f64::MIN);
-                assert!(prev <= ts, "lane {tid} goes back in time at {e}");
-            }
-        }
-        let meta = |name: &str, tid: u64| {
-            evs.iter()
-                .find(|e| e["ph"] == "M" && e["name"] == name && e["tid"] == tid)
-                .map(|e| e["args"]["name"].clone())
-        };
-        assert_eq!(meta("process_name", 0), Some(Value::from("rank 0")));
-        assert_eq!(meta("thread_name", 1), Some(Value::from("training")));
-        assert_eq!(meta("thread_name", 3), Some(Value::from("gpu")));
-        let count = |name: &str| evs.iter().filter(|e| e["name"] == name).count();
-        assert_eq!(count("step"), 3);
-        assert_eq!(count("forward"), 3);
-        assert_eq!(count("matmul"), 3);
-        assert_eq!(count("loss"), 6, "the phase and the counter");
-        assert_eq!(count("done"), 1);
-        // the recorder was emptied; no temporary file is left behind
-        assert!(r.take(0, vec![]).events.is_empty());
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(left.len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Normalizer;
 use crate::model::ModelSpec;
-use crate::modelfile::write_atomic;
+use crate::store::atomic::write_atomic;
 
 pub const FORMAT: &str = "dptrain-checkpoint-2";
 /// The first format: SGD only, its momentum buffers stored as `velocity`.
@@ -68,7 +68,7 @@ pub struct State {
     pub kernels: std::collections::BTreeMap<String, String>,
     /// The training set it was trained on (absent in checkpoints of older builds).
     #[serde(default)]
-    pub data: Option<crate::train::setup::DataFingerprint>,
+    pub data: Option<crate::data::fingerprint::DataFingerprint>,
     pub world_size: usize,
     /// The settings that must match for an exact resume (see `compatible`).
     pub settings: serde_json::Value,
@@ -76,7 +76,7 @@ pub struct State {
     pub norm: Normalizer,
     /// Early stopping's best validation value and evaluations since (absent: none yet).
     #[serde(default)]
-    pub watch: crate::train::WatchState,
+    pub watch: WatchState,
     /// Class names when the training labels were text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<String>>,
@@ -345,7 +345,7 @@ pub struct Expect<'a> {
     pub global_shard: bool,
     /// This run's training data and normaliser, which a checkpoint must share unless
     /// `allow_changed_data`.
-    pub data: &'a crate::train::setup::DataFingerprint,
+    pub data: &'a crate::data::fingerprint::DataFingerprint,
     pub norm: &'a Normalizer,
     pub allow_changed_data: bool,
 }
@@ -430,6 +430,44 @@ pub fn compatible(path: &Path, ck: &Checkpoint, want: &Expect<'_>) -> Result<(),
     Ok(())
 }
 
+/// The best watched value so far and the evaluations since; checkpoints keep it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchState {
+    pub best: Option<f64>,
+    pub best_step: u64,
+    pub best_epoch: u64,
+    /// Evaluations since the best.
+    pub since_best: u64,
+}
+
+impl WatchState {
+    /// Take one evaluation of a metric (`higher_is_better`: accuracy; else a loss or an error); true when it beats every earlier one (strictly; a NaN never does).
+    pub fn observe(&mut self, higher_is_better: bool, value: f64, step: u64, epoch: u64) -> bool {
+        let better = match self.best {
+            _ if value.is_nan() => false,
+            None => true,
+            Some(b) if higher_is_better => value > b,
+            Some(b) => value < b,
+        };
+        if better {
+            *self = WatchState {
+                best: Some(value),
+                best_step: step,
+                best_epoch: epoch,
+                since_best: 0,
+            };
+        } else {
+            self.since_best += 1;
+        }
+        better
+    }
+
+    /// Whether `patience` evaluations (0: never) have gone by without an improvement.
+    pub fn exhausted(&self, patience: u64) -> bool {
+        patience > 0 && self.since_best >= patience
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,7 +488,7 @@ mod tests {
                 lr_scale: 1.0,
                 optimizer: "adam".into(),
                 kernels: Default::default(),
-                data: Some(crate::train::setup::DataFingerprint {
+                data: Some(crate::data::fingerprint::DataFingerprint {
                     samples: 10,
                     features: 3,
                     features_crc: "0badcafe".into(),
@@ -460,7 +498,7 @@ mod tests {
                 settings: serde_json::json!({"lr": 0.1, "seed": 3}),
                 norm: Normalizer::identity(3),
                 spec: spec.clone(),
-                watch: crate::train::WatchState {
+                watch: WatchState {
                     best: Some(0.25),
                     best_step: 7,
                     best_epoch: 1,

@@ -896,11 +896,13 @@ impl PowerSgd {
 
     /// Length of the P-phase buffer: the P of each compressed matrix (m × r, stored column by
     /// column, in offset order), then the uncompressed values in gradient order.
+    #[cfg(test)]
     pub fn p_len(&self) -> usize {
         self.p_len
     }
 
     /// Length of the Q-phase buffer: the Q of each compressed matrix (n × r, column by column).
+    #[cfg(test)]
     pub fn q_len(&self) -> usize {
         self.q_len
     }
@@ -908,10 +910,6 @@ impl PowerSgd {
     /// Steps begun so far (warm-up included).
     pub fn step(&self) -> u64 {
         self.step
-    }
-
-    pub fn warmup_steps(&self) -> u64 {
-        self.warmup_steps
     }
 
     /// Whether the next [`PowerSgd::begin`] compresses ([`Round::LowRank`]).

@@ -9,7 +9,7 @@ use ndarray::Array2;
 
 use crate::data::Dataset;
 use crate::model::{ModelKind, ModelSpec};
-use crate::modelfile::Usable;
+use crate::store::modelfile::Usable;
 
 /// Rows evaluated at a time (bounds the activations' memory).
 const CHUNK: usize = 4096;
@@ -328,7 +328,7 @@ mod tests {
     use super::*;
     use crate::data::Normalizer;
     use crate::model::Activation;
-    use crate::modelfile::ModelMeta;
+    use crate::store::modelfile::ModelMeta;
 
     fn usable(spec: ModelSpec, params: Vec<f32>, norm: Normalizer) -> Usable {
         Usable {

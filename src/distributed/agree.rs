@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde_json::Value;
 
-use crate::comm::Communicator;
+use crate::distributed::comm::Communicator;
 
 /// An error that every rank has seen; rank 0 reports it, every rank exits non-zero.
 #[derive(Debug)]

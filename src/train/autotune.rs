@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{Backend, KernelChoices};
-use crate::comm::Communicator;
+use crate::backend::{Backend, KernelChoices};
+use crate::distributed::comm::Communicator;
 
 /// When to tune the kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -52,7 +52,7 @@ fn write_cache(path: &std::path::Path, cache: &Cache) {
         .map_or(Ok(()), std::fs::create_dir_all)
         .map_err(|e| e.to_string())
         .and_then(|_| serde_json::to_vec_pretty(cache).map_err(|e| e.to_string()))
-        .and_then(|b| crate::modelfile::write_atomic(path, &b).map_err(|e| e.to_string()));
+        .and_then(|b| crate::store::atomic::write_atomic(path, &b).map_err(|e| e.to_string()));
     if let Err(e) = result {
         tracing::warn!("{}: cannot write the autotune cache: {e}", path.display());
     }
@@ -82,7 +82,7 @@ pub fn choose_kernels(
     } else {
         Ok(TuneReport::default())
     };
-    let report = crate::consistency::agree(comm, report)?;
+    let report = crate::distributed::agree::agree(comm, report)?;
     let mine = serde_json::to_vec(&report.choices)?;
     let all = comm.all_gather_bytes(&mine)?;
     let choices: KernelChoices = serde_json::from_slice(&all[0])?;

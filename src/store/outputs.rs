@@ -129,12 +129,25 @@ impl RunPaths {
 
 /// This machine's name, for lock files.
 pub fn hostname() -> String {
+    host_name().unwrap_or_else(|| "unknown-host".into())
+}
+
+/// This machine's host name: the kernel's, else `$HOSTNAME`, else gethostname(2); None when none
+/// of them gives one. The one place the host name is read (locks, the trace, TensorBoard files,
+/// the transport probe); each caller chooses its own stand-in.
+pub fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown-host".into())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .or_else(|| {
+            let mut buf = [0u8; 256];
+            // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes
+            let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            (rc == 0 && end > 0).then(|| String::from_utf8_lossy(&buf[..end]).into_owned())
+        })
 }
 
 /// Whether process `pid` of this machine is alive.
