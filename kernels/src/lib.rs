@@ -12,11 +12,13 @@ pub mod dtype;
 pub mod fused;
 pub mod gather;
 pub mod grad_norm;
+pub mod im2col;
 pub mod loss;
 pub mod matmul;
 pub mod max_diff;
 pub mod optimizer;
 pub mod pack;
+pub mod pool;
 pub mod reduce_stats;
 pub mod sgd;
 #[cfg(test)]
@@ -43,6 +45,8 @@ pub const SNIPPETS: &[(&str, &str)] = &[
 /// Every kernel by file stem, with its whole source (shared snippets first), for building and tools.
 pub const SHADERS: &[(&str, &str)] = &[
     ("adam", include_str!("../../shaders/adam.wgsl")),
+    ("avg_pool", include_str!("../../shaders/avg_pool.wgsl")),
+    ("col2im", include_str!("../../shaders/col2im.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     (
         "fused_linear",
@@ -50,6 +54,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
+    ("im2col", include_str!("../../shaders/im2col.wgsl")),
     (
         "matmul",
         concat!(
@@ -96,6 +101,7 @@ pub const SHADERS: &[(&str, &str)] = &[
         ),
     ),
     ("max_diff", include_str!("../../shaders/max_diff.wgsl")),
+    ("max_pool", include_str!("../../shaders/max_pool.wgsl")),
     ("mse", include_str!("../../shaders/mse.wgsl")),
     (
         "pack_f16",
@@ -459,10 +465,13 @@ mod layout_tests {
 
     const LAYOUTS: &[(&str, Layout)] = &[
         ("adam", crate::adam::params_layout),
+        ("avg_pool", crate::im2col::params_layout),
+        ("col2im", crate::im2col::params_layout),
         ("dropout", crate::dropout::params_layout),
         ("fused_linear", crate::fused::params_layout),
         ("gather", crate::gather::params_layout),
         ("grad_norm", crate::grad_norm::params_layout),
+        ("im2col", crate::im2col::params_layout),
         ("matmul", crate::matmul::params_layout),
         ("matmul128", crate::matmul::params_layout),
         ("matmul_coop", crate::matmul::params_layout),
@@ -470,6 +479,7 @@ mod layout_tests {
         ("matmul_skinny", crate::matmul::params_layout),
         ("matmul_splitk", crate::matmul::params_layout),
         ("max_diff", crate::max_diff::params_layout),
+        ("max_pool", crate::im2col::params_layout),
         ("mse", crate::loss::params_layout),
         ("pack_f16", crate::pack::params_layout),
         ("reduce_stats", crate::reduce_stats::params_layout),
