@@ -6,6 +6,7 @@
 //! sizes that are not multiples of the kernel's tile.
 
 pub mod adam;
+pub mod batch_norm;
 pub mod context;
 pub mod dropout;
 pub mod dtype;
@@ -46,6 +47,11 @@ pub const SNIPPETS: &[(&str, &str)] = &[
 pub const SHADERS: &[(&str, &str)] = &[
     ("adam", include_str!("../../shaders/adam.wgsl")),
     ("avg_pool", include_str!("../../shaders/avg_pool.wgsl")),
+    ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
+    (
+        "channel_sums",
+        include_str!("../../shaders/channel_sums.wgsl"),
+    ),
     ("col2im", include_str!("../../shaders/col2im.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     (
@@ -466,6 +472,11 @@ mod layout_tests {
     const LAYOUTS: &[(&str, Layout)] = &[
         ("adam", crate::adam::params_layout),
         ("avg_pool", crate::im2col::params_layout),
+        ("batch_norm", crate::batch_norm::params_layout),
+        (
+            "channel_sums",
+            crate::batch_norm::sums_layout::params_layout,
+        ),
         ("col2im", crate::im2col::params_layout),
         ("dropout", crate::dropout::params_layout),
         ("fused_linear", crate::fused::params_layout),
