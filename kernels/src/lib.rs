@@ -7,13 +7,16 @@
 
 pub mod adam;
 pub mod batch_norm;
+pub mod causal_softmax;
 pub mod context;
 pub mod dropout;
 pub mod dtype;
 pub mod fused;
 pub mod gather;
+pub mod gelu;
 pub mod grad_norm;
 pub mod im2col;
+pub mod layer_norm;
 pub mod loss;
 pub mod matmul;
 pub mod max_diff;
@@ -49,6 +52,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("avg_pool", include_str!("../../shaders/avg_pool.wgsl")),
     ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
     (
+        "causal_softmax",
+        include_str!("../../shaders/causal_softmax.wgsl"),
+    ),
+    (
         "channel_sums",
         include_str!("../../shaders/channel_sums.wgsl"),
     ),
@@ -59,8 +66,10 @@ pub const SHADERS: &[(&str, &str)] = &[
         include_str!("../../shaders/fused_linear.wgsl"),
     ),
     ("gather", include_str!("../../shaders/gather.wgsl")),
+    ("gelu", include_str!("../../shaders/gelu.wgsl")),
     ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
+    ("layer_norm", include_str!("../../shaders/layer_norm.wgsl")),
     (
         "matmul",
         concat!(
@@ -473,6 +482,7 @@ mod layout_tests {
         ("adam", crate::adam::params_layout),
         ("avg_pool", crate::im2col::params_layout),
         ("batch_norm", crate::batch_norm::params_layout),
+        ("causal_softmax", crate::causal_softmax::params_layout),
         (
             "channel_sums",
             crate::batch_norm::sums_layout::params_layout,
@@ -481,8 +491,10 @@ mod layout_tests {
         ("dropout", crate::dropout::params_layout),
         ("fused_linear", crate::fused::params_layout),
         ("gather", crate::gather::params_layout),
+        ("gelu", crate::gelu::params_layout),
         ("grad_norm", crate::grad_norm::params_layout),
         ("im2col", crate::im2col::params_layout),
+        ("layer_norm", crate::layer_norm::params_layout),
         ("matmul", crate::matmul::params_layout),
         ("matmul128", crate::matmul::params_layout),
         ("matmul_coop", crate::matmul::params_layout),
