@@ -11,6 +11,7 @@ pub mod causal_softmax;
 pub mod context;
 pub mod dropout;
 pub mod dtype;
+pub mod embedding;
 pub mod fused;
 pub mod gather;
 pub mod gelu;
@@ -61,6 +62,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("col2im", include_str!("../../shaders/col2im.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
     (
         "fused_linear",
         include_str!("../../shaders/fused_linear.wgsl"),
@@ -489,6 +491,7 @@ mod layout_tests {
         ),
         ("col2im", crate::im2col::params_layout),
         ("dropout", crate::dropout::params_layout),
+        ("embedding", crate::embedding::params_layout),
         ("fused_linear", crate::fused::params_layout),
         ("gather", crate::gather::params_layout),
         ("gelu", crate::gelu::params_layout),
