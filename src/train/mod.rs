@@ -12,6 +12,7 @@
 //! - `watch.rs`: early stopping and the best model on the validation split.
 
 pub mod config;
+pub mod app;
 pub mod autotune;
 pub mod plan;
 pub mod report;

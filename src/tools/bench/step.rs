@@ -1,5 +1,6 @@
-//! `bench --workload`: whole training steps of a reference workload or a model file, timed by
-//! phase, with the exchange set beside raw MPI of the same buckets.
+//! `bench --workload`: whole training steps of a reference workload (the one table of their
+//! shapes and reference batches is here) or a custom model, timed by phase, with the exchange set
+//! beside raw MPI of the same buckets.
 
 
 use std::time::Instant;
@@ -20,23 +21,43 @@ pub struct Workload {
     pub classes: usize,
 }
 
+/// The named reference workloads: name, model, input features, hidden widths, classes, and the
+/// reference batch (per rank) at which `bench` runs them by default and the scaling model's step
+/// times were measured. The one place these figures live.
+const REFERENCE: [(&str, crate::model::ModelKind, usize, &[usize], usize, usize); 3] = [
+    ("seed-logreg", crate::model::ModelKind::Logreg, 2, &[], 2, 100),
+    ("mnist-mlp", crate::model::ModelKind::Mlp, 784, &[1024, 1024], 10, 1024),
+    ("wide-mlp", crate::model::ModelKind::Mlp, 4096, &[4096, 4096], 1000, 8192),
+];
+
+/// The per-rank batch of a custom `--model` when no `--batch` is given.
+pub const CUSTOM_BATCH: usize = 1024;
+
 impl Workload {
     /// The named reference workloads.
     pub fn named(name: &str) -> anyhow::Result<Self> {
-        use crate::model::ModelKind;
-        let (model, features, hidden, classes) = match name {
-            "seed-logreg" => (ModelKind::Logreg, 2, vec![], 2),
-            "mnist-mlp" => (ModelKind::Mlp, 784, vec![1024, 1024], 10),
-            "wide-mlp" => (ModelKind::Mlp, 4096, vec![4096, 4096], 1000),
-            _ => anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)"),
+        let Some(&(_, model, features, hidden, classes, _)) =
+            REFERENCE.iter().find(|r| r.0 == name)
+        else {
+            anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)");
         };
         Ok(Self {
             name: name.into(),
             model,
             features,
-            hidden,
+            hidden: hidden.to_vec(),
             classes,
         })
+    }
+
+    /// The reference batch of a named workload (none for another name).
+    pub fn reference_batch(name: &str) -> Option<usize> {
+        REFERENCE.iter().find(|r| r.0 == name).map(|r| r.5)
+    }
+
+    /// The names of the reference workloads, in order.
+    pub fn reference_names() -> impl Iterator<Item = &'static str> {
+        REFERENCE.iter().map(|r| r.0)
     }
 }
 
