@@ -51,7 +51,10 @@ fn main() -> ExitCode {
     match cli::run(&cli, comm.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         // a stop asked for by a signal: every rank leaves normally, rank 0 says where to resume
-        Err(e) if e.downcast_ref::<dptrain::distributed::stop::Stopped>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<dptrain::distributed::stop::Stopped>()
+                .is_some() =>
+        {
             let stopped = e.downcast_ref::<dptrain::distributed::stop::Stopped>();
             if comm.is_root() {
                 eprintln!("dptrain: {e}");
@@ -61,7 +64,9 @@ fn main() -> ExitCode {
         Err(e) => {
             // an error all ranks agreed on is reported once, by rank 0, and every rank exits
             // non-zero; an error on one rank alone ends the whole job so nobody waits for it
-            let agreed = e.downcast_ref::<dptrain::distributed::agree::Agreed>().is_some();
+            let agreed = e
+                .downcast_ref::<dptrain::distributed::agree::Agreed>()
+                .is_some();
             if comm.size() == 1 || (agreed && comm.is_root()) {
                 eprintln!("error: {}", one_line(&e));
             } else if !agreed {

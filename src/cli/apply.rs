@@ -216,7 +216,9 @@ pub fn run_predict(a: &PredictArgs) -> anyhow::Result<()> {
     let mut header = vec!["id".to_string(), "predicted".to_string()];
     let classes = crate::tools::apply::classes(spec);
     if !spec.is_regression() {
-        header.extend((0..classes).map(|c| format!("p_{}", crate::tools::apply::class_name(names, c))));
+        header.extend(
+            (0..classes).map(|c| format!("p_{}", crate::tools::apply::class_name(names, c))),
+        );
     }
     if labelled {
         header.push(
@@ -296,7 +298,10 @@ pub fn run_model(cmd: &ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Show { path } => {
             let m = crate::store::modelfile::load_usable(path)?;
-            print!("{}", crate::tools::apply::show(&m, &path.display().to_string()));
+            print!(
+                "{}",
+                crate::tools::apply::show(&m, &path.display().to_string())
+            );
             Ok(())
         }
     }

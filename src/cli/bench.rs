@@ -166,7 +166,9 @@ pub fn run(args: &BenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
                     }
                     rows
                 }
-                None => crate::tools::bench::matmul_bench_square(a.size, &precisions, a.gpu, a.iters)?,
+                None => {
+                    crate::tools::bench::matmul_bench_square(a.size, &precisions, a.gpu, a.iters)?
+                }
             };
             for r in &rows {
                 let what = match (&r.rejected, r.ms, r.tflops) {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use super::Cli;
-use super::train::TrainArgs;
 
 /// `train --config FILE.toml`: the file's keys become flags placed before the command line's own,
 /// so that the command line overrides them (every train flag overrides an earlier use of itself).
@@ -166,8 +165,9 @@ const OUTPUT_KEYS: [&str; 5] = [
     "checkpoint-dir",
 ];
 
-/// The resolved settings of a run as TOML, usable again as `--config` (outputs as comments).
-pub fn settings_toml(a: &TrainArgs) -> anyhow::Result<String> {
+/// The resolved settings of a run (its `TrainArgs`) as TOML, usable again as `--config` (outputs
+/// as comments).
+pub fn settings_toml(a: &impl serde::Serialize) -> anyhow::Result<String> {
     let mut table = toml::Table::try_from(a)?;
     let outputs: Vec<(String, toml::Value)> = OUTPUT_KEYS
         .iter()

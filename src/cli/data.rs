@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::data::{self, CsvOptions, HeaderMode, LabelColumn};
 pub use crate::data::synth::SynthKind;
+use crate::data::{self, CsvOptions, HeaderMode, LabelColumn};
 
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {

@@ -287,7 +287,9 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
     }
 }
 
-/// Checkpoint and recovery flags that cannot work together.
+/// The train flags the parser cannot check alone: checkpoint and recovery flags that cannot work
+/// together, flags that need a validation set, the staleness momentum, the monitor, the progress
+/// interval.
 fn check_run_args(a: &TrainArgs) -> anyhow::Result<()> {
     if a.keep_checkpoints == 0 {
         bail!("--keep-checkpoints must be at least 1");

@@ -137,7 +137,14 @@ impl SynthKind {
 
     /// `n` rows of this kind. The seed example always has 2 features; `classes` applies to blobs
     /// and random, `noise` to linear. The callers check the sizes, each naming its own flags.
-    pub fn generate(self, n: usize, features: usize, classes: usize, noise: f64, seed: u64) -> Dataset {
+    pub fn generate(
+        self,
+        n: usize,
+        features: usize,
+        classes: usize,
+        noise: f64,
+        seed: u64,
+    ) -> Dataset {
         match self {
             Self::Seed => seed_example(n, seed),
             Self::Blobs => blobs(n, features, classes, seed),
@@ -169,7 +176,11 @@ pub fn from_spec(spec: &str, seed: u64) -> anyhow::Result<Dataset> {
         bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)");
     };
     let (f0, k0) = kind.defaults();
-    let features = if kind == SynthKind::Seed { 2 } else { arg(1, f0) };
+    let features = if kind == SynthKind::Seed {
+        2
+    } else {
+        arg(1, f0)
+    };
     crate::limits::check_dataset(&format!("--data {spec}"), n as u64, features as u64)?;
     let classes = arg(2, k0);
     if classes > crate::limits::MAX_CLASSES {

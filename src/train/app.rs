@@ -273,9 +273,7 @@ pub fn run(cfg: &TrainConfig, opts: AppOptions, comm: &dyn Communicator) -> anyh
     drop(lock);
     let errors: Vec<String> = [
         rec.write_error,
-        saved
-            .err()
-            .map(|e| agree::one_line(&anyhow::Error::new(e))),
+        saved.err().map(|e| agree::one_line(&anyhow::Error::new(e))),
         traced.err().map(|e| agree::one_line(&e)),
     ]
     .into_iter()
@@ -289,10 +287,7 @@ pub fn run(cfg: &TrainConfig, opts: AppOptions, comm: &dyn Communicator) -> anyh
 
 /// Training and test sets as `train` resolves them: the test data given, else the data's own
 /// (an MNIST directory's t10k files), else a seeded `test_fraction` split, else none.
-pub fn resolve_datasets(
-    src: &DataSource,
-    seed: u64,
-) -> anyhow::Result<(Dataset, Option<Dataset>)> {
+pub fn resolve_datasets(src: &DataSource, seed: u64) -> anyhow::Result<(Dataset, Option<Dataset>)> {
     let csv = &src.csv;
     if !(src.test_fraction.is_finite() && (0.0..1.0).contains(&src.test_fraction)) {
         bail!(

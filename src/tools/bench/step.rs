@@ -2,7 +2,6 @@
 //! shapes and reference batches is here) or a custom model, timed by phase, with the exchange set
 //! beside raw MPI of the same buckets.
 
-
 use std::time::Instant;
 
 use anyhow::ensure;
@@ -25,9 +24,30 @@ pub struct Workload {
 /// reference batch (per rank) at which `bench` runs them by default and the scaling model's step
 /// times were measured. The one place these figures live.
 const REFERENCE: [(&str, crate::model::ModelKind, usize, &[usize], usize, usize); 3] = [
-    ("seed-logreg", crate::model::ModelKind::Logreg, 2, &[], 2, 100),
-    ("mnist-mlp", crate::model::ModelKind::Mlp, 784, &[1024, 1024], 10, 1024),
-    ("wide-mlp", crate::model::ModelKind::Mlp, 4096, &[4096, 4096], 1000, 8192),
+    (
+        "seed-logreg",
+        crate::model::ModelKind::Logreg,
+        2,
+        &[],
+        2,
+        100,
+    ),
+    (
+        "mnist-mlp",
+        crate::model::ModelKind::Mlp,
+        784,
+        &[1024, 1024],
+        10,
+        1024,
+    ),
+    (
+        "wide-mlp",
+        crate::model::ModelKind::Mlp,
+        4096,
+        &[4096, 4096],
+        1000,
+        8192,
+    ),
 ];
 
 /// The per-rank batch of a custom `--model` when no `--batch` is given.
@@ -102,7 +122,6 @@ pub struct WorkloadRun {
     /// Samples over all ranks.
     pub samples: usize,
 }
-
 
 impl WorkloadRun {
     pub fn open(cfg: &StepBenchConfig, comm: &dyn Communicator) -> anyhow::Result<Self> {

@@ -2,8 +2,6 @@
 
 pub mod model;
 
-
-
 use anyhow::{Context, ensure};
 use serde::Serialize;
 
@@ -61,7 +59,6 @@ pub struct ScalingBenchArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
-
 
 /// One rank's measured step time (no exchange) of each reference workload at its reference batch
 /// (`Workload::reference_batch`), on one NVIDIA H200, fp32, with where it was measured:
@@ -168,10 +165,7 @@ pub struct ScalingReport {
 
 /// `dptrain bench scaling`: predicted step time and efficiency for 2 … max ranks, per workload and
 /// way of exchanging; printed on rank 0 (no collective runs).
-pub fn scaling_command(
-    a: &ScalingBenchArgs,
-    comm: &dyn Communicator,
-) -> anyhow::Result<()> {
+pub fn scaling_command(a: &ScalingBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     use model::{self as scaling, Algo, Link, Network, Sample, Scenario, Settings};
     ensure!(
         a.inter_gbs.is_finite() && a.inter_gbs > 0.0,
