@@ -28,3 +28,4 @@ impl DataFingerprint {
         }
     }
 }
+

@@ -97,6 +97,7 @@ pub fn gather_to_root(
     Ok(Some(out))
 }
 
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};

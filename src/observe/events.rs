@@ -149,3 +149,4 @@ impl EvalReport {
         }
     }
 }
+

@@ -150,3 +150,4 @@ pub fn parse_metrics(text: &str) -> anyhow::Result<Metrics> {
     }
     Ok(m)
 }
+

@@ -26,6 +26,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+
 /// The lane of the thread that called [`enable`].
 pub const LANE_TRAINING: u32 = 1;
 /// The lane of the communication thread.
@@ -395,6 +396,7 @@ fn args_of(args: &[(&'static str, Value)]) -> Option<Value> {
     ))
 }
 
+
 /// A span in progress; it ends (and is recorded) when dropped.
 #[must_use = "a span ends when its guard is dropped: bind it (`let _g = ...`)"]
 pub struct SpanGuard<'a> {
@@ -535,8 +537,7 @@ pub fn write_merged(parts: &[Vec<u8>], path: &Path) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(r, b)| {
-            serde_json::from_slice::<RankTrace>(b)
-                .with_context(|| format!("reading rank {r}'s trace"))
+            serde_json::from_slice::<RankTrace>(b).with_context(|| format!("reading rank {r}'s trace"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let json = serde_json::to_vec(&merge(per_rank)).context("serialising the trace")?;

@@ -12,10 +12,10 @@ use serde::Serialize;
 use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::TrainConfig;
+use crate::distributed::exchange::{Exchange, Summed};
 use super::plan::StepPlan;
 use crate::backend::Backend;
 use crate::distributed::comm::Communicator;
-use crate::distributed::exchange::{Exchange, Summed};
 use crate::optim::{LearningRate, OptimConfig, Schedule};
 
 /// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.

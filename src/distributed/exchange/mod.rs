@@ -20,9 +20,9 @@ use serde::Serialize;
 
 pub mod config;
 
+pub use config::{CompressKind, ExchangeConfig, SyncMode};
 use crate::backend::Backend;
 use crate::distributed::comm::Communicator;
-pub use config::{CompressKind, ExchangeConfig, SyncMode};
 
 /// Words that travel after the first bucket: loss sum, correct, count, and the number of ranks that
 /// were asked to stop (so that all stop at the same step).
@@ -374,8 +374,7 @@ impl Exchange {
                 ready.get_mut(i).and_then(Option::take),
             ) {
                 (Some(p), _) => {
-                    let _g =
-                        crate::observe::trace::span("wait for sum", "exchange").arg("bucket", i);
+                    let _g = crate::observe::trace::span("wait for sum", "exchange").arg("bucket", i);
                     comm.finish_sum_f32(p)?
                 }
                 (None, Some(r)) => (r, 0.0),
@@ -811,11 +810,8 @@ impl Exchange {
                 bytes.extend_from_slice(&(v.len() as u64).to_le_bytes());
                 bytes.extend_from_slice(bytemuck::cast_slice(v));
             }
-            let all = crate::distributed::gather::gather_to_root(
-                comm,
-                &bytes,
-                crate::distributed::gather::chunk_bytes(comm.size()),
-            )?;
+            let all =
+                crate::distributed::gather::gather_to_root(comm, &bytes, crate::distributed::gather::chunk_bytes(comm.size()))?;
             if let Some(all) = all {
                 for (r, b) in all.iter().enumerate() {
                     let mut at = 0;

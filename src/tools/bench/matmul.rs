@@ -1,5 +1,7 @@
 //! `bench matmul`: every verified product kernel of the adapter, timed.
 
+
+
 use anyhow::ensure;
 use serde::Serialize;
 

@@ -376,6 +376,7 @@ where
     Ok(())
 }
 
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -723,3 +724,4 @@ mod tests {
         }
     }
 }
+

@@ -265,3 +265,4 @@ impl<B: DrawingBackend> DrawingBackend for TextBackend<B> {
         result
     }
 }
+

@@ -123,7 +123,12 @@ impl Threaded {
     }
 
     /// Wait for a job's reply under the deadline.
-    fn wait<R>(&self, rx: &std::sync::mpsc::Receiver<R>, k: u64, what: &dyn Fn() -> String) -> R {
+    fn wait<R>(
+        &self,
+        rx: &std::sync::mpsc::Receiver<R>,
+        k: u64,
+        what: &dyn Fn() -> String,
+    ) -> R {
         use std::sync::mpsc::RecvTimeoutError;
         match self.timeout.get() {
             None => match rx.recv() {
