@@ -20,34 +20,43 @@ pub struct Workload {
     pub classes: usize,
 }
 
-/// The named reference workloads: name, model, input features, hidden widths, classes, and the
-/// reference batch (per rank) at which `bench` runs them by default and the scaling model's step
-/// times were measured. The one place these figures live.
-const REFERENCE: [(&str, crate::model::ModelKind, usize, &[usize], usize, usize); 3] = [
-    (
-        "seed-logreg",
-        crate::model::ModelKind::Logreg,
-        2,
-        &[],
-        2,
-        100,
-    ),
-    (
-        "mnist-mlp",
-        crate::model::ModelKind::Mlp,
-        784,
-        &[1024, 1024],
-        10,
-        1024,
-    ),
-    (
-        "wide-mlp",
-        crate::model::ModelKind::Mlp,
-        4096,
-        &[4096, 4096],
-        1000,
-        8192,
-    ),
+/// A named reference workload: its shape, and the per-rank batch at which `bench` runs it by
+/// default and the scaling model's step times were measured.
+struct Reference {
+    name: &'static str,
+    model: crate::model::ModelKind,
+    features: usize,
+    hidden: &'static [usize],
+    classes: usize,
+    batch: usize,
+}
+
+/// The reference workloads: the one place their shapes and batches live.
+const REFERENCE: [Reference; 3] = [
+    Reference {
+        name: "seed-logreg",
+        model: crate::model::ModelKind::Logreg,
+        features: 2,
+        hidden: &[],
+        classes: 2,
+        batch: 100,
+    },
+    Reference {
+        name: "mnist-mlp",
+        model: crate::model::ModelKind::Mlp,
+        features: 784,
+        hidden: &[1024, 1024],
+        classes: 10,
+        batch: 1024,
+    },
+    Reference {
+        name: "wide-mlp",
+        model: crate::model::ModelKind::Mlp,
+        features: 4096,
+        hidden: &[4096, 4096],
+        classes: 1000,
+        batch: 8192,
+    },
 ];
 
 /// The per-rank batch of a custom `--model` when no `--batch` is given.
@@ -56,28 +65,26 @@ pub const CUSTOM_BATCH: usize = 1024;
 impl Workload {
     /// The named reference workloads.
     pub fn named(name: &str) -> anyhow::Result<Self> {
-        let Some(&(_, model, features, hidden, classes, _)) =
-            REFERENCE.iter().find(|r| r.0 == name)
-        else {
+        let Some(r) = REFERENCE.iter().find(|r| r.name == name) else {
             anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)");
         };
         Ok(Self {
             name: name.into(),
-            model,
-            features,
-            hidden: hidden.to_vec(),
-            classes,
+            model: r.model,
+            features: r.features,
+            hidden: r.hidden.to_vec(),
+            classes: r.classes,
         })
     }
 
     /// The reference batch of a named workload (none for another name).
     pub fn reference_batch(name: &str) -> Option<usize> {
-        REFERENCE.iter().find(|r| r.0 == name).map(|r| r.5)
+        REFERENCE.iter().find(|r| r.name == name).map(|r| r.batch)
     }
 
     /// The names of the reference workloads, in order.
     pub fn reference_names() -> impl Iterator<Item = &'static str> {
-        REFERENCE.iter().map(|r| r.0)
+        REFERENCE.iter().map(|r| r.name)
     }
 }
 
