@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dptrain::cli::{self, Cli, Command};
-use dptrain::distributed::comm::Communicator;
 
 fn main() -> ExitCode {
     // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on headless machines
@@ -49,10 +48,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(&cli, comm.as_ref()) {
+    match cli::run(&cli, comm.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         // a stop asked for by a signal: every rank leaves normally, rank 0 says where to resume
-        Err(e) if e.downcast_ref::<dptrain::distributed::stop::Stopped>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<dptrain::distributed::stop::Stopped>()
+                .is_some() =>
+        {
             let stopped = e.downcast_ref::<dptrain::distributed::stop::Stopped>();
             if comm.is_root() {
                 eprintln!("dptrain: {e}");
@@ -62,7 +64,9 @@ fn main() -> ExitCode {
         Err(e) => {
             // an error all ranks agreed on is reported once, by rank 0, and every rank exits
             // non-zero; an error on one rank alone ends the whole job so nobody waits for it
-            let agreed = e.downcast_ref::<dptrain::distributed::agree::Agreed>().is_some();
+            let agreed = e
+                .downcast_ref::<dptrain::distributed::agree::Agreed>()
+                .is_some();
             if comm.size() == 1 || (agreed && comm.is_root()) {
                 eprintln!("error: {}", one_line(&e));
             } else if !agreed {
@@ -98,24 +102,4 @@ fn init_tracing(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .try_init();
-}
-
-fn run(cli: &Cli, comm: &dyn Communicator) -> anyhow::Result<()> {
-    // one process's commands: under mpirun, rank 0 alone runs them (and prints once)
-    let collective = matches!(cli.command, Command::Train(_) | Command::Bench(_));
-    if !collective && !comm.is_root() {
-        return Ok(());
-    }
-    match &cli.command {
-        Command::Train(a) => cli::run_train(a, comm),
-        Command::Eval(a) => cli::run_eval(a),
-        Command::Predict(a) => cli::run_predict(a),
-        Command::Model(m) => cli::run_model(m),
-        Command::Plot(a) => cli::run_plot(a),
-        Command::Data(d) => cli::run_data(d),
-        Command::Devices => cli::run_devices(),
-        Command::Bench(b) => cli::run_bench(b, comm),
-        Command::Completions { shell } => cli::run_completions(*shell),
-        Command::Man => cli::run_man(),
-    }
 }

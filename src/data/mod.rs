@@ -577,6 +577,18 @@ pub fn load(path: &Path, opts: &CsvOptions) -> Result<Loaded, DataError> {
     }
 }
 
+/// What a `--data` value means: a `synth:` spec (drawn from `seed`), else [`load`]'s MNIST
+/// directory or CSV file.
+pub fn load_spec(spec: &str, opts: &CsvOptions, seed: u64) -> anyhow::Result<Loaded> {
+    if spec.starts_with("synth:") {
+        return Ok(Loaded {
+            train: synth::from_spec(spec, seed)?,
+            test: None,
+        });
+    }
+    Ok(load(Path::new(spec), opts)?)
+}
+
 /// Stream of `Rng::derive` reserved for the train/test split, so the split never depends on other draws.
 pub const SPLIT_STREAM: u64 = 0x5EED_5917;
 

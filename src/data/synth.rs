@@ -101,6 +101,101 @@ pub fn linear(n: usize, features: usize, noise: f64, seed: u64) -> (Dataset, Vec
     (ds, w.iter().map(|&v| v as f32).collect(), b as f32)
 }
 
+/// The kinds of synthetic data: `train --data synth:KIND[:N[:F[:K]]]` and `data synth --kind KIND`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthKind {
+    /// The seed document's example: 2 features, labels 0/1 from a noisy linear boundary.
+    Seed,
+    /// Gaussian blobs, one per class.
+    Blobs,
+    /// x ~ N(0,1), uniform random labels (for benchmarks).
+    Random,
+    /// y = w·x + b + noise (regression).
+    Linear,
+}
+
+impl SynthKind {
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "seed" => Some(Self::Seed),
+            "blobs" => Some(Self::Blobs),
+            "random" => Some(Self::Random),
+            "linear" => Some(Self::Linear),
+            _ => None,
+        }
+    }
+
+    /// The features and classes when none are given.
+    pub fn defaults(self) -> (usize, usize) {
+        match self {
+            Self::Seed => (2, 2),
+            Self::Blobs => (2, 3),
+            Self::Random => (10, 2),
+            Self::Linear => (5, 0),
+        }
+    }
+
+    /// `n` rows of this kind. The seed example always has 2 features; `classes` applies to blobs
+    /// and random, `noise` to linear. The callers check the sizes, each naming its own flags.
+    pub fn generate(
+        self,
+        n: usize,
+        features: usize,
+        classes: usize,
+        noise: f64,
+        seed: u64,
+    ) -> Dataset {
+        match self {
+            Self::Seed => seed_example(n, seed),
+            Self::Blobs => blobs(n, features, classes, seed),
+            Self::Random => random(n, features, classes, seed),
+            Self::Linear => linear(n, features, noise, seed).0,
+        }
+    }
+}
+
+/// The dataset of a `--data synth:KIND[:N[:F[:K]]]` spec (1000 samples, the kind's features and
+/// classes when not given; linear's noise 0.1), drawn from `seed`.
+pub fn from_spec(spec: &str, seed: u64) -> anyhow::Result<Dataset> {
+    use anyhow::{Context, bail};
+    let rest = spec.strip_prefix("synth:").unwrap_or(spec);
+    let mut parts = rest.split(':');
+    let kind = parts.next().unwrap_or("");
+    let nums: Vec<usize> = parts
+        .map(|p| {
+            p.parse::<usize>()
+                .with_context(|| format!("--data {spec}: {p:?} is not a whole number"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let arg = |i: usize, default: usize| nums.get(i).copied().unwrap_or(default);
+    let n = arg(0, 1000);
+    if n == 0 {
+        bail!("--data {spec}: the sample count must be at least 1");
+    }
+    let Some(kind) = SynthKind::named(kind) else {
+        bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)");
+    };
+    let (f0, k0) = kind.defaults();
+    let features = if kind == SynthKind::Seed {
+        2
+    } else {
+        arg(1, f0)
+    };
+    crate::limits::check_dataset(&format!("--data {spec}"), n as u64, features as u64)?;
+    let classes = arg(2, k0);
+    if classes > crate::limits::MAX_CLASSES {
+        bail!(
+            "--data {spec}: {} classes, more than the {} dptrain takes",
+            classes,
+            crate::limits::MAX_CLASSES
+        );
+    }
+    if kind == SynthKind::Blobs && classes < 1 {
+        bail!("--data {spec}: blobs need at least 1 class");
+    }
+    Ok(kind.generate(n, features, classes, 0.1, seed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,7 @@
 //! The trainer, named after what it does. The step is `step.rs`: one paragraph, in phase order.
 //!
+//! - `app.rs`: what `dptrain train` runs around the loop: agreement between ranks, the lock,
+//!   the outputs, the backend, the writes at the end.
 //! - `config.rs`: `TrainConfig` and its checks.
 //! - `setup.rs`: data → model → initial parameters; the settings record ranks agree on and
 //!   checkpoints are matched against.
@@ -12,6 +14,7 @@
 //! - `watch.rs`: early stopping and the best model on the validation split.
 
 pub mod config;
+pub mod app;
 pub mod autotune;
 pub mod plan;
 pub mod report;

@@ -1,6 +1,6 @@
-//! `bench --workload`: whole training steps of a reference workload or a model file, timed by
-//! phase, with the exchange set beside raw MPI of the same buckets.
-
+//! `bench --workload`: whole training steps of a reference workload (the one table of their
+//! shapes and reference batches is here) or a custom model, timed by phase, with the exchange set
+//! beside raw MPI of the same buckets.
 
 use std::time::Instant;
 
@@ -20,23 +20,71 @@ pub struct Workload {
     pub classes: usize,
 }
 
+/// A named reference workload: its shape, and the per-rank batch at which `bench` runs it by
+/// default and the scaling model's step times were measured.
+struct Reference {
+    name: &'static str,
+    model: crate::model::ModelKind,
+    features: usize,
+    hidden: &'static [usize],
+    classes: usize,
+    batch: usize,
+}
+
+/// The reference workloads: the one place their shapes and batches live.
+const REFERENCE: [Reference; 3] = [
+    Reference {
+        name: "seed-logreg",
+        model: crate::model::ModelKind::Logreg,
+        features: 2,
+        hidden: &[],
+        classes: 2,
+        batch: 100,
+    },
+    Reference {
+        name: "mnist-mlp",
+        model: crate::model::ModelKind::Mlp,
+        features: 784,
+        hidden: &[1024, 1024],
+        classes: 10,
+        batch: 1024,
+    },
+    Reference {
+        name: "wide-mlp",
+        model: crate::model::ModelKind::Mlp,
+        features: 4096,
+        hidden: &[4096, 4096],
+        classes: 1000,
+        batch: 8192,
+    },
+];
+
+/// The per-rank batch of a custom `--model` when no `--batch` is given.
+pub const CUSTOM_BATCH: usize = 1024;
+
 impl Workload {
     /// The named reference workloads.
     pub fn named(name: &str) -> anyhow::Result<Self> {
-        use crate::model::ModelKind;
-        let (model, features, hidden, classes) = match name {
-            "seed-logreg" => (ModelKind::Logreg, 2, vec![], 2),
-            "mnist-mlp" => (ModelKind::Mlp, 784, vec![1024, 1024], 10),
-            "wide-mlp" => (ModelKind::Mlp, 4096, vec![4096, 4096], 1000),
-            _ => anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)"),
+        let Some(r) = REFERENCE.iter().find(|r| r.name == name) else {
+            anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)");
         };
         Ok(Self {
             name: name.into(),
-            model,
-            features,
-            hidden,
-            classes,
+            model: r.model,
+            features: r.features,
+            hidden: r.hidden.to_vec(),
+            classes: r.classes,
         })
+    }
+
+    /// The reference batch of a named workload (none for another name).
+    pub fn reference_batch(name: &str) -> Option<usize> {
+        REFERENCE.iter().find(|r| r.name == name).map(|r| r.batch)
+    }
+
+    /// The names of the reference workloads, in order.
+    pub fn reference_names() -> impl Iterator<Item = &'static str> {
+        REFERENCE.iter().map(|r| r.name)
     }
 }
 
@@ -81,7 +129,6 @@ pub struct WorkloadRun {
     /// Samples over all ranks.
     pub samples: usize,
 }
-
 
 impl WorkloadRun {
     pub fn open(cfg: &StepBenchConfig, comm: &dyn Communicator) -> anyhow::Result<Self> {

@@ -2,8 +2,6 @@
 
 pub mod model;
 
-
-
 use anyhow::{Context, ensure};
 use serde::Serialize;
 
@@ -62,25 +60,22 @@ pub struct ScalingBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-
-/// One rank's measured step time (no exchange) of each reference workload at its reference batch,
-/// on one NVIDIA H200, fp32, with where it was measured: (workload, batch, ms, source).
-pub const MEASURED_STEP_MS: [(&str, usize, f64, &str); 3] = [
+/// One rank's measured step time (no exchange) of each reference workload at its reference batch
+/// (`Workload::reference_batch`), on one NVIDIA H200, fp32, with where it was measured:
+/// (workload, ms, source).
+pub const MEASURED_STEP_MS: [(&str, f64, &str); 3] = [
     (
         "seed-logreg",
-        100,
         0.019,
         "dptrain on one H200, fp32, fused step: docs/PERF.md, H200 run 2",
     ),
     (
         "mnist-mlp",
-        1024,
         0.645,
         "dptrain on one H200, fp32: docs/PERF.md, H200 run 2",
     ),
     (
         "wide-mlp",
-        8192,
         56.9,
         "dptrain on one H200, fp32: docs/PERF.md, H200 run 1",
     ),
@@ -170,10 +165,7 @@ pub struct ScalingReport {
 
 /// `dptrain bench scaling`: predicted step time and efficiency for 2 … max ranks, per workload and
 /// way of exchanging; printed on rank 0 (no collective runs).
-pub fn scaling_command(
-    a: &ScalingBenchArgs,
-    comm: &dyn Communicator,
-) -> anyhow::Result<()> {
+pub fn scaling_command(a: &ScalingBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
     use model::{self as scaling, Algo, Link, Network, Sample, Scenario, Settings};
     ensure!(
         a.inter_gbs.is_finite() && a.inter_gbs > 0.0,
@@ -263,7 +255,7 @@ pub fn scaling_command(
     let ranks = scaling::rank_counts(a.max_ranks);
     let modes = scaling::table_modes(a.powersgd_rank, a.sync_every);
     let names: Vec<String> = if a.workload.is_empty() {
-        MEASURED_STEP_MS.iter().map(|m| m.0.to_string()).collect()
+        Workload::reference_names().map(str::to_string).collect()
     } else {
         a.workload.clone()
     };
@@ -342,7 +334,7 @@ pub fn scaling_command(
                 let m = measured.with_context(|| {
                     format!("no measured step time for {name}: give --step-ms {name}=MS")
                 })?;
-                (Some(m.1), m.2, m.3.to_string())
+                (Workload::reference_batch(name), m.1, m.2.to_string())
             }
         };
         let shape = scaling::ModelShape::from_linears(name, &spec.linears(), 3);
