@@ -142,7 +142,8 @@ impl<'a> Builder<'a> {
     /// Every layer's forward ops, from the input; dropouts only in training.
     fn forward_ops(&mut self, train: bool) -> anyhow::Result<Ops> {
         let mut ops = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        let layers = self.layers;
+        for (i, layer) in layers.iter().enumerate() {
             match *layer {
                 Layer::Dense {
                     index,
@@ -172,7 +173,8 @@ impl<'a> Builder<'a> {
     fn backward_ops(&mut self) -> anyhow::Result<(Ops, Vec<(usize, usize)>)> {
         let mut ops = Vec::new();
         let mut layer_ends = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate().rev() {
+        let layers = self.layers;
+        for (i, layer) in layers.iter().enumerate().rev() {
             match *layer {
                 Layer::Dense {
                     index,
