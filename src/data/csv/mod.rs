@@ -335,6 +335,7 @@ pub fn write_csv(ds: &Dataset, path: &Path) -> Result<(), DataError> {
 mod tests {
     use super::super::test_util::*;
     use super::*;
+    use crate::limits::MAX_CLASSES;
 
     fn load_str(name: &str, text: &[u8], opts: &CsvOptions) -> Result<Dataset, DataError> {
         let p = temp_file(name, text);

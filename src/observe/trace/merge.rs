@@ -250,7 +250,7 @@ pub fn merge(mut per_rank: Vec<RankTrace>) -> Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::trace::{Event, LANE_COMMUNICATION, LANE_GPU, LaneName};
+    use crate::observe::trace::{Event, LaneName};
 
     fn ev(name: &'static str, ts: f64, dur: f64, lane: u32) -> Event {
         Event {
