@@ -100,7 +100,11 @@ impl<T: Float + LinalgScalar> Walk<'_, T> {
         mut stop: impl FnMut(usize, &[T]) -> bool,
     ) -> Option<(usize, Array2<T>)> {
         for i in (0..from).rev() {
-            let input = if i == 0 { self.x } else { self.outs[i - 1].view() };
+            let input = if i == 0 {
+                self.x
+            } else {
+                self.outs[i - 1].view()
+            };
             let layer = &self.layers[i];
             let next = layer.backward(
                 self.spec,

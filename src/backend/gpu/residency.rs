@@ -195,7 +195,10 @@ impl GpuBackend {
     ) -> anyhow::Result<()> {
         let data = match pass {
             Pass::Train | Pass::EvalTrain => &self.train,
-            Pass::EvalTest => self.test.as_ref().ok_or_else(|| anyhow::anyhow!("no test set"))?,
+            Pass::EvalTest => self
+                .test
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no test set"))?,
         };
         let Resident::Host { x, y, features } = data else {
             return Ok(());

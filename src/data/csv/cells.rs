@@ -85,7 +85,12 @@ fn number_error(e: NumError, path: &str, line: usize, column: usize, text: &str)
 }
 
 /// Parses one numeric cell, mapping every failure to the error that names its line and 1-based column.
-pub(super) fn parse_cell(path: &str, line: usize, column: usize, raw: &str) -> Result<f32, DataError> {
+pub(super) fn parse_cell(
+    path: &str,
+    line: usize,
+    column: usize,
+    raw: &str,
+) -> Result<f32, DataError> {
     let text = clean(raw);
     number(text).map_err(|e| number_error(e, path, line, column, text))
 }
@@ -186,4 +191,3 @@ impl Labels {
         (y, Some(sorted.into_iter().map(|(n, _)| n).collect()))
     }
 }
-

@@ -33,7 +33,8 @@ pub fn write_merged(parts: &[Vec<u8>], path: &Path) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .map(|(r, b)| {
-            serde_json::from_slice::<RankTrace>(b).with_context(|| format!("reading rank {r}'s trace"))
+            serde_json::from_slice::<RankTrace>(b)
+                .with_context(|| format!("reading rank {r}'s trace"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let json = serde_json::to_vec(&merge(per_rank)).context("serialising the trace")?;

@@ -398,7 +398,6 @@ fn args_of(args: &[(&'static str, Value)]) -> Option<Value> {
     ))
 }
 
-
 /// A span in progress; it ends (and is recorded) when dropped.
 #[must_use = "a span ends when its guard is dropped: bind it (`let _g = ...`)"]
 pub struct SpanGuard<'a> {
