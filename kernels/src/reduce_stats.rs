@@ -46,6 +46,10 @@ impl ReduceCall {
     }
 }
 
+/// Bytes of a total buffer: four u32 words (loss sum as f32 bits, correct, count, unused), the
+/// layout `Totals::from_words` decodes.
+pub const TOTALS_BYTES: u64 = 16;
+
 /// The running total as the host reads it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Totals {
@@ -94,9 +98,9 @@ impl ReduceStats {
         }
     }
 
-    /// A zeroed total buffer (4 words).
+    /// A zeroed total buffer (`TOTALS_BYTES`).
     pub fn total_buffer(ctx: &GpuContext) -> Result<wgpu::Buffer, KernelError> {
-        ctx.storage("totals", 16)
+        ctx.storage("totals", TOTALS_BYTES)
     }
 
     /// Sum `rows` (loss, correct) pairs of `stats` into `total`, and the loss into `history[slot]`.

@@ -64,13 +64,69 @@ pub fn backward<T: Float + LinalgScalar>(
     train: &MaskContext,
     grads: &mut [T],
 ) {
-    let mut dy = dz;
-    for i in (0..layers.len()).rev() {
-        let input = if i == 0 { x } else { outs[i - 1].view() };
-        match layers[i].backward(spec, theta, input, outs[i].view(), dy, train, grads, i > 0) {
-            Some(d) => dy = d,
-            None => break,
+    let all = Walk {
+        spec,
+        layers,
+        theta,
+        x,
+        outs,
+        train,
+    };
+    all.backward(layers.len(), dz, grads, |_, _| false);
+}
+
+/// What the backward walk reads: the model, its parameters, and a batch's forward results.
+struct Walk<'a, T> {
+    spec: &'a ModelSpec,
+    layers: &'a [Layer],
+    theta: &'a [T],
+    /// The batch (layer 0's input).
+    x: ArrayView2<'a, T>,
+    /// Every layer's output.
+    outs: &'a [Array2<T>],
+    train: &'a MaskContext<'a>,
+}
+
+impl<T: Float + LinalgScalar> Walk<'_, T> {
+    /// Run backward from layer `from - 1` down, `dy` being the loss gradient at its output, writing
+    /// parameter gradients into `grads`. After each dense layer, `stop(index, grads)` is asked
+    /// whether to pause there: then the walk returns where to resume (the layer count to pass as
+    /// `from`, and the gradient at that layer's output). None when backward is finished.
+    fn backward(
+        &self,
+        from: usize,
+        mut dy: Array2<T>,
+        grads: &mut [T],
+        mut stop: impl FnMut(usize, &[T]) -> bool,
+    ) -> Option<(usize, Array2<T>)> {
+        for i in (0..from).rev() {
+            let input = if i == 0 {
+                self.x
+            } else {
+                self.outs[i - 1].view()
+            };
+            let layer = &self.layers[i];
+            let next = layer.backward(
+                self.spec,
+                self.theta,
+                input,
+                self.outs[i].view(),
+                dy,
+                self.train,
+                grads,
+                i > 0,
+            );
+            let pause = match *layer {
+                Layer::Dense { index, .. } => stop(index, grads),
+                Layer::Dropout { .. } => false,
+            };
+            match next {
+                Some(d) if pause && i > 0 => return Some((i, d)),
+                Some(d) if !pause => dy = d,
+                _ => return None,
+            }
         }
+        None
     }
 }
 
@@ -269,38 +325,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn backward(&mut self) -> anyhow::Result<()> {
-        let c = self
-            .current
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("backward before gather"))?;
-        let dz =
-            c.dz.ok_or_else(|| anyhow::anyhow!("backward before loss"))?;
-        let ctx = MaskContext {
-            seed: self.seed,
-            step: c.batch.step,
-            samples: &c.samples,
-        };
-        let grads = if c.batch.accumulate {
-            &mut self.micro
-        } else {
-            &mut self.grads
-        };
-        backward(
-            &self.spec,
-            &self.layers,
-            &self.theta,
-            c.x.view(),
-            &c.outs,
-            dz,
-            &ctx,
-            grads,
-        );
-        if c.batch.accumulate {
-            for (g, m) in self.grads.iter_mut().zip(&self.micro) {
-                *g += m;
-            }
-        }
-        Ok(())
+        self.backward_through(0, true)
     }
     fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
         let (spec, layers, theta, seed) = (&self.spec, &self.layers, &self.theta, self.seed);
@@ -314,7 +339,7 @@ impl Backend for CpuBackend {
                     .ok_or_else(|| anyhow::anyhow!("backward before loss"))?;
             c.back = Some((layers.len(), dz));
         }
-        let (mut i, mut dy) = c
+        let (from, dy) = c
             .back
             .take()
             .ok_or_else(|| anyhow::anyhow!("a staged backward out of order"))?;
@@ -323,54 +348,31 @@ impl Backend for CpuBackend {
             step: c.batch.step,
             samples: &c.samples,
         };
-        let accumulate = c.batch.accumulate;
-        let mut finished = false;
-        while i > 0 {
-            i -= 1;
-            let input = if i == 0 {
-                c.x.view()
-            } else {
-                c.outs[i - 1].view()
-            };
-            let grads = if accumulate {
-                &mut self.micro
-            } else {
-                &mut self.grads
-            };
-            let next =
-                layers[i].backward(spec, theta, input, c.outs[i].view(), dy, &ctx, grads, i > 0);
-            if let Layer::Dense { index, .. } = layers[i] {
-                if accumulate {
-                    // this layer's micro-batch gradients join the step's sums now
-                    let (w, b) = spec.offsets(index);
-                    let r = w..b + spec.linear(index).1;
-                    for (g, m) in self.grads[r.clone()].iter_mut().zip(&self.micro[r]) {
-                        *g += m;
-                    }
+        let walk = Walk {
+            spec,
+            layers,
+            theta,
+            x: c.x.view(),
+            outs: &c.outs,
+            train: &ctx,
+        };
+        let resume = if c.batch.accumulate {
+            // each layer's micro-batch gradients join the step's sums when it is done
+            let step_grads = &mut self.grads;
+            walk.backward(from, dy, &mut self.micro, |index, micro| {
+                let (w, b) = spec.offsets(index);
+                let r = w..b + spec.linear(index).1;
+                for (g, m) in step_grads[r.clone()].iter_mut().zip(&micro[r]) {
+                    *g += m;
                 }
-                if index == layer {
-                    match next {
-                        Some(d) if i > 0 => {
-                            c.back = Some((i, d));
-                            return Ok(());
-                        }
-                        _ => {
-                            finished = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            match next {
-                Some(d) => dy = d,
-                None => {
-                    finished = true;
-                    break;
-                }
-            }
-        }
-        if finished || i == 0 {
-            self.current = None;
+                index == layer
+            })
+        } else {
+            walk.backward(from, dy, &mut self.grads, |index, _| index == layer)
+        };
+        match resume {
+            Some(back) => c.back = Some(back),
+            None => self.current = None,
         }
         Ok(())
     }

@@ -22,9 +22,14 @@ use crate::data::Normalizer;
 use crate::model::ModelSpec;
 use crate::store::atomic::write_atomic;
 
-pub const FORMAT: &str = "dptrain-checkpoint-2";
-/// The first format: SGD only, its momentum buffers stored as `velocity`.
+// The formats this build reads (`dptrain.format`). It writes two of them: FORMAT_2 for a run with
+// no exchange state, FORMAT_3 for one with some, so that a checkpoint an older build could read
+// still says format 2; FORMAT_1 is read only.
+
+/// The first format: SGD only, its momentum buffers stored as `velocity`. Read, never written.
 const FORMAT_1: &str = "dptrain-checkpoint-1";
+/// Any optimizer's state by name: what a checkpoint without exchange state is written as.
+pub const FORMAT_2: &str = "dptrain-checkpoint-2";
 /// Format 2 with the exchange's state (`dptrain.extra`): written only when there is some, so that
 /// older builds refuse such a file by its format instead of calling it damaged.
 pub const FORMAT_3: &str = "dptrain-checkpoint-3";
@@ -144,7 +149,7 @@ pub fn save(dir: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf, Checkpo
         (
             "dptrain.format".to_string(),
             if extra_names.is_empty() {
-                FORMAT
+                FORMAT_2
             } else {
                 FORMAT_3
             }
@@ -227,11 +232,11 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let first_format = match meta.get("dptrain.format").map(String::as_str) {
-        Some(FORMAT) | Some(FORMAT_3) => false,
+        Some(FORMAT_2) | Some(FORMAT_3) => false,
         Some(FORMAT_1) => true,
         Some(other) => {
             return Err(format(format!(
-                "format {other:?}; this dptrain reads {FORMAT:?}, {FORMAT_3:?} and {FORMAT_1:?}"
+                "format {other:?}; this dptrain reads {FORMAT_2:?}, {FORMAT_3:?} and {FORMAT_1:?}"
             )));
         }
         None => return Err(format("no dptrain.format in its metadata".into())),
