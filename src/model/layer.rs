@@ -1,8 +1,8 @@
 //! The layers a model is made of. This file is where a layer type is registered: its variant, what
 //! it computes on the CPU (through the kernels' references, so the mathematics exists once beside its
 //! shader), and its gradient. The GPU backend records the kernels of each variant in
-//! `backend/gpu.rs` (`GpuBackend::build_plan`), fusing a dense layer's activation into its matrix
-//! product.
+//! `backend/gpu/plan.rs` (`Builder::forward_ops` and `backward_ops`), fusing a dense layer's
+//! activation into its matrix product.
 //!
 //! Both backends walk the same list: `ModelSpec::layers`.
 
