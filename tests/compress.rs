@@ -215,7 +215,12 @@ impl Communicator for Threads {
         }
         Ok(())
     }
-    fn all_gather_u16(&self, mine: &[u16], counts: &[usize], out: &mut [u16]) -> anyhow::Result<()> {
+    fn all_gather_u16(
+        &self,
+        mine: &[u16],
+        counts: &[usize],
+        out: &mut [u16],
+    ) -> anyhow::Result<()> {
         let all = self.exchange(mine.iter().map(|&w| u32::from(w)).collect());
         let mut at = 0;
         for (k, words) in all.iter().enumerate() {
@@ -303,11 +308,17 @@ fn one_bucket_codecs_are_the_whole_gradient_exchange() {
     };
     for fmt in [WireFormat::Bf16, WireFormat::F16] {
         let got = run_codec(CodecKind::Wire(fmt), &mats, &grads, words);
-        let mut states: Vec<WireFeedback> = (0..ranks).map(|j| WireFeedback::new(len, j, ranks)).collect();
+        let mut states: Vec<WireFeedback> = (0..ranks)
+            .map(|j| WireFeedback::new(len, j, ranks))
+            .collect();
         for (t, step) in grads.iter().enumerate() {
             let want = simulate_exchange(step, fmt, &mut states);
             for r in 0..ranks {
-                assert_eq!(bits(&got[t][r][..len]), bits(&want[r]), "{fmt:?} step {t} rank {r}");
+                assert_eq!(
+                    bits(&got[t][r][..len]),
+                    bits(&want[r]),
+                    "{fmt:?} step {t} rank {r}"
+                );
                 check_words(&got[t][r]);
             }
         }
@@ -321,7 +332,11 @@ fn one_bucket_codecs_are_the_whole_gradient_exchange() {
         for (t, step) in grads.iter().enumerate() {
             let want = simulate_powersgd(step, &mut states);
             for r in 0..ranks {
-                assert_eq!(bits(&got[t][r][..len]), bits(&want[r]), "powersgd step {t} rank {r}");
+                assert_eq!(
+                    bits(&got[t][r][..len]),
+                    bits(&want[r]),
+                    "powersgd step {t} rank {r}"
+                );
                 check_words(&got[t][r]);
             }
         }

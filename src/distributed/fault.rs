@@ -170,7 +170,12 @@ impl Backend for Slowed<'_> {
     fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
         self.slowly(|b| b.backward_through(layer, first))
     }
-    fn stage_grads(&mut self, slot: usize, range: Range<usize>, totals: bool) -> anyhow::Result<()> {
+    fn stage_grads(
+        &mut self,
+        slot: usize,
+        range: Range<usize>,
+        totals: bool,
+    ) -> anyhow::Result<()> {
         self.inner.stage_grads(slot, range, totals)
     }
     fn collect_grads(

@@ -112,11 +112,15 @@ impl Stepper {
             t.time(StepPhase::Backward, || backend.backward())?;
         }
         if ex.delayed() {
-            let prev = t.time(StepPhase::Exchange, || ex.delayed_gradients(backend, comm, step))?;
+            let prev = t.time(StepPhase::Exchange, || {
+                ex.delayed_gradients(backend, comm, step)
+            })?;
             t.computed(started, ex.times.idle() - idle);
             return self.delayed(backend, comm, s, step, prev);
         }
-        let summed = t.time(StepPhase::Exchange, || ex.gradients(backend, comm, mine, all))?;
+        let summed = t.time(StepPhase::Exchange, || {
+            ex.gradients(backend, comm, mine, all)
+        })?;
         t.computed(started, ex.times.idle() - idle);
         self.last_lr = self.lr.at(step);
         let update = self.optim.update(self.last_lr, step, summed.samples);
@@ -266,7 +270,9 @@ pub struct PhaseTimes {
 impl PhaseTimes {
     /// Run `f`, adding its time to `phase` (and a span of the phase to the timeline).
     pub fn time<T>(&mut self, phase: StepPhase, f: impl FnOnce() -> T) -> T {
-        self.time_quietly(phase, || crate::observe::trace::instrument_phase(phase.name(), f))
+        self.time_quietly(phase, || {
+            crate::observe::trace::instrument_phase(phase.name(), f)
+        })
     }
 
     /// Run `f`, adding its time to `phase`, with no span of its own (the caller's names it).

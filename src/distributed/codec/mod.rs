@@ -86,7 +86,10 @@ pub enum CodecKind {
 pub enum CodecState {
     None,
     /// The 16-bit wire's residuals: over the bucket, and over this rank's owned segment of it.
-    Wire { local: Vec<f32>, owned: Vec<f32> },
+    Wire {
+        local: Vec<f32>,
+        owned: Vec<f32>,
+    },
     /// PowerSGD's (its matrices numbered from the bucket's first).
     PowerSgd(PowerSgdState),
 }

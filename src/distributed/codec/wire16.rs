@@ -461,7 +461,6 @@ pub fn simulate_exchange(
         .collect()
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The bucket codec
 // ---------------------------------------------------------------------------------------------
@@ -504,8 +503,10 @@ impl BucketCodec for Wire16 {
         3
     }
     fn encode(&mut self, buf: &[f32], grad_len: usize) {
-        crate::observe::trace::span("encode", "exchange")
-            .end_after(|| self.feedback.encode(&buf[..grad_len], self.fmt, &mut self.wire));
+        crate::observe::trace::span("encode", "exchange").end_after(|| {
+            self.feedback
+                .encode(&buf[..grad_len], self.fmt, &mut self.wire)
+        });
     }
     fn reduce(
         &mut self,
@@ -518,7 +519,12 @@ impl BucketCodec for Wire16 {
         let segs = segments(grad_len, ranks);
         let counts: Vec<usize> = segs.iter().map(|r| r.len() * w).collect();
         self.recv.resize(counts[rank] * ranks, 0);
-        comm.all_to_all_u16(&self.wire, &counts, &mut self.recv, &vec![counts[rank]; ranks])?;
+        comm.all_to_all_u16(
+            &self.wire,
+            &counts,
+            &mut self.recv,
+            &vec![counts[rank]; ranks],
+        )?;
         crate::observe::trace::span("sum owned segment", "exchange")
             .end_after(|| self.feedback.reduce_owned(&self.recv, fmt, &mut self.owned));
         self.gathered.resize(grad_len * w, 0);
@@ -1199,5 +1205,4 @@ mod tests {
             assert!(rms.0 > 10.0 * rms.1, "{n}: {rms:?}");
         }
     }
-
 }

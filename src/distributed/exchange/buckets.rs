@@ -164,7 +164,10 @@ impl Bucketed {
         i: usize,
         times: &mut ExchangeTimes,
     ) -> anyhow::Result<()> {
-        let rows = self.sending.as_ref().context("a bucket before the step's exchange began")?;
+        let rows = self
+            .sending
+            .as_ref()
+            .context("a bucket before the step's exchange began")?;
         if rows.local_rows > 0 {
             let b = self.buckets.get(i).context("bucket index")?;
             backend.stage_grads(i, b.range.clone(), i == 0)?;
@@ -183,7 +186,10 @@ impl Bucketed {
         times: &mut ExchangeTimes,
     ) -> anyhow::Result<Vec<BucketSum>> {
         self.send(backend, comm, self.buckets.len() - 1, times)?;
-        let s = self.sending.take().context("the step's exchange did not begin")?;
+        let s = self
+            .sending
+            .take()
+            .context("the step's exchange did not begin")?;
         ensure!(
             s.sums.len() == self.buckets.len(),
             "{} of {} buckets were sent",
@@ -203,7 +209,10 @@ impl Bucketed {
         times: &mut ExchangeTimes,
     ) -> anyhow::Result<()> {
         let t0 = Instant::now();
-        let s = self.sending.as_mut().context("the step's exchange did not begin")?;
+        let s = self
+            .sending
+            .as_mut()
+            .context("the step's exchange did not begin")?;
         let b = self.buckets.get(i).context("bucket index")?.clone();
         let n = b.range.len();
         let first = i == 0;
@@ -238,7 +247,11 @@ impl Bucketed {
             let sent = codec.reduce(c, &mut buf, n)?;
             Ok(Box::new(Carried { codec, buf, sent }) as JobOutput)
         });
-        s.sums.push(BucketSum::InFlight(comm.start_job(what, collectives, job)?));
+        s.sums.push(BucketSum::InFlight(comm.start_job(
+            what,
+            collectives,
+            job,
+        )?));
         Ok(())
     }
 
@@ -259,9 +272,9 @@ impl Bucketed {
                         crate::observe::trace::span("wait for sum", "exchange").arg("bucket", i);
                     comm.finish_job(p)?
                 };
-                let c = out
-                    .downcast::<Carried>()
-                    .map_err(|_| anyhow::anyhow!("bucket {i}'s exchange returned something else"))?;
+                let c = out.downcast::<Carried>().map_err(|_| {
+                    anyhow::anyhow!("bucket {i}'s exchange returned something else")
+                })?;
                 let Carried { codec, buf, sent } = *c;
                 self.codecs[i].push(codec);
                 times.allreduce += secs;

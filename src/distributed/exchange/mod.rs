@@ -262,7 +262,9 @@ impl Exchange {
     ) -> anyhow::Result<Summed> {
         if self.exchanges_gradients() {
             let sums = self.bucketed.sent(backend, comm, &mut self.times)?;
-            let t = self.bucketed.receive(backend, comm, sums, &mut self.times)?;
+            let t = self
+                .bucketed
+                .receive(backend, comm, sums, &mut self.times)?;
             return Ok(Summed::of(t));
         }
         let samples = match self.sync {
@@ -300,8 +302,18 @@ impl Exchange {
         step: u64,
     ) -> anyhow::Result<Option<(u64, Summed)>> {
         let sums = self.bucketed.sent(backend, comm, &mut self.times)?;
-        let d = self.delayed.as_mut().ok_or_else(|| anyhow::anyhow!("no delayed exchange"))?;
-        let prev = d.swap(&mut self.bucketed, backend, comm, step, sums, &mut self.times)?;
+        let d = self
+            .delayed
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no delayed exchange"))?;
+        let prev = d.swap(
+            &mut self.bucketed,
+            backend,
+            comm,
+            step,
+            sums,
+            &mut self.times,
+        )?;
         Ok(prev.map(|(s, t)| (s, Summed::of(t))))
     }
 
@@ -474,7 +486,8 @@ fn gather_records(comm: &dyn Communicator, mine: &RankRecord) -> anyhow::Result<
                 .get(at..at + 8)
                 .and_then(|w| w.try_into().ok())
                 .map(u64::from_le_bytes)
-                .context("a rank's checkpoint state did not arrive whole")? as usize;
+                .context("a rank's checkpoint state did not arrive whole")?
+                as usize;
             at += 8;
             let data = b
                 .get(at..at + 4 * len)

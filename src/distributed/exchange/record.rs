@@ -83,7 +83,11 @@ impl RankRecord {
             if let Some(b) = &w.buckets {
                 let words = b
                     .iter()
-                    .flat_map(|r| u64_words(r.start as u64).into_iter().chain(u64_words(r.end as u64)))
+                    .flat_map(|r| {
+                        u64_words(r.start as u64)
+                            .into_iter()
+                            .chain(u64_words(r.end as u64))
+                    })
                     .collect();
                 out.push(("ef.buckets".into(), words));
             }
@@ -369,7 +373,12 @@ mod tests {
         let names: Vec<&str> = t.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
-            ["exchange.inflight", "rank1.since", "rank1.ef.local", "rank1.ef.owned"]
+            [
+                "exchange.inflight",
+                "rank1.since",
+                "rank1.ef.local",
+                "rank1.ef.owned"
+            ]
         );
         let back = ExchangeRecord::from_tensors(&t, 1);
         assert_eq!(back.inflight, rec.inflight);

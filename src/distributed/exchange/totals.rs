@@ -65,7 +65,10 @@ mod tests {
         assert_eq!(StepTotals::unpack(&a.pack()), a);
         let sum: Vec<f32> = a.pack().iter().zip(b.pack()).map(|(x, y)| x + y).collect();
         let s = StepTotals::unpack(&sum);
-        assert_eq!((s.totals.loss_sum, s.totals.correct, s.totals.count), (14.75, 37, 72));
+        assert_eq!(
+            (s.totals.loss_sum, s.totals.correct, s.totals.count),
+            (14.75, 37, 72)
+        );
         assert!(s.stop);
     }
 }

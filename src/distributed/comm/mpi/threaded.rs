@@ -131,12 +131,7 @@ impl Threaded {
     }
 
     /// Wait for a job's reply under the deadline.
-    fn wait<R>(
-        &self,
-        rx: &std::sync::mpsc::Receiver<R>,
-        k: u64,
-        what: &dyn Fn() -> String,
-    ) -> R {
+    fn wait<R>(&self, rx: &std::sync::mpsc::Receiver<R>, k: u64, what: &dyn Fn() -> String) -> R {
         self.wait_for(rx, k, 1, what)
     }
 
