@@ -1,9 +1,9 @@
 //! Fault injection for the reliability tests, through one environment variable:
 //! - `DPTRAIN_FAULT=stall:RANK:STEP` makes rank RANK stop (sleep for an hour) before step STEP, so
 //!   that the others wait in a collective and the stall watchdog can be seen to act;
-//! - `DPTRAIN_FAULT=slow:RANK:F` makes rank RANK's compute take F times as long (F ≥ 1): the step
-//!   runs on a [`Slowed`] backend, which sleeps F − 1 times the duration of each compute phase
-//!   after it, so that the rank looks like a slower device to the others and to `--balance auto`;
+//! - `DPTRAIN_FAULT=slow:RANK:F` makes rank RANK's compute take F times as long (F ≥ 1): after its
+//!   micro-batches, each step sleeps F − 1 times the compute of its previous step, so that the
+//!   rank looks like a slower device to the others and to `--balance auto`;
 //! - `DPTRAIN_FAULT=jitter:RANK:P:MS` makes P % of rank RANK's steps (drawn by a hash of the step,
 //!   and the rank, the same in every run) wait MS milliseconds before they start.
 //!
@@ -11,14 +11,7 @@
 //!
 //! Unset (always, outside tests) it costs one cached lookup per step.
 
-use std::ops::Range;
 use std::sync::OnceLock;
-use std::time::Instant;
-
-use dptrain_kernels::optimizer::UpdateStep;
-use dptrain_kernels::reduce_stats::Totals;
-
-use crate::backend::{Backend, Batch, KernelChoices, Split};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -100,130 +93,6 @@ pub fn slow_factor(rank: usize) -> Option<f64> {
         Fault::Slow { rank: r, factor } if r == rank && factor > 1.0 => Some(factor),
         _ => None,
     })
-}
-
-/// A backend whose compute phases take `factor` times as long (`slow:RANK:F`): each of the
-/// step's compute calls (gather, forward, loss, backward, and the waits for the gradients) is
-/// followed by a sleep of `factor` − 1 times its duration. Everything else is delegated as is.
-pub struct Slowed<'a> {
-    inner: &'a mut dyn Backend,
-    factor: f64,
-}
-
-impl<'a> Slowed<'a> {
-    pub fn new(inner: &'a mut dyn Backend, factor: f64) -> Self {
-        Self { inner, factor }
-    }
-
-    /// Run `f` on the inner backend, then sleep (factor − 1) × its duration.
-    fn slowly<T>(&mut self, f: impl FnOnce(&mut dyn Backend) -> T) -> T {
-        let t0 = Instant::now();
-        let out = f(&mut *self.inner);
-        let extra = t0.elapsed().mul_f64(self.factor - 1.0);
-        std::thread::sleep(extra);
-        out
-    }
-}
-
-impl Backend for Slowed<'_> {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn set_params(&mut self, theta: &[f32]) -> anyhow::Result<()> {
-        self.inner.set_params(theta)
-    }
-    fn params(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.inner.params()
-    }
-    fn optim_state(&mut self) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
-        self.inner.optim_state()
-    }
-    fn set_optim_state(&mut self, state: &[(String, Vec<f32>)]) -> anyhow::Result<()> {
-        self.inner.set_optim_state(state)
-    }
-    fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
-        self.inner.set_order(order)
-    }
-    fn gather(&mut self, batch: &Batch) -> anyhow::Result<()> {
-        self.slowly(|b| b.gather(batch))
-    }
-    fn forward(&mut self) -> anyhow::Result<()> {
-        self.slowly(|b| b.forward())
-    }
-    fn loss(&mut self) -> anyhow::Result<()> {
-        self.slowly(|b| b.loss())
-    }
-    fn backward(&mut self) -> anyhow::Result<()> {
-        self.slowly(|b| b.backward())
-    }
-    fn read_grads(
-        &mut self,
-        range: Range<usize>,
-        out: &mut [f32],
-        totals: bool,
-    ) -> anyhow::Result<Option<Totals>> {
-        self.slowly(|b| b.read_grads(range, out, totals))
-    }
-    fn write_grads(&mut self, range: Range<usize>, g: &[f32]) -> anyhow::Result<()> {
-        self.inner.write_grads(range, g)
-    }
-    fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
-        self.slowly(|b| b.backward_through(layer, first))
-    }
-    fn stage_grads(
-        &mut self,
-        slot: usize,
-        range: Range<usize>,
-        totals: bool,
-    ) -> anyhow::Result<()> {
-        self.inner.stage_grads(slot, range, totals)
-    }
-    fn collect_grads(
-        &mut self,
-        slot: usize,
-        range: Range<usize>,
-        out: &mut [f32],
-        totals: bool,
-    ) -> anyhow::Result<Option<Totals>> {
-        self.slowly(|b| b.collect_grads(slot, range, out, totals))
-    }
-    fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()> {
-        self.inner.update(step)
-    }
-    fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.inner.take_step_losses()
-    }
-    fn take_train_totals(&mut self) -> anyhow::Result<Totals> {
-        self.inner.take_train_totals()
-    }
-    fn profile_step(
-        &mut self,
-        batch: &Batch,
-        update: &UpdateStep,
-    ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
-        self.inner.profile_step(batch, update)
-    }
-    fn evaluate(&mut self, split: Split, range: Range<usize>) -> anyhow::Result<Totals> {
-        self.inner.evaluate(split, range)
-    }
-    fn tuning_key(&self) -> Option<String> {
-        self.inner.tuning_key()
-    }
-    fn is_hardware(&self) -> bool {
-        self.inner.is_hardware()
-    }
-    fn autotune(
-        &mut self,
-        known: &KernelChoices,
-    ) -> anyhow::Result<Vec<dptrain_kernels::tune::Tuned>> {
-        self.inner.autotune(known)
-    }
-    fn set_kernel_choices(&mut self, choices: &KernelChoices) -> anyhow::Result<()> {
-        self.inner.set_kernel_choices(choices)
-    }
-    fn loss_scale(&mut self) -> anyhow::Result<Option<(f32, u64)>> {
-        self.inner.loss_scale()
-    }
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@
 //! done, so that the gradients travel while backward goes on; then the sums arrive; then the
 //! update; then, in local SGD, the parameter average. With `--staleness 1` the update applies
 //! the previous step's sums instead ([`Stepper::delayed`]). Timing, idle and compute accounting
-//! are the `PhaseTimes` helper's business; fault injection (`DPTRAIN_FAULT=slow`) wraps the
-//! backend.
+//! are the `PhaseTimes` helper's business.
 
 use std::time::Instant;
 
@@ -18,7 +17,6 @@ use super::plan::StepPlan;
 use crate::backend::Backend;
 use crate::distributed::comm::Communicator;
 use crate::distributed::exchange::{Exchange, Summed};
-use crate::distributed::fault::Slowed;
 use crate::optim::{LearningRate, OptimConfig, Schedule};
 
 /// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
@@ -32,8 +30,10 @@ pub struct Stepper {
     pub phases: PhaseTimes,
     /// The rate of the last update: the value reports show.
     pub last_lr: f64,
-    /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: F.
+    /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: F, and the previous step's compute without the
+    /// sleep that stretches it.
     slow: Option<f64>,
+    last_compute: f64,
     /// `--staleness 1`: wait for the sums in flight at each epoch's end (the trainer; `bench`
     /// repeats a one-step epoch and turns it off).
     pub drain_at_epoch_end: bool,
@@ -59,6 +59,7 @@ impl Stepper {
             phases: PhaseTimes::default(),
             last_lr: 0.0,
             slow: crate::distributed::fault::slow_factor(plan.rank()),
+            last_compute: 0.0,
             drain_at_epoch_end: true,
         }
     }
@@ -73,14 +74,6 @@ impl Stepper {
         step: u64,
     ) -> anyhow::Result<Summed> {
         let _span = crate::observe::trace::span("step", "step").arg("step", step + 1);
-        let mut slowed;
-        let backend: &mut dyn Backend = match self.slow {
-            Some(f) => {
-                slowed = Slowed::new(backend, f);
-                &mut slowed
-            }
-            None => backend,
-        };
         let (t, ex) = (&mut self.phases, &mut self.exchange);
         let started = Instant::now();
         let idle = ex.times.idle();
@@ -93,6 +86,11 @@ impl Stepper {
             if i + 1 < batches.len() {
                 t.time(StepPhase::Backward, || backend.backward())?;
             }
+        }
+        // DPTRAIN_FAULT=slow: (F − 1) × the previous step's compute
+        let slept = self.slow.map_or(0.0, |f| (f - 1.0) * self.last_compute);
+        if slept > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(slept));
         }
         // the last backward, bucket by bucket when the gradients travel: each bucket's exchange
         // starts as soon as its layers are done
@@ -115,13 +113,15 @@ impl Stepper {
             let prev = t.time(StepPhase::Exchange, || {
                 ex.delayed_gradients(backend, comm, step)
             })?;
-            t.computed(started, ex.times.idle() - idle);
+            let compute = t.computed(started, ex.times.idle() - idle);
+            self.last_compute = (compute - slept).max(0.0);
             return self.delayed(backend, comm, s, step, prev);
         }
         let summed = t.time(StepPhase::Exchange, || {
             ex.gradients(backend, comm, mine, all)
         })?;
-        t.computed(started, ex.times.idle() - idle);
+        let compute = t.computed(started, ex.times.idle() - idle);
+        self.last_compute = (compute - slept).max(0.0);
         self.last_lr = self.lr.at(step);
         let update = self.optim.update(self.last_lr, step, summed.samples);
         if summed.samples > 0 {
@@ -307,9 +307,11 @@ impl PhaseTimes {
     }
 
     /// A step that began at `started` is done with its compute; `idle` seconds of it were
-    /// waits for the sums and their upload: the rest joins `compute`.
-    pub fn computed(&mut self, started: Instant, idle: f64) {
-        self.compute += (started.elapsed().as_secs_f64() - idle).max(0.0);
+    /// waits for the sums and their upload: the rest joins `compute`, and is returned.
+    pub fn computed(&mut self, started: Instant, idle: f64) -> f64 {
+        let c = (started.elapsed().as_secs_f64() - idle).max(0.0);
+        self.compute += c;
+        c
     }
 
     /// Recording gather, forward, loss and backward.
