@@ -233,7 +233,10 @@ pub fn wire_states(
         rec.local.len()
     );
     let now: Vec<Range<usize>> = buckets.iter().map(|b| b.range.clone()).collect();
-    let then = rec.buckets.clone().unwrap_or_else(|| vec![0..n]);
+    let then: Vec<Range<usize>> = rec
+        .buckets
+        .clone()
+        .unwrap_or_else(|| std::iter::once(0..n).collect());
     let owned_at = |bs: &[Range<usize>]| -> Vec<Range<usize>> {
         bs.iter()
             .map(|b| {
