@@ -148,7 +148,7 @@ pub fn train_with(
         let mut stepper = Stepper::new(cfg, plan, total_steps, setup.spec.layout().total);
         stepper
             .exchange
-            .set_buckets(&layer_ranges(&setup.spec), cfg.exchange.bucket_bytes());
+            .set_buckets(&layer_ranges(&setup.spec), cfg.exchange.bucket_bytes())?;
         stepper
             .exchange
             .set_compression(&cfg.exchange, &setup.spec.layout(), rank, cfg.seed)?;
@@ -363,7 +363,7 @@ fn run_from(
             let batches = plan.micro_batches(s, pos.step).len();
             recorded.extend(std::iter::repeat_n(pos.step, batches));
             crate::distributed::fault::before_step(rank, pos.step);
-            let computed = stepper.compute;
+            let computed = stepper.phases.compute;
             let summed = stepper.step(backend, comm, s, pos.step)?;
             stop |= summed.stop;
             if let Some(t) = summed.totals {
@@ -376,7 +376,7 @@ fn run_from(
                 epoch_totals.add(&t);
             }
             if let Some(b) = &mut balance
-                && b.timed(pos.step, plan.mine(s).1, stepper.compute - computed)
+                && b.timed(pos.step, plan.mine(s).1, stepper.phases.compute - computed)
             {
                 // every rank at the same step: one collective, the same shares everywhere
                 plan = b.agree(comm, &plan)?;

@@ -1,9 +1,10 @@
 //! THE STEP. One optimiser step of one rank, read top to bottom: for each micro-batch of this
-//! rank's rows, gather → forward → loss → backward (the last backward runs inside the exchange,
-//! bucket by bucket, so that the gradients travel while it goes on); then the exchange of the
-//! gradients between ranks; then the update; then, in local SGD, the parameter average. Timing is the `PhaseTimes`
-//! helper's business, not the paragraph's. With `--staleness 1` the step branches to
-//! [`Stepper::delayed`] after its micro-batches: the update applies the previous step's sums.
+//! rank's rows, gather → forward → loss → backward; the last micro-batch's backward runs bucket
+//! by bucket, and the exchange starts each bucket's sum over the ranks as soon as its layers are
+//! done, so that the gradients travel while backward goes on; then the sums arrive; then the
+//! update; then, in local SGD, the parameter average. With `--staleness 1` the update applies
+//! the previous step's sums instead ([`Stepper::delayed`]). Timing, idle and compute accounting
+//! are the `PhaseTimes` helper's business.
 
 use std::time::Instant;
 
@@ -12,10 +13,10 @@ use serde::Serialize;
 use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::TrainConfig;
-use crate::distributed::exchange::{Exchange, Summed};
 use super::plan::StepPlan;
 use crate::backend::Backend;
 use crate::distributed::comm::Communicator;
+use crate::distributed::exchange::{Exchange, Summed};
 use crate::optim::{LearningRate, OptimConfig, Schedule};
 
 /// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
@@ -29,10 +30,6 @@ pub struct Stepper {
     pub phases: PhaseTimes,
     /// The rate of the last update: the value reports show.
     pub last_lr: f64,
-    /// Seconds of this rank's own compute over the run: gather to the end of backward, the
-    /// exchange included but not its waits for the sums nor their upload (what `--balance auto`
-    /// measures).
-    pub compute: f64,
     /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: F, and the previous step's compute without the
     /// sleep that stretches it.
     slow: Option<f64>,
@@ -61,7 +58,6 @@ impl Stepper {
             total_steps,
             phases: PhaseTimes::default(),
             last_lr: 0.0,
-            compute: 0.0,
             slow: crate::distributed::fault::slow_factor(plan.rank()),
             last_compute: 0.0,
             drain_at_epoch_end: true,
@@ -78,44 +74,62 @@ impl Stepper {
         step: u64,
     ) -> anyhow::Result<Summed> {
         let _span = crate::observe::trace::span("step", "step").arg("step", step + 1);
-        let t = &mut self.phases;
+        let (t, ex) = (&mut self.phases, &mut self.exchange);
         let started = Instant::now();
+        let idle = ex.times.idle();
+        let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
         let batches = self.plan.micro_batches(s, step);
         for (i, b) in batches.iter().enumerate() {
-            t.time(Phase::Gather, || backend.gather(b))?;
-            t.time(Phase::Forward, || backend.forward())?;
-            t.time(Phase::Loss, || backend.loss())?;
-            // the last micro-batch's backward is the exchange's to run, in stretches
+            t.time(StepPhase::Gather, || backend.gather(b))?;
+            t.time(StepPhase::Forward, || backend.forward())?;
+            t.time(StepPhase::Loss, || backend.loss())?;
             if i + 1 < batches.len() {
-                t.time(Phase::Backward, || backend.backward())?;
+                t.time(StepPhase::Backward, || backend.backward())?;
             }
         }
+        // DPTRAIN_FAULT=slow: (F − 1) × the previous step's compute
         let slept = self.slow.map_or(0.0, |f| (f - 1.0) * self.last_compute);
         if slept > 0.0 {
             std::thread::sleep(std::time::Duration::from_secs_f64(slept));
         }
-        let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
-        if self.exchange.delayed() {
-            return self.delayed(backend, comm, s, step, mine);
+        // the last backward, bucket by bucket when the gradients travel: each bucket's exchange
+        // starts as soon as its layers are done
+        ex.begin(mine);
+        if ex.bucketed() {
+            let layers: Vec<usize> = ex.buckets().iter().map(|b| b.layer).collect();
+            for (i, layer) in layers.into_iter().enumerate() {
+                if mine > 0 {
+                    let _g = crate::observe::trace::span("backward", "phase").arg("bucket", i);
+                    t.time_quietly(StepPhase::Backward, || {
+                        backend.backward_through(layer, i == 0)
+                    })?;
+                }
+                t.time(StepPhase::Exchange, || ex.bucket_ready(backend, comm, i))?;
+            }
+        } else if mine > 0 {
+            t.time(StepPhase::Backward, || backend.backward())?;
         }
-        let idle = self.exchange.times.waited + self.exchange.times.upload;
-        let back = self.exchange.times.backward;
-        let summed = t.time(Phase::Exchange, || {
-            self.exchange.gradients(backend, comm, mine, all)
+        if ex.delayed() {
+            let prev = t.time(StepPhase::Exchange, || {
+                ex.delayed_gradients(backend, comm, step)
+            })?;
+            let compute = t.computed(started, ex.times.idle() - idle);
+            self.last_compute = (compute - slept).max(0.0);
+            return self.delayed(backend, comm, s, step, prev);
+        }
+        let summed = t.time(StepPhase::Exchange, || {
+            ex.gradients(backend, comm, mine, all)
         })?;
-        let idle = self.exchange.times.waited + self.exchange.times.upload - idle;
-        t.backward_inside_exchange(self.exchange.times.backward - back);
-        let compute = (started.elapsed().as_secs_f64() - idle).max(0.0);
-        self.compute += compute;
+        let compute = t.computed(started, ex.times.idle() - idle);
         self.last_compute = (compute - slept).max(0.0);
         self.last_lr = self.lr.at(step);
         let update = self.optim.update(self.last_lr, step, summed.samples);
         if summed.samples > 0 {
-            t.time(Phase::Update, || backend.update(&update))?;
+            t.time(StepPhase::Update, || backend.update(&update))?;
         }
         let total = self.total_steps;
-        let stop = t.time(Phase::Average, || {
-            self.exchange.average_if_due(backend, comm, step + 1, total)
+        let stop = t.time(StepPhase::Average, || {
+            ex.average_if_due(backend, comm, step + 1, total)
         })?;
         Ok(Summed {
             stop: summed.stop || stop,
@@ -123,25 +137,19 @@ impl Stepper {
         })
     }
 
-    /// `--staleness 1`, after the micro-batches: this step's gradients start their sums over the
-    /// ranks, and the previous step's sums, arrived meanwhile, make the update, at the previous
-    /// step's rate and count (so that the optimizer sees the same sequence of updates as
-    /// synchronous SGD, each gradient one step older). At an epoch's or the run's last step
-    /// nothing stays in flight: this step's sums are waited for and applied too.
+    /// `--staleness 1`, after the step's backward: this step's sums are in flight, and `prev`,
+    /// the previous step's sums, arrived meanwhile, make the update, at the previous step's rate
+    /// and count (so that the optimizer sees the same sequence of updates as synchronous SGD,
+    /// each gradient one step older). At an epoch's or the run's last step nothing stays in
+    /// flight: this step's sums are waited for and applied too.
     fn delayed(
         &mut self,
         backend: &mut dyn Backend,
         comm: &dyn Communicator,
         s: u64,
         step: u64,
-        mine: usize,
+        prev: Option<(u64, Summed)>,
     ) -> anyhow::Result<Summed> {
-        let back = self.exchange.times.backward;
-        let prev = self.phases.time(Phase::Exchange, || {
-            self.exchange.delayed_gradients(backend, comm, step, mine)
-        })?;
-        self.phases
-            .backward_inside_exchange(self.exchange.times.backward - back);
         let mut out = Summed {
             samples: 0,
             totals: Some(Totals::default()),
@@ -155,7 +163,7 @@ impl Stepper {
         if last {
             let drained = self
                 .phases
-                .time(Phase::Exchange, || self.exchange.drain(backend, comm))?;
+                .time(StepPhase::Exchange, || self.exchange.drain(backend, comm))?;
             if let Some((at, summed)) = drained {
                 self.apply(backend, at, &summed, &mut out)?;
             }
@@ -201,7 +209,7 @@ impl Stepper {
         let update = self.optim.update(self.last_lr, at, summed.samples);
         if summed.samples > 0 {
             self.phases
-                .time(Phase::Update, || backend.update(&update))?;
+                .time(StepPhase::Update, || backend.update(&update))?;
         }
         out.samples += summed.samples;
         out.stop |= summed.stop;
@@ -214,7 +222,7 @@ impl Stepper {
 
 /// The phases of a step, as timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
+pub enum StepPhase {
     Gather,
     Forward,
     Loss,
@@ -224,17 +232,17 @@ pub enum Phase {
     Average,
 }
 
-impl Phase {
+impl StepPhase {
     /// The phase's name on the timeline (`--trace`).
     pub fn name(self) -> &'static str {
         match self {
-            Phase::Gather => "gather",
-            Phase::Forward => "forward",
-            Phase::Loss => "loss",
-            Phase::Backward => "backward",
-            Phase::Exchange => "exchange",
-            Phase::Update => "update",
-            Phase::Average => "average",
+            StepPhase::Gather => "gather",
+            StepPhase::Forward => "forward",
+            StepPhase::Loss => "loss",
+            StepPhase::Backward => "backward",
+            StepPhase::Exchange => "exchange",
+            StepPhase::Update => "update",
+            StepPhase::Average => "average",
         }
     }
 }
@@ -253,29 +261,33 @@ pub struct PhaseTimes {
     pub update: f64,
     /// Parameter averaging (`--sync params`).
     pub average: f64,
+    /// This rank's own compute: each step from gather to the end of its exchange, less the
+    /// waits for the sums and their upload (what `--balance auto` measures).
+    #[serde(skip)]
+    pub compute: f64,
 }
 
 impl PhaseTimes {
-    /// Run `f`, adding its time to `phase`.
-    /// `seconds` of backward that ran inside the exchange (between bucket sends), timed as
-    /// exchange: counted as backward instead.
-    fn backward_inside_exchange(&mut self, seconds: f64) {
-        self.backward += seconds;
-        self.exchange -= seconds;
+    /// Run `f`, adding its time to `phase` (and a span of the phase to the timeline).
+    pub fn time<T>(&mut self, phase: StepPhase, f: impl FnOnce() -> T) -> T {
+        self.time_quietly(phase, || {
+            crate::observe::trace::instrument_phase(phase.name(), f)
+        })
     }
 
-    pub fn time<T>(&mut self, phase: Phase, f: impl FnOnce() -> T) -> T {
+    /// Run `f`, adding its time to `phase`, with no span of its own (the caller's names it).
+    pub fn time_quietly<T>(&mut self, phase: StepPhase, f: impl FnOnce() -> T) -> T {
         let t0 = Instant::now();
-        let out = crate::observe::trace::instrument_phase(phase.name(), f);
+        let out = f();
         let dt = t0.elapsed().as_secs_f64();
         *match phase {
-            Phase::Gather => &mut self.gather,
-            Phase::Forward => &mut self.forward,
-            Phase::Loss => &mut self.loss,
-            Phase::Backward => &mut self.backward,
-            Phase::Exchange => &mut self.exchange,
-            Phase::Update => &mut self.update,
-            Phase::Average => &mut self.average,
+            StepPhase::Gather => &mut self.gather,
+            StepPhase::Forward => &mut self.forward,
+            StepPhase::Loss => &mut self.loss,
+            StepPhase::Backward => &mut self.backward,
+            StepPhase::Exchange => &mut self.exchange,
+            StepPhase::Update => &mut self.update,
+            StepPhase::Average => &mut self.average,
         } += dt;
         out
     }
@@ -290,7 +302,16 @@ impl PhaseTimes {
             exchange: self.exchange * k,
             update: self.update * k,
             average: self.average * k,
+            compute: self.compute * k,
         }
+    }
+
+    /// A step that began at `started` is done with its compute; `idle` seconds of it were
+    /// waits for the sums and their upload: the rest joins `compute`, and is returned.
+    pub fn computed(&mut self, started: Instant, idle: f64) -> f64 {
+        let c = (started.elapsed().as_secs_f64() - idle).max(0.0);
+        self.compute += c;
+        c
     }
 
     /// Recording gather, forward, loss and backward.

@@ -74,6 +74,52 @@ pub trait Communicator {
             anyhow::anyhow!("a background sum was finished by the wrong communicator")
         })
     }
+    /// Begin `job` while the caller goes on: `collectives` collectives, and the work between
+    /// them, on the communication thread's own communicator (a bucket codec's exchange, say).
+    /// [`Communicator::finish_job`] gives back what it returned. Jobs and background sums
+    /// complete in the order they were started, on every rank alike. The default runs the job at
+    /// once, on this communicator ([`run_here`]).
+    fn start_job(&self, what: &str, collectives: u32, job: Job) -> anyhow::Result<PendingJob>;
+    /// Wait for a job begun by [`Communicator::start_job`] (under the collective deadline): what
+    /// it returned and the seconds it took.
+    fn finish_job(&self, p: PendingJob) -> anyhow::Result<(JobOutput, f64)> {
+        match p.ready {
+            Some((out, secs)) => Ok((out?, secs)),
+            None => anyhow::bail!("a background job was finished by the wrong communicator"),
+        }
+    }
+}
+
+/// Run `job` at once on `comm`: a job already done (how communicators without a thread of their
+/// own start jobs).
+pub fn run_here(comm: &dyn Communicator, job: Job) -> PendingJob {
+    let t = std::time::Instant::now();
+    let out = job(comm);
+    PendingJob::ready(out, t.elapsed().as_secs_f64())
+}
+
+/// What a background job returns (the caller knows its type).
+pub type JobOutput = Box<dyn std::any::Any + Send>;
+
+/// A job for the communication thread: it runs collectives on the communicator it is given.
+pub type Job = Box<dyn FnOnce(&dyn Communicator) -> anyhow::Result<JobOutput> + Send>;
+
+/// A background job in flight (see [`Communicator::start_job`]).
+pub struct PendingJob {
+    ready: Option<(anyhow::Result<JobOutput>, f64)>,
+    #[cfg(feature = "mpi")]
+    waiting: Option<mpi::threaded::WaitingJob>,
+}
+
+impl PendingJob {
+    /// A job that has already run, and the seconds it took.
+    pub fn ready(out: anyhow::Result<JobOutput>, seconds: f64) -> Self {
+        Self {
+            ready: Some((out, seconds)),
+            #[cfg(feature = "mpi")]
+            waiting: None,
+        }
+    }
 }
 
 /// A sum over the ranks in flight (see [`Communicator::start_sum_f32`]).

@@ -310,7 +310,7 @@ pub fn step_bench(
     stepper.exchange.set_buckets(
         &crate::train::run::layer_ranges(&setup.spec),
         tc.exchange.bucket_bytes(),
-    );
+    )?;
     stepper
         .exchange
         .set_compression(&tc.exchange, &setup.spec.layout(), comm.rank(), tc.seed)?;
@@ -345,7 +345,8 @@ pub fn step_bench(
         gpu_step_ms = Some(kernels_ms.iter().map(|(_, t)| t).sum());
     }
     let exchange = if ranks > 1 {
-        let bytes = ((n_params + 3) * 4) as u64;
+        // the gradients and the totals' words, as the step sends them
+        let bytes = (4 * (n_params + crate::distributed::exchange::StepTotals::WORDS)) as u64;
         // the gradient buckets, when gradients are what travels
         let bucket_bytes = match tc.exchange.sync {
             crate::train::SyncMode::Grads => stepper.exchange.bucket_bytes(),

@@ -135,6 +135,19 @@ impl Communicator for MpiComm {
         self.sum_into(send, recv, "f32");
         Ok(())
     }
+    fn start_job(
+        &self,
+        _what: &str,
+        _collectives: u32,
+        job: crate::distributed::comm::Job,
+    ) -> anyhow::Result<crate::distributed::comm::PendingJob> {
+        Ok(crate::distributed::comm::run_here(self, job))
+    }
+    fn allreduce_sum_f32(&self, buf: &mut [f32]) -> anyhow::Result<()> {
+        // in place, as the threaded communicator sums (jobs on its thread call this)
+        self.sum_in_place_f32(buf);
+        Ok(())
+    }
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> anyhow::Result<()> {
         let send = buf.to_vec();
         self.sum_into(&send, buf, "f64");

@@ -9,7 +9,7 @@ use mpi::environment::Threading;
 use super::Communicator;
 
 use super::{GRACE, MpiComm, SLACK};
-use crate::distributed::comm::PendingSum;
+use crate::distributed::comm::{Job as CommJob, JobOutput, PendingJob, PendingSum};
 
 /// A job the training thread hands the communication thread.
 type Job = Box<dyn FnOnce(&MpiComm) + Send>;
@@ -36,6 +36,14 @@ impl<T> Raw<T> {
 pub struct Waiting {
     rx: std::sync::mpsc::Receiver<(Vec<f32>, f64)>,
     k: u64,
+    what: String,
+}
+
+/// A background job's reply, and how many collectives it runs (its deadline scales with them).
+pub struct WaitingJob {
+    rx: std::sync::mpsc::Receiver<(anyhow::Result<JobOutput>, f64)>,
+    k: u64,
+    collectives: u32,
     what: String,
 }
 
@@ -123,10 +131,16 @@ impl Threaded {
     }
 
     /// Wait for a job's reply under the deadline.
-    fn wait<R>(
+    fn wait<R>(&self, rx: &std::sync::mpsc::Receiver<R>, k: u64, what: &dyn Fn() -> String) -> R {
+        self.wait_for(rx, k, 1, what)
+    }
+
+    /// Wait for the reply of a job of `collectives` collectives (each under the deadline).
+    fn wait_for<R>(
         &self,
         rx: &std::sync::mpsc::Receiver<R>,
         k: u64,
+        collectives: u32,
         what: &dyn Fn() -> String,
     ) -> R {
         use std::sync::mpsc::RecvTimeoutError;
@@ -135,12 +149,12 @@ impl Threaded {
                 Ok(r) => r,
                 Err(_) => self.end("the MPI communication thread has ended"),
             },
-            Some(t) => match rx.recv_timeout(t + GRACE + SLACK) {
+            Some(t) => match rx.recv_timeout((t + GRACE) * collectives.max(1) + SLACK) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => self.end(&format!(
                     "collective #{k} ({}) did not complete within {:.0} s (--collective-timeout): every rank arrived, then a rank stopped responding during the transfer; aborting the job",
                     what(),
-                    (t + GRACE + SLACK).as_secs_f64()
+                    ((t + GRACE) * collectives.max(1) + SLACK).as_secs_f64()
                 )),
                 Err(RecvTimeoutError::Disconnected) => {
                     self.end("the MPI communication thread has ended")
@@ -339,6 +353,37 @@ impl Communicator for Threaded {
             (Some(b), _) => Ok(b),
             (None, Some(w)) => Ok(self.wait(&w.rx, w.k, &|| w.what.clone())),
             (None, None) => anyhow::bail!("an empty background sum"),
+        }
+    }
+    fn start_job(&self, what: &str, collectives: u32, job: CommJob) -> anyhow::Result<PendingJob> {
+        // the thread counts each collective of the job
+        let k = self.seq.get() + 1;
+        self.seq.set(self.seq.get() + u64::from(collectives));
+        let name = what.to_string();
+        let rx = self.submit(move |c| {
+            let _g = crate::observe::trace::span(name, "comm").arg("collective", k);
+            let t = Instant::now();
+            let out = job(c);
+            (out, t.elapsed().as_secs_f64())
+        });
+        Ok(PendingJob {
+            ready: None,
+            waiting: Some(WaitingJob {
+                rx,
+                k,
+                collectives,
+                what: what.to_string(),
+            }),
+        })
+    }
+    fn finish_job(&self, p: PendingJob) -> anyhow::Result<(JobOutput, f64)> {
+        match (p.ready, p.waiting) {
+            (Some((out, secs)), _) => Ok((out?, secs)),
+            (None, Some(w)) => {
+                let (out, secs) = self.wait_for(&w.rx, w.k, w.collectives, &|| w.what.clone());
+                Ok((out?, secs))
+            }
+            (None, None) => anyhow::bail!("an empty background job"),
         }
     }
 }
