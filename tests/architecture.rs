@@ -166,7 +166,10 @@ fn split_top(s: &str) -> Vec<String> {
 fn expand(prefix: &[String], body: &str, out: &mut Vec<Vec<String>>) {
     for member in split_top(body) {
         let (head, nested) = match member.find('{') {
-            Some(i) => (&member[..i], Some(&member[i + 1..member.rfind('}').unwrap_or(member.len())])),
+            Some(i) => (
+                &member[..i],
+                Some(&member[i + 1..member.rfind('}').unwrap_or(member.len())]),
+            ),
             None => (member.as_str(), None),
         };
         let mut m = prefix.to_vec();
@@ -357,7 +360,12 @@ fn the_crate_keeps_the_dependency_order_and_has_no_circles() {
     let files = read_tree(&src);
     assert!(files.len() > 40, "read only {} files", files.len());
     let bad = violations(&files);
-    assert!(bad.is_empty(), "{} violations:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} violations:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -369,9 +377,15 @@ fn every_top_level_module_is_in_the_order_and_lib_rs_lists_it() {
         .filter_map(|l| l.strip_prefix("pub mod "))
         .map(|l| l.split(';').next().unwrap_or("").trim())
         .collect();
-    assert_eq!(declared, ORDER, "lib.rs lists the modules in the dependency order");
+    assert_eq!(
+        declared, ORDER,
+        "lib.rs lists the modules in the dependency order"
+    );
     for l in lib.lines().filter(|l| l.starts_with("pub mod ")) {
-        assert!(l.contains("; // "), "lib.rs: `{l}` says in one line what it owns");
+        assert!(
+            l.contains("; // "),
+            "lib.rs: `{l}` says in one line what it owns"
+        );
     }
 }
 
@@ -380,7 +394,10 @@ fn an_import_up_the_order_is_caught() {
     let t = tree(&[
         ("lib.rs", "pub mod train;\npub mod backend;"),
         ("train/mod.rs", "use crate::backend::Backend;"),
-        ("backend/mod.rs", "pub trait Backend {}\nfn f() { let _ = crate::train::go(); }"),
+        (
+            "backend/mod.rs",
+            "pub trait Backend {}\nfn f() { let _ = crate::train::go(); }",
+        ),
     ]);
     let bad = violations(&t);
     assert_eq!(bad.len(), 1, "{bad:?}");
@@ -388,7 +405,10 @@ fn an_import_up_the_order_is_caught() {
     // the same import in a comment or a string is not an import
     let t = tree(&[
         ("train/mod.rs", "use crate::backend::Backend;"),
-        ("backend/mod.rs", "// see crate::train::go\nconst S: &str = \"crate::train\";"),
+        (
+            "backend/mod.rs",
+            "// see crate::train::go\nconst S: &str = \"crate::train\";",
+        ),
     ]);
     assert_eq!(violations(&t), Vec::<String>::new());
 }
@@ -397,29 +417,47 @@ fn an_import_up_the_order_is_caught() {
 fn grouped_and_relative_imports_are_read() {
     let t = tree(&[
         ("store/mod.rs", "pub mod checkpoint;"),
-        ("store/checkpoint.rs", "use crate::{model::Spec, observe::{trace, record}};"),
+        (
+            "store/checkpoint.rs",
+            "use crate::{model::Spec, observe::{trace, record}};",
+        ),
         ("observe/mod.rs", "pub mod trace;\npub mod record;"),
         ("model/mod.rs", ""),
     ]);
     let bad = violations(&t);
     assert_eq!(bad.len(), 2, "{bad:?}");
-    assert!(bad.iter().all(|b| b.starts_with("store::checkpoint imports observe")));
+    assert!(
+        bad.iter()
+            .all(|b| b.starts_with("store::checkpoint imports observe"))
+    );
 }
 
 #[test]
 fn a_circle_inside_a_folder_is_caught() {
     let t = tree(&[
-        ("distributed/mod.rs", "pub mod comm;\npub mod exchange;\npub mod gather;"),
+        (
+            "distributed/mod.rs",
+            "pub mod comm;\npub mod exchange;\npub mod gather;",
+        ),
         ("distributed/comm.rs", "use super::gather::chunk;"),
-        ("distributed/gather.rs", "use crate::distributed::exchange::Exchange;"),
+        (
+            "distributed/gather.rs",
+            "use crate::distributed::exchange::Exchange;",
+        ),
         ("distributed/exchange.rs", "use super::comm::Communicator;"),
     ]);
     let bad = violations(&t);
     assert_eq!(bad.len(), 1, "{bad:?}");
-    assert!(bad[0].starts_with("a circle inside distributed: "), "{bad:?}");
+    assert!(
+        bad[0].starts_with("a circle inside distributed: "),
+        "{bad:?}"
+    );
     // imports from the folder's own mod.rs, or of a child by its parent, are no circle
     let t = tree(&[
-        ("backend/mod.rs", "pub mod cpu;\npub use cpu::Cpu;\npub trait Backend {}"),
+        (
+            "backend/mod.rs",
+            "pub mod cpu;\npub use cpu::Cpu;\npub trait Backend {}",
+        ),
         ("backend/cpu.rs", "use super::Backend;"),
     ]);
     assert_eq!(violations(&t), Vec::<String>::new());

@@ -3,8 +3,8 @@
 use dptrain::backend::cpu::CpuBackend;
 use dptrain::backend::gpu::GpuBackend;
 use dptrain::backend::{self, Backend, Split};
-use dptrain::distributed::comm::SingleProcess;
 use dptrain::data::{self, CsvOptions, NormKind, synth};
+use dptrain::distributed::comm::SingleProcess;
 use dptrain::model::{Activation, ModelKind};
 use dptrain::train::{self, DeviceKind, StepPlan, TrainConfig};
 

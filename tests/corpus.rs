@@ -72,7 +72,10 @@ fn every_bad_input_in_the_corpus_fails_cleanly_and_harms_nothing() {
         &cks,
     ])
     .ok();
-    let good = dptrain::store::checkpoint::list(&ck).last().unwrap().clone();
+    let good = dptrain::store::checkpoint::list(&ck)
+        .last()
+        .unwrap()
+        .clone();
     let good_name = good.file_name().unwrap().to_string_lossy().into_owned();
     variants(&good, &variants_dir);
     let model_before = std::fs::read(&model).unwrap();

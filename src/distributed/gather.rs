@@ -97,7 +97,6 @@ pub fn gather_to_root(
     Ok(Some(out))
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};

@@ -2,10 +2,10 @@
 //! communication thread), the gradient exchange and its codecs, agreement between ranks, the
 //! stop signals every rank acts on together, and injected faults.
 pub mod agree;
-pub mod probe;
 pub mod codec;
 pub mod comm;
 pub mod exchange;
 pub mod fault;
 pub mod gather;
+pub mod probe;
 pub mod stop;

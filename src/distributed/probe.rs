@@ -1,7 +1,6 @@
 //! The start-up transport probe: one node's allreduce measured against a memory copy, with a
 //! warning naming what helps when it runs far below it.
 
-
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -30,7 +29,6 @@ pub fn memcpy_secs(bytes: u64, warmup: usize, iters: usize) -> f64 {
     }
     best
 }
-
 
 /// The largest value over the ranks of each of `mine` (collective).
 pub fn slowest(comm: &dyn Communicator, mine: &[f64]) -> anyhow::Result<Vec<f64>> {

@@ -150,4 +150,3 @@ pub fn parse_metrics(text: &str) -> anyhow::Result<Metrics> {
     }
     Ok(m)
 }
-

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use crate::data::Normalizer;
 use crate::model::ModelSpec;
-use crate::store::modelfile::ModelMeta;
+use crate::observe::events::{EpochReport, Observer, StepInfo, StepRecord, ValRecord};
 use crate::observe::progress::Progress;
 use crate::observe::tensorboard::EventWriter;
-use crate::observe::events::{EpochReport, Observer, StepInfo, StepRecord, ValRecord};
+use crate::store::modelfile::ModelMeta;
 
 /// The columns of a CSV metrics file, in order; a record leaves the ones it lacks empty.
 pub const CSV_COLUMNS: [&str; 15] = [

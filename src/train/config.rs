@@ -7,10 +7,10 @@ use anyhow::{bail, ensure};
 use serde::Serialize;
 
 pub use crate::backend::{DeviceKind, Precision};
+use crate::data::NormKind;
 pub use crate::distributed::exchange::config::{
     CompressKind, DEFAULT_BUCKET_MB, ExchangeConfig, SyncMode,
 };
-use crate::data::NormKind;
 use crate::model::{Activation, ModelKind};
 use crate::optim::{OptimConfig, ScheduleKind};
 

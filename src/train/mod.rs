@@ -13,9 +13,9 @@
 //! - `run.rs`: the loop around the step.
 //! - `watch.rs`: early stopping and the best model on the validation split.
 
-pub mod config;
 pub mod app;
 pub mod autotune;
+pub mod config;
 pub mod plan;
 pub mod report;
 pub mod resume;

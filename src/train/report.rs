@@ -3,9 +3,9 @@
 
 use dptrain_kernels::reduce_stats::Totals;
 
-use crate::distributed::exchange::sum_totals;
 use crate::backend::{Backend, Split};
 use crate::distributed::comm::Communicator;
+use crate::distributed::exchange::sum_totals;
 pub use crate::observe::events::{
     EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord,
 };

@@ -11,8 +11,8 @@ use super::config::{ShardMode, TrainConfig};
 use super::plan::StepPlan;
 use super::setup::Setup;
 use crate::backend::Backend;
-use crate::store::checkpoint;
 use crate::distributed::comm::Communicator;
+use crate::store::checkpoint;
 
 /// What to do when the training loss stops being finite.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -7,7 +7,6 @@ use anyhow::{Context, ensure};
 use dptrain_kernels::reduce_stats::Totals;
 
 use super::config::{BalanceMode, ShardMode, TrainConfig};
-use crate::distributed::exchange::sum_totals;
 use super::plan::{StepPlan, epoch_order, proportional_shares};
 use super::report::{
     EpochReport, EvalReport, Observer, Quiet, StepInfo, StepRecord, ValRecord, evaluate_rows,
@@ -19,6 +18,7 @@ use super::setup::{Setup, initial_params, resume_settings, settings_defaults};
 use super::step::Stepper;
 use crate::backend::{Backend, Split};
 use crate::distributed::comm::Communicator;
+use crate::distributed::exchange::sum_totals;
 
 /// What a finished run leaves.
 pub struct Outcome {
@@ -527,7 +527,9 @@ fn validate(
     let rows = setup.val_rows().unwrap_or(0..0);
     let r = evaluate_rows(backend, comm, Split::Test, rows, regression)?;
     let value = ctl.monitor.value(&r).unwrap_or(r.loss);
-    let best = pos.watch.observe(ctl.monitor.higher_is_better(), value, pos.step, epoch);
+    let best = pos
+        .watch
+        .observe(ctl.monitor.higher_is_better(), value, pos.step, epoch);
     let rec = ValRecord {
         epoch,
         step: pos.step,
@@ -691,7 +693,8 @@ fn report_waits(
             join(&plan.shares())
         );
     }
-    if cfg.balance == BalanceMode::Auto || cfg.exchange.staleness > 0 || cfg.exchange.async_average {
+    if cfg.balance == BalanceMode::Auto || cfg.exchange.staleness > 0 || cfg.exchange.async_average
+    {
         eprintln!("{line}");
     } else {
         tracing::info!("{line}");

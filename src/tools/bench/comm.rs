@@ -1,7 +1,6 @@
 //! `bench comm`: the allreduce itself, laid out like nccl-tests so that the trainer's exchange can
 //! be set beside raw MPI.
 
-
 use std::time::Instant;
 
 use anyhow::ensure;
@@ -213,6 +212,4 @@ mod tests {
         let old: Vec<CommRow> = serde_json::from_str(old).unwrap();
         assert_eq!((old[0].ranks, old[0].memcpy_gbs), (0, 0.0));
     }
-
 }
-

@@ -1,7 +1,5 @@
 //! `bench matmul`: every verified product kernel of the adapter, timed.
 
-
-
 use anyhow::ensure;
 use serde::Serialize;
 

@@ -376,7 +376,6 @@ where
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -724,4 +723,3 @@ mod tests {
         }
     }
 }
-

@@ -265,4 +265,3 @@ impl<B: DrawingBackend> DrawingBackend for TextBackend<B> {
         result
     }
 }
-
