@@ -7,7 +7,7 @@
 //!   checkpoints are matched against.
 //! - `plan.rs`: steps per epoch, shards, micro-batches, the epoch's order.
 //! - `step.rs`: THE STEP — gather, forward, loss, backward, exchange, update.
-//! - `exchange.rs`: gradients and totals summed over ranks in buckets; parameter averaging.
+//! - `autotune.rs`: kernel choices tuned, agreed across ranks and cached.
 //! - `report.rs`: evaluation and each epoch's figures.
 //! - `resume.rs`: checkpoints, resuming, rollback.
 //! - `run.rs`: the loop around the step.

@@ -37,7 +37,7 @@ pub const LANE_COMMUNICATION: u32 = 2;
 pub const LANE_GPU: u32 = 3;
 /// Other threads get lanes from here on, in the order they first record.
 const LANE_FIRST_OTHER: u32 = 4;
-/// The name `comm.rs` gives the MPI communication thread.
+/// The name `distributed/comm/mpi/threaded.rs` gives the MPI communication thread.
 const COMM_THREAD: &str = "dptrain-comm";
 /// Events kept per process (about 100 bytes each); later ones are counted, not kept, and the
 /// file's metadata says so.
