@@ -372,21 +372,38 @@ fn the_crate_keeps_the_dependency_order_and_has_no_circles() {
 fn every_top_level_module_is_in_the_order_and_lib_rs_lists_it() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
-    let declared: Vec<&str> = lib
+    // the order, as lib.rs's header states it
+    let stated: Vec<&str> = lib
         .lines()
-        .filter_map(|l| l.strip_prefix("pub mod "))
-        .map(|l| l.split(';').next().unwrap_or("").trim())
+        .filter_map(|l| l.strip_prefix("//! "))
+        .find(|l| l.contains(" → "))
+        .expect("lib.rs states the dependency order in its header")
+        .split(" → ")
+        .map(str::trim)
         .collect();
     assert_eq!(
-        declared, ORDER,
-        "lib.rs lists the modules in the dependency order"
+        stated, ORDER,
+        "lib.rs's header states the order this test checks"
     );
-    for l in lib.lines().filter(|l| l.starts_with("pub mod ")) {
-        assert!(
-            l.contains("; // "),
-            "lib.rs: `{l}` says in one line what it owns"
-        );
+    // every module declared, each with a one-line doc saying what it owns
+    let lines: Vec<&str> = lib.lines().collect();
+    let mut declared: Vec<&str> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(m) = l.strip_prefix("pub mod ") {
+            declared.push(m.trim_end_matches(';').trim());
+            assert!(
+                i > 0 && lines[i - 1].starts_with("/// "),
+                "lib.rs: `{l}` says in one line what it owns"
+            );
+        }
     }
+    declared.sort_unstable();
+    let mut order = ORDER.to_vec();
+    order.sort_unstable();
+    assert_eq!(
+        declared, order,
+        "lib.rs declares exactly the modules of the order"
+    );
 }
 
 #[test]

@@ -17,6 +17,7 @@ use super::plan::StepPlan;
 use crate::backend::Backend;
 use crate::distributed::comm::Communicator;
 use crate::distributed::exchange::{Exchange, Summed};
+use crate::distributed::fault::{SlowClock, Slowed};
 use crate::optim::{LearningRate, OptimConfig, Schedule};
 
 /// The step loop's machinery, shared by `train` and `dptrain bench`: one call per optimiser step.
@@ -30,10 +31,8 @@ pub struct Stepper {
     pub phases: PhaseTimes,
     /// The rate of the last update: the value reports show.
     pub last_lr: f64,
-    /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: F, and the previous step's compute without the
-    /// sleep that stretches it.
-    slow: Option<f64>,
-    last_compute: f64,
+    /// `DPTRAIN_FAULT=slow:RANK:F` on this rank: the step runs on a [`Slowed`] backend.
+    slow: Option<SlowClock>,
     /// `--staleness 1`: wait for the sums in flight at each epoch's end (the trainer; `bench`
     /// repeats a one-step epoch and turns it off).
     pub drain_at_epoch_end: bool,
@@ -58,8 +57,7 @@ impl Stepper {
             total_steps,
             phases: PhaseTimes::default(),
             last_lr: 0.0,
-            slow: crate::distributed::fault::slow_factor(plan.rank()),
-            last_compute: 0.0,
+            slow: SlowClock::for_rank(plan.rank()),
             drain_at_epoch_end: true,
         }
     }
@@ -74,6 +72,31 @@ impl Stepper {
         step: u64,
     ) -> anyhow::Result<Summed> {
         let _span = crate::observe::trace::span("step", "step").arg("step", step + 1);
+        let clock = self.slow.take();
+        let mut slowed;
+        let backend: &mut dyn Backend = match &clock {
+            Some(c) => {
+                slowed = Slowed::new(backend, c);
+                &mut slowed
+            }
+            None => backend,
+        };
+        let out = self.step_on(backend, comm, s, step);
+        if let (Some(c), Ok(_)) = (&clock, &out) {
+            c.finish(self.phases.last_compute);
+        }
+        self.slow = clock;
+        out
+    }
+
+    /// [`Stepper::step`] on the backend it chose.
+    fn step_on(
+        &mut self,
+        backend: &mut dyn Backend,
+        comm: &dyn Communicator,
+        s: u64,
+        step: u64,
+    ) -> anyhow::Result<Summed> {
         let (t, ex) = (&mut self.phases, &mut self.exchange);
         let started = Instant::now();
         let idle = ex.times.idle();
@@ -87,11 +110,6 @@ impl Stepper {
                 t.time(StepPhase::Backward, || backend.backward())?;
             }
         }
-        // DPTRAIN_FAULT=slow: (F − 1) × the previous step's compute
-        let slept = self.slow.map_or(0.0, |f| (f - 1.0) * self.last_compute);
-        if slept > 0.0 {
-            std::thread::sleep(std::time::Duration::from_secs_f64(slept));
-        }
         // the last backward, bucket by bucket when the gradients travel: each bucket's exchange
         // starts as soon as its layers are done
         ex.begin(mine);
@@ -104,7 +122,8 @@ impl Stepper {
                         backend.backward_through(layer, i == 0)
                     })?;
                 }
-                t.time(StepPhase::Exchange, || ex.bucket_ready(backend, comm, i))?;
+                // timed as exchange; its readback and send have spans of their own
+                t.time_quietly(StepPhase::Exchange, || ex.bucket_ready(backend, comm, i))?;
             }
         } else if mine > 0 {
             t.time(StepPhase::Backward, || backend.backward())?;
@@ -113,15 +132,13 @@ impl Stepper {
             let prev = t.time(StepPhase::Exchange, || {
                 ex.delayed_gradients(backend, comm, step)
             })?;
-            let compute = t.computed(started, ex.times.idle() - idle);
-            self.last_compute = (compute - slept).max(0.0);
+            t.computed(started, ex.times.idle() - idle);
             return self.delayed(backend, comm, s, step, prev);
         }
         let summed = t.time(StepPhase::Exchange, || {
             ex.gradients(backend, comm, mine, all)
         })?;
-        let compute = t.computed(started, ex.times.idle() - idle);
-        self.last_compute = (compute - slept).max(0.0);
+        t.computed(started, ex.times.idle() - idle);
         self.last_lr = self.lr.at(step);
         let update = self.optim.update(self.last_lr, step, summed.samples);
         if summed.samples > 0 {
@@ -265,6 +282,9 @@ pub struct PhaseTimes {
     /// waits for the sums and their upload (what `--balance auto` measures).
     #[serde(skip)]
     pub compute: f64,
+    /// The last step's compute alone.
+    #[serde(skip)]
+    pub last_compute: f64,
 }
 
 impl PhaseTimes {
@@ -303,6 +323,7 @@ impl PhaseTimes {
             update: self.update * k,
             average: self.average * k,
             compute: self.compute * k,
+            last_compute: self.last_compute,
         }
     }
 
@@ -311,6 +332,7 @@ impl PhaseTimes {
     pub fn computed(&mut self, started: Instant, idle: f64) -> f64 {
         let c = (started.elapsed().as_secs_f64() - idle).max(0.0);
         self.compute += c;
+        self.last_compute = c;
         c
     }
 
