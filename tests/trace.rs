@@ -66,6 +66,10 @@ fn recording_off_allocates_nothing() {
 
 const CHILD: &str = "DPTRAIN_TRACE_TEST_OUT";
 
+/// The tests that start mpirun take turns: on a 2-core machine, five ranks at once can deschedule
+/// one for longer than the clock test's tolerance right after its barrier.
+static MPIRUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One rank of `three_ranks_share_one_clock` (does nothing unless started by it).
 #[test]
 fn mpi_rank() {
@@ -87,6 +91,7 @@ fn mpi_rank() {
 
 #[test]
 fn three_ranks_share_one_clock() {
+    let _turn = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
     if Command::new("mpirun").arg("--version").output().is_err() {
         eprintln!("skipped: no mpirun (apt-get install openmpi-bin)");
         return;
@@ -154,6 +159,7 @@ fn three_ranks_share_one_clock() {
 /// the data file is refused before any work.
 #[test]
 fn training_writes_a_timeline_per_rank() {
+    let _turn = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
     let d = util::tmpdir("trace-train");
     let digits = util::shared("digits.csv");
     let path = d.join("run.trace.json");
