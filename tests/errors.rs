@@ -175,3 +175,21 @@ fn no_adapter_says_how_to_get_one_and_auto_falls_back_to_the_cpu() {
     let auto = run("auto").ok();
     assert!(auto.stdout().contains("CPU reference"), "{}", auto.show());
 }
+
+/// The exchange's flags are shared by train and bench; the one that only changes what train learns
+/// is refused by bench rather than ignored.
+#[test]
+fn bench_refuses_the_staleness_momentum_it_would_ignore() {
+    dptrain(&[
+        "bench",
+        "--workload",
+        "seed-logreg",
+        "--device",
+        "cpu",
+        "--staleness",
+        "1",
+        "--staleness-momentum",
+        "0.5",
+    ])
+    .fails_with("--staleness-momentum changes what train learns, not a step's time");
+}

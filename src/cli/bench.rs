@@ -228,6 +228,11 @@ fn workload_and_batch(name: &str) -> anyhow::Result<(Workload, usize)> {
 }
 
 fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<()> {
+    if a.exchange.staleness_momentum.is_some() {
+        bail!(
+            "--staleness-momentum changes what train learns, not a step's time: bench takes no momentum"
+        );
+    }
     let (workload, default_batch) = match (&a.workload, a.model) {
         (Some(name), None) => workload_and_batch(name)?,
         (None, Some(model)) => (
