@@ -6,12 +6,10 @@
 //! into the layer's mathematics (checked against finite differences).
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, tree_reduce, u32_of};
 
 /// Values per channel in the statistics buffer: mean, 1/std, Σ dy, Σ dy·(x − mean).
 pub const STATS: usize = 4;
-/// Threads of a channel's reduction.
-const THREADS: usize = 256;
 
 /// What a `channel_sums` dispatch adds up per channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,41 +225,23 @@ pub fn sums_ref(what: Sums, shape: &Shape, x: &[f32], dy: &[f32], stats: &[f32])
         } else {
             stats[STATS * c]
         };
-        let mut a = [0f32; THREADS];
-        let mut b = [0f32; THREADS];
-        for t in 0..THREADS {
-            let mut i = t;
-            while i < m {
-                let e = ((i / shape.s) * shape.c + c) * shape.s + i % shape.s;
-                match what {
-                    Sums::X => a[t] += x[e],
-                    Sums::SquaredDeviation => {
-                        let d = x[e] - mean;
-                        a[t] += d * d;
-                    }
-                    Sums::Backward => {
-                        let g = dy[e];
-                        a[t] += g;
-                        b[t] += g * (x[e] - mean);
-                    }
-                }
-                i += THREADS;
-            }
-        }
-        let mut half = THREADS / 2;
-        while half > 0 {
-            for t in 0..half {
-                a[t] += a[t + half];
-                b[t] += b[t + half];
-            }
-            half /= 2;
-        }
+        // the channel's i-th element (n-major, then h·w)
+        let at = |i: usize| ((i / shape.s) * shape.c + c) * shape.s + i % shape.s;
+        let sum = |v: &dyn Fn(usize) -> f32| tree_reduce(m, v, 0.0, |p, q| p + q);
+        let a = match what {
+            Sums::X => sum(&|i| x[at(i)]),
+            Sums::SquaredDeviation => sum(&|i| {
+                let d = x[at(i)] - mean;
+                d * d
+            }),
+            Sums::Backward => sum(&|i| dy[at(i)]),
+        };
         match what {
             Sums::Backward => {
-                out[2 * c] = a[0];
-                out[2 * c + 1] = b[0];
+                out[2 * c] = a;
+                out[2 * c + 1] = sum(&|i| dy[at(i)] * (x[at(i)] - mean));
             }
-            _ => out[c] = a[0],
+            _ => out[c] = a,
         }
     }
     out

@@ -2,9 +2,7 @@
 //! forward and backward, with the CPU references the CPU backend uses. Rows are (batch, head, query)
 //! of `t` keys each; query q sees keys 0..=q.
 
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
-
-const THREADS: usize = 256;
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, tree_reduce, u32_of};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -75,33 +73,13 @@ impl CausalSoftmax {
     }
 }
 
-/// Reduce `v(j)` for j in 0..=q as the kernel does (256 strided partials, then a fixed tree).
-fn tree(q: usize, v: impl Fn(usize) -> f32, init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut part = [init; THREADS];
-    for (t, p) in part.iter_mut().enumerate() {
-        let mut j = t;
-        while j <= q {
-            *p = op(*p, v(j));
-            j += THREADS;
-        }
-    }
-    let mut half = THREADS / 2;
-    while half > 0 {
-        for t in 0..half {
-            part[t] = op(part[t], part[t + half]);
-        }
-        half /= 2;
-    }
-    part[0]
-}
-
 /// CPU reference of the forward.
 pub fn forward_ref(rows: usize, t: usize, scale: f32, s: &[f32]) -> Vec<f32> {
     let mut p = vec![0f32; rows * t];
     for r in 0..rows {
         let (q, row) = (r % t, &s[r * t..(r + 1) * t]);
-        let m = tree(q, |j| scale * row[j], f32::MIN, f32::max);
-        let total = tree(q, |j| (scale * row[j] - m).exp(), 0.0, |a, b| a + b);
+        let m = tree_reduce(q + 1, |j| scale * row[j], f32::MIN, f32::max);
+        let total = tree_reduce(q + 1, |j| (scale * row[j] - m).exp(), 0.0, |a, b| a + b);
         for j in 0..=q {
             p[r * t + j] = (scale * row[j] - m).exp() / total;
         }
@@ -115,7 +93,7 @@ pub fn backward_ref(rows: usize, t: usize, scale: f32, p: &[f32], dp: &[f32]) ->
     for r in 0..rows {
         let q = r % t;
         let (pr, dr) = (&p[r * t..(r + 1) * t], &dp[r * t..(r + 1) * t]);
-        let dot = tree(q, |j| pr[j] * dr[j], 0.0, |a, b| a + b);
+        let dot = tree_reduce(q + 1, |j| pr[j] * dr[j], 0.0, |a, b| a + b);
         for j in 0..=q {
             ds[r * t + j] = scale * pr[j] * (dr[j] - dot);
         }

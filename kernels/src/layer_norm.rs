@@ -4,9 +4,7 @@
 //! reduction runs in a fixed order, so results do not depend on the device.
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, u32_of};
-
-const THREADS: usize = 256;
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, tree_reduce, u32_of};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -120,24 +118,9 @@ impl LayerNorm {
     }
 }
 
-/// The sum of `v(j)` for j in 0..c as the kernel adds it: 256 strided partials, then a fixed tree.
+/// The sum of `v(j)` for j in 0..c as the kernel adds it.
 fn tree_sum(c: usize, v: impl Fn(usize) -> f32) -> f32 {
-    let mut part = [0f32; THREADS];
-    for (t, p) in part.iter_mut().enumerate() {
-        let mut j = t;
-        while j < c {
-            *p += v(j);
-            j += THREADS;
-        }
-    }
-    let mut half = THREADS / 2;
-    while half > 0 {
-        for t in 0..half {
-            part[t] += part[t + half];
-        }
-        half /= 2;
-    }
-    part[0]
+    tree_reduce(c, v, 0.0, |a, b| a + b)
 }
 
 /// CPU reference of the forward: (y, stats) with stats = (mean, 1/std) per row.

@@ -465,6 +465,37 @@ macro_rules! params_layout {
     };
 }
 
+/// Threads of the workgroups that reduce a row or a channel (`channel_sums`, `layer_norm`,
+/// `causal_softmax`).
+pub(crate) const TREE_THREADS: usize = 256;
+
+/// The reduction of `v(0) .. v(n − 1)` by `op` exactly as those kernels do it, for their CPU
+/// references: thread t folds the elements t, t + 256, … in order (from `init`), then the 256
+/// partials are folded in a fixed tree. Same order, same bits.
+pub(crate) fn tree_reduce(
+    n: usize,
+    v: impl Fn(usize) -> f32,
+    init: f32,
+    op: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut part = [init; TREE_THREADS];
+    for (t, p) in part.iter_mut().enumerate() {
+        let mut j = t;
+        while j < n {
+            *p = op(*p, v(j));
+            j += TREE_THREADS;
+        }
+    }
+    let mut half = TREE_THREADS / 2;
+    while half > 0 {
+        for t in 0..half {
+            part[t] = op(part[t], part[t + half]);
+        }
+        half /= 2;
+    }
+    part[0]
+}
+
 /// Fail with a shape error unless `v` fits in u32 (WGSL indexes with u32).
 pub(crate) fn u32_of(kernel: &'static str, what: &str, v: u64) -> Result<u32, KernelError> {
     u32::try_from(v).map_err(|_| KernelError::Shape {
