@@ -32,6 +32,7 @@ fn mean(v: &[f64]) -> f64 {
 
 #[test]
 fn n_ranks_with_batch_b_match_one_rank_with_batch_nb() {
+    let _turn = util::turn();
     let d = tmpdir("equiv");
     let data = d.join("blobs.csv").display().to_string();
     // 97 samples: every epoch ends with a short global batch that some ranks sit out
@@ -120,6 +121,7 @@ fn n_ranks_with_batch_b_match_one_rank_with_batch_nb() {
 /// accumulation sums micro-batches on every rank, and dropout masks follow the global sample.
 #[test]
 fn clipped_adamw_with_accumulation_and_dropout_on_n_ranks_matches_one_rank() {
+    let _turn = util::turn();
     let d = tmpdir("equiv-adamw");
     let data = d.join("blobs.csv").display().to_string();
     dptrain(&[
@@ -187,6 +189,7 @@ fn clipped_adamw_with_accumulation_and_dropout_on_n_ranks_matches_one_rank() {
 
 #[test]
 fn split_mode_with_uneven_shards_reaches_the_single_rank_bar() {
+    let _turn = util::turn();
     let d = tmpdir("split");
     let m = d.join("m.jsonl").display().to_string();
     // 101 training samples on 3 ranks: shards of 33, 34 and 34
@@ -224,6 +227,7 @@ fn split_mode_with_uneven_shards_reaches_the_single_rank_bar() {
 
 #[test]
 fn parameter_averaging_reaches_the_digits_bar() {
+    let _turn = util::turn();
     let d = tmpdir("params");
     let m = d.join("m.jsonl").display().to_string();
     mpirun(
@@ -260,6 +264,7 @@ fn parameter_averaging_reaches_the_digits_bar() {
 
 #[test]
 fn ranks_with_different_hidden_widths_all_exit_nonzero_within_10_seconds() {
+    let _turn = util::alone();
     let bin = env!("CARGO_BIN_EXE_dptrain");
     let digits = shared("digits.csv");
     let args = |h: &'static str| {
@@ -301,6 +306,7 @@ fn ranks_with_different_hidden_widths_all_exit_nonzero_within_10_seconds() {
 
 #[test]
 fn an_error_on_every_rank_is_reported_once_and_ends_the_job() {
+    let _turn = util::turn();
     let t = Instant::now();
     let run = mpirun(
         2,
@@ -320,6 +326,7 @@ fn an_error_on_every_rank_is_reported_once_and_ends_the_job() {
 
 #[test]
 fn bench_comm_reports_correct_sums_across_ranks() {
+    let _turn = util::turn();
     let run = mpirun(
         3,
         &["bench", "comm", "--max-bytes", "65536", "--iters", "3"],
@@ -340,6 +347,7 @@ fn bench_comm_reports_correct_sums_across_ranks() {
 /// MNIST MLP on 2 ranks (global sharding, per-rank batch 64): ≥ 0.975 test accuracy in 5 epochs.
 #[test]
 fn two_rank_mnist_mlp_reaches_0_975() {
+    let _turn = util::turn();
     let seed1 = mnist_baseline()[0];
     assert!(seed1 >= 0.975, "seed 1: {seed1}");
 }
@@ -349,6 +357,7 @@ fn two_rank_mnist_mlp_reaches_0_975() {
 /// of summation, depends on the message size); on the CPU backend and on lavapipe.
 #[test]
 fn bucketed_exchange_matches_the_fused_one() {
+    let _turn = util::turn();
     let d = tmpdir("buckets");
     let digits = shared("digits.csv");
     for (device, ranks) in [("cpu", 2usize), ("cpu", 3), ("cpu", 4), ("gpu", 2)] {
@@ -406,6 +415,7 @@ fn bucketed_exchange_matches_the_fused_one() {
 /// and PowerSGD of rank 4 within 0.5 points; both report the bytes they saved.
 #[test]
 fn compressed_gradients_keep_mnist_accuracy() {
+    let _turn = util::turn();
     let d = tmpdir("compress");
     let saved = |out: &str| -> f64 {
         out.lines()
@@ -444,6 +454,7 @@ fn compressed_gradients_keep_mnist_accuracy() {
 /// async-average 0.9770.) Here, beside the compressed exchanges, to share their baseline.
 #[test]
 fn asynchronous_modes_keep_mnist_accuracy() {
+    let _turn = util::turn();
     let d = tmpdir("async-mnist");
     let runs = |extra: &[&str]| -> Vec<f64> {
         ["1", "2", "3"]
@@ -470,6 +481,7 @@ fn asynchronous_modes_keep_mnist_accuracy() {
 /// stays that of the unbalanced run.
 #[test]
 fn balance_auto_shares_out_batches_by_speed() {
+    let _turn = util::alone();
     let digits = shared("digits.csv");
     let d = tmpdir("balance");
     let run = |mode: &str| -> (Vec<f64>, Vec<usize>, f64) {
@@ -557,6 +569,7 @@ fn balance_auto_shares_out_batches_by_speed() {
 /// plain allreduce) stay within 2 points of f32 at the same rank count, and say what they saved.
 #[test]
 fn compressed_gradients_at_three_and_four_ranks() {
+    let _turn = util::turn();
     let digits = shared("digits.csv");
     let d = tmpdir("compress34");
     for n in [3usize, 4] {
@@ -616,6 +629,7 @@ fn compressed_gradients_at_three_and_four_ranks() {
 /// checkpoint keeps each rank's error-feedback residuals (and PowerSGD's warm-start Q and step).
 #[test]
 fn compressed_gradients_resume_exactly() {
+    let _turn = util::turn();
     let digits = shared("digits.csv");
     let d = tmpdir("compress-resume");
     let modes: [&[&str]; 2] = [
@@ -685,6 +699,7 @@ fn compressed_gradients_resume_exactly() {
 /// No such file ...: No such file ...").
 #[test]
 fn an_agreed_error_names_its_cause_once() {
+    let _turn = util::turn();
     let r = mpirun(2, &["train", "--data", "/nonexistent/x.csv"]);
     assert!(!r.out.status.success(), "{}", r.show());
     let err = r.stderr();

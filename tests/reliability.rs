@@ -33,6 +33,7 @@ fn with<'a>(base: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn e_epochs_then_resume_for_e_more_is_bit_identical_to_2e_straight() {
+    let _turn = util::turn();
     let digits = shared("digits.csv");
     for device in ["cpu", "gpu"] {
         let d = tmpdir(&format!("resume-{device}"));
@@ -81,6 +82,7 @@ fn e_epochs_then_resume_for_e_more_is_bit_identical_to_2e_straight() {
 
 #[test]
 fn a_mid_epoch_checkpoint_resumes_exactly_too() {
+    let _turn = util::turn();
     let d = tmpdir("resume-steps");
     let digits = shared("digits.csv");
     let ck = d.join("ck").display().to_string();
@@ -123,6 +125,7 @@ fn a_mid_epoch_checkpoint_resumes_exactly_too() {
 
 #[test]
 fn the_same_seed_and_world_size_give_bit_identical_parameters() {
+    let _turn = util::turn();
     let d = tmpdir("determinism");
     let digits = shared("digits.csv");
     let runs: Vec<Vec<f32>> = (0..2)
@@ -165,6 +168,7 @@ fn the_same_seed_and_world_size_give_bit_identical_parameters() {
 
 #[test]
 fn resuming_with_another_world_size_in_global_mode_continues_training() {
+    let _turn = util::turn();
     let d = tmpdir("world");
     let digits = shared("digits.csv");
     let ck = d.join("ck").display().to_string();
@@ -251,6 +255,7 @@ fn resuming_with_another_world_size_in_global_mode_continues_training() {
 
 #[test]
 fn a_non_finite_loss_stops_naming_the_step_or_rolls_back_with_a_lower_rate() {
+    let _turn = util::turn();
     let common = [
         "train",
         "--data",
@@ -311,6 +316,7 @@ fn a_non_finite_loss_stops_naming_the_step_or_rolls_back_with_a_lower_rate() {
 
 #[test]
 fn damaged_checkpoints_are_refused_by_path_and_skipped_by_auto() {
+    let _turn = util::turn();
     let d = tmpdir("damaged");
     let digits = shared("digits.csv");
     let ck = d.join("ck");
@@ -399,6 +405,7 @@ fn kill_rank_when_running(rank: usize, marker: &str, after: Duration) -> bool {
 
 #[test]
 fn a_rank_killed_with_sigkill_ends_the_job_within_10_seconds_naming_it() {
+    let _turn = util::alone();
     let mnist = shared("mnist");
     let marker = format!("DPTRAIN_TEST_MARKER=kill-{}", std::process::id());
     let child = spawn_mpirun(
@@ -427,6 +434,7 @@ fn a_rank_killed_with_sigkill_ends_the_job_within_10_seconds_naming_it() {
 
 #[test]
 fn a_stalled_rank_is_named_by_the_watchdog_and_the_job_ends() {
+    let _turn = util::turn();
     let digits = shared("digits.csv");
     let t = Instant::now();
     let r = mpirun(
@@ -461,6 +469,7 @@ fn a_stalled_rank_is_named_by_the_watchdog_and_the_job_ends() {
 
 #[test]
 fn a_relaunched_job_with_a_rank_killed_at_a_random_moment_ends_like_an_uninterrupted_one() {
+    let _turn = util::turn();
     let d = tmpdir("relaunch");
     let digits = shared("digits.csv");
     let straight = d.join("straight.safetensors");
@@ -577,6 +586,7 @@ fn signal_when(
 
 #[test]
 fn a_signal_stops_after_a_step_with_a_checkpoint_that_resumes_exactly() {
+    let _turn = util::turn();
     use std::os::unix::process::ExitStatusExt;
     let digits = shared("digits.csv");
     let bin = env!("CARGO_BIN_EXE_dptrain");
@@ -621,6 +631,7 @@ fn a_signal_stops_after_a_step_with_a_checkpoint_that_resumes_exactly() {
 
 #[test]
 fn sigusr1_to_mpirun_stops_three_ranks_at_one_step_and_the_resume_is_exact() {
+    let _turn = util::turn();
     let digits = shared("digits.csv");
     let bin = env!("CARGO_BIN_EXE_dptrain");
     let d = tmpdir("stop-mpi");
@@ -666,6 +677,7 @@ fn sigusr1_to_mpirun_stops_three_ranks_at_one_step_and_the_resume_is_exact() {
 
 #[test]
 fn a_second_run_on_a_locked_checkpoint_folder_is_refused_naming_the_holder() {
+    let _turn = util::turn();
     use std::io::BufRead;
     let digits = shared("digits.csv");
     let d = tmpdir("lock");
@@ -712,6 +724,7 @@ fn a_second_run_on_a_locked_checkpoint_folder_is_refused_naming_the_holder() {
 /// the timeout, in each of 10 trials.
 #[test]
 fn a_rank_frozen_by_sigstop_at_random_moments_ends_the_job_within_the_deadline() {
+    let _turn = util::alone();
     let digits = shared("digits.csv");
     let timeout = 5.0;
     // a fixed draw: the delays cover data loading, the first steps and the middle of training

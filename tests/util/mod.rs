@@ -279,3 +279,21 @@ pub fn mnist_mlp256(dir: &Path, seed: &str, extra: &[&str]) -> (f64, String) {
         .expect("a test accuracy");
     (acc, out)
 }
+
+/// Tests of one binary share the machine through this lock: a test that measures time (a wait
+/// counter, a deadline) takes it alone with [`alone`]; every other test that starts ranks takes
+/// a shared turn with [`turn`], so that nothing else runs beside a measurement. On 2 cores, four
+/// concurrent `mpirun`s made a slowed rank's wait counter meaningless.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A shared turn on the machine (see [`MACHINE`]); a failed test does not poison it.
+#[allow(dead_code)]
+pub fn turn() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The machine alone (see [`MACHINE`]), for a test that measures time.
+#[allow(dead_code)]
+pub fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
