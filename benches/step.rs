@@ -231,6 +231,7 @@ fn step(c: &mut Criterion) {
         seed: 0,
         sample_base: 0,
         precision: cfg.precision,
+        average_buffers: false,
     };
     let Ok(mut gpu) = GpuBackend::new(&init, &AdapterChoice::default()) else {
         return;

@@ -216,18 +216,24 @@ impl BatchNorm {
 
 /// CPU reference of `channel_sums.wgsl`, in the kernel's order: 256 strided partial sums per
 /// channel, then a fixed tree. `stats` holds the mean at `STATS·c` where `what` reads it.
-pub fn sums_ref(what: Sums, shape: &Shape, x: &[f32], dy: &[f32], stats: &[f32]) -> Vec<f32> {
+pub fn sums_ref<T: num_traits::Float>(
+    what: Sums,
+    shape: &Shape,
+    x: &[T],
+    dy: &[T],
+    stats: &[T],
+) -> Vec<T> {
     let m = shape.m();
-    let mut out = vec![0f32; what.width() * shape.c];
+    let mut out = vec![T::zero(); what.width() * shape.c];
     for c in 0..shape.c {
         let mean = if what == Sums::X {
-            0.0
+            T::zero()
         } else {
             stats[STATS * c]
         };
         // the channel's i-th element (n-major, then h·w)
         let at = |i: usize| ((i / shape.s) * shape.c + c) * shape.s + i % shape.s;
-        let sum = |v: &dyn Fn(usize) -> f32| tree_reduce(m, v, 0.0, |p, q| p + q);
+        let sum = |v: &dyn Fn(usize) -> T| tree_reduce(m, v, T::zero(), |p, q| p + q);
         let a = match what {
             Sums::X => sum(&|i| x[at(i)]),
             Sums::SquaredDeviation => sum(&|i| {
@@ -248,15 +254,15 @@ pub fn sums_ref(what: Sums, shape: &Shape, x: &[f32], dy: &[f32], stats: &[f32])
 }
 
 /// CPU reference of `batch_norm.wgsl`: forward (`dy` None) or backward, as the kernel computes it.
-pub fn apply_ref(
+pub fn apply_ref<T: num_traits::Float>(
     shape: &Shape,
     m: usize,
-    x: &[f32],
-    dy: Option<&[f32]>,
-    stats: &[f32],
-    affine: &[f32],
-) -> Vec<f32> {
-    let mf = m as f32;
+    x: &[T],
+    dy: Option<&[T]>,
+    stats: &[T],
+    affine: &[T],
+) -> Vec<T> {
+    let mf = T::from(m).unwrap_or_else(T::one);
     (0..shape.len())
         .map(|e| {
             let c = (e / shape.s) % shape.c;

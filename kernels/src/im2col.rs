@@ -79,13 +79,6 @@ impl Window {
             _pad1: 0,
         })
     }
-
-    /// The input element a column entry reads, or None in the padding.
-    fn tap(&self, oh: usize, ow: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
-        let ih = (oh * self.stride + kh).checked_sub(self.pad)?;
-        let iw = (ow * self.stride + kw).checked_sub(self.pad)?;
-        (ih < self.h && iw < self.w).then_some((ih, iw))
-    }
 }
 
 /// The uniform block of im2col, col2im and the pooling kernels.
@@ -177,21 +170,35 @@ impl Im2col {
 }
 
 /// CPU reference of `im2col.wgsl` (None when the window does not fit).
-pub fn im2col_ref(win: &Window, x: &[f32]) -> Option<Vec<f32>> {
+pub fn im2col_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
     let (rows, width) = win.cols_shape()?;
-    let mut cols = vec![0f32; rows * width];
+    let mut cols = vec![T::zero(); rows * width];
+    let plane = win.h * win.w;
+    // a gather: every value lands where the kernel puts it, whatever the loop order; rows of the
+    // input are copied a kernel row at a time, the padding left zero
     for n in 0..win.n {
         for oh in 0..oh_n {
             for ow in 0..ow_n {
                 let r = (n * oh_n + oh) * ow_n + ow;
                 let row = &mut cols[r * width..(r + 1) * width];
                 for c in 0..win.c {
+                    let src = &x[(n * win.c + c) * plane..(n * win.c + c + 1) * plane];
                     for kh in 0..win.kh {
-                        for kw in 0..win.kw {
-                            if let Some((ih, iw)) = win.tap(oh, ow, kh, kw) {
-                                row[(c * win.kh + kh) * win.kw + kw] =
-                                    x[((n * win.c + c) * win.h + ih) * win.w + iw];
+                        let Some(ih) = (oh * win.stride + kh).checked_sub(win.pad) else {
+                            continue;
+                        };
+                        if ih >= win.h {
+                            continue;
+                        }
+                        let line = &src[ih * win.w..(ih + 1) * win.w];
+                        let dst =
+                            &mut row[(c * win.kh + kh) * win.kw..(c * win.kh + kh + 1) * win.kw];
+                        for (kw, d) in dst.iter_mut().enumerate() {
+                            if let Some(iw) = (ow * win.stride + kw).checked_sub(win.pad)
+                                && iw < win.w
+                            {
+                                *d = line[iw];
                             }
                         }
                     }
@@ -204,15 +211,15 @@ pub fn im2col_ref(win: &Window, x: &[f32]) -> Option<Vec<f32>> {
 
 /// CPU reference of `col2im.wgsl`: the same sums, in the same order (kh, then kw, ascending), so
 /// the two agree bit for bit.
-pub fn col2im_ref(win: &Window, dcols: &[f32]) -> Option<Vec<f32>> {
+pub fn col2im_ref<T: num_traits::Float>(win: &Window, dcols: &[T]) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
     let (_, width) = win.cols_shape()?;
-    let mut dx = vec![0f32; win.input_len()];
+    let mut dx = vec![T::zero(); win.input_len()];
     for n in 0..win.n {
         for c in 0..win.c {
             for ih in 0..win.h {
                 for iw in 0..win.w {
-                    let mut sum = 0f32;
+                    let mut sum = T::zero();
                     for kh in 0..win.kh {
                         let Some(th) = (ih + win.pad).checked_sub(kh) else {
                             continue;
@@ -229,9 +236,10 @@ pub fn col2im_ref(win: &Window, dcols: &[f32]) -> Option<Vec<f32>> {
                                 continue;
                             }
                             let ow = tw / win.stride;
-                            sum += dcols[((n * oh_n + oh) * ow_n + ow) * width
-                                + (c * win.kh + kh) * win.kw
-                                + kw];
+                            sum = sum
+                                + dcols[((n * oh_n + oh) * ow_n + ow) * width
+                                    + (c * win.kh + kh) * win.kw
+                                    + kw];
                         }
                     }
                     dx[((n * win.c + c) * win.h + ih) * win.w + iw] = sum;

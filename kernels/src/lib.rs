@@ -472,12 +472,12 @@ pub(crate) const TREE_THREADS: usize = 256;
 /// The reduction of `v(0) .. v(n − 1)` by `op` exactly as those kernels do it, for their CPU
 /// references: thread t folds the elements t, t + 256, … in order (from `init`), then the 256
 /// partials are folded in a fixed tree. Same order, same bits.
-pub(crate) fn tree_reduce(
+pub(crate) fn tree_reduce<T: Copy>(
     n: usize,
-    v: impl Fn(usize) -> f32,
-    init: f32,
-    op: impl Fn(f32, f32) -> f32,
-) -> f32 {
+    v: impl Fn(usize) -> T,
+    init: T,
+    op: impl Fn(T, T) -> T,
+) -> T {
     let mut part = [init; TREE_THREADS];
     for (t, p) in part.iter_mut().enumerate() {
         let mut j = t;

@@ -140,7 +140,7 @@ fn readers(win: &Window, ih: usize, iw: usize) -> impl Iterator<Item = (usize, u
 
 /// CPU reference of max pooling's forward: (y, arg), PyTorch's choice of tap (the first largest in
 /// scan order, or the last NaN). None when the window does not fit.
-pub fn max_pool_ref(win: &Window, x: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
+pub fn max_pool_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<(Vec<T>, Vec<u32>)> {
     let (oh_n, ow_n) = win.out()?;
     let plane = win.h * win.w;
     let mut y = Vec::with_capacity(win.n * win.c * oh_n * ow_n);
@@ -149,7 +149,7 @@ pub fn max_pool_ref(win: &Window, x: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
         let xs = &x[p * plane..(p + 1) * plane];
         for oh in 0..oh_n {
             for ow in 0..ow_n {
-                let mut best = (0f32, NO_ARG);
+                let mut best = (T::zero(), NO_ARG);
                 for i in taps(win, oh, ow) {
                     let v = xs[i];
                     if best.1 == NO_ARG || v > best.0 || v.is_nan() {
@@ -165,18 +165,22 @@ pub fn max_pool_ref(win: &Window, x: &[f32]) -> Option<(Vec<f32>, Vec<u32>)> {
 }
 
 /// CPU reference of max pooling's backward: each input sums the dy of the windows that chose it.
-pub fn max_pool_backward_ref(win: &Window, dy: &[f32], arg: &[u32]) -> Option<Vec<f32>> {
+pub fn max_pool_backward_ref<T: num_traits::Float>(
+    win: &Window,
+    dy: &[T],
+    arg: &[u32],
+) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
-    let mut dx = vec![0f32; win.input_len()];
+    let mut dx = vec![T::zero(); win.input_len()];
     for p in 0..win.n * win.c {
         for ih in 0..win.h {
             for iw in 0..win.w {
                 let me = (ih * win.w + iw) as u32;
-                let mut sum = 0f32;
+                let mut sum = T::zero();
                 for (oh, ow) in readers(win, ih, iw) {
                     let o = (p * oh_n + oh) * ow_n + ow;
                     if arg[o] == me {
-                        sum += dy[o];
+                        sum = sum + dy[o];
                     }
                 }
                 dx[(p * win.h + ih) * win.w + iw] = sum;
@@ -187,18 +191,18 @@ pub fn max_pool_backward_ref(win: &Window, dy: &[f32], arg: &[u32]) -> Option<Ve
 }
 
 /// CPU reference of average pooling's forward (padding counts: every window divides by KH·KW).
-pub fn avg_pool_ref(win: &Window, x: &[f32]) -> Option<Vec<f32>> {
+pub fn avg_pool_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
     let plane = win.h * win.w;
-    let div = (win.kh * win.kw) as f32;
+    let div = T::from(win.kh * win.kw).unwrap_or_else(T::one);
     let mut y = Vec::with_capacity(win.n * win.c * oh_n * ow_n);
     for p in 0..win.n * win.c {
         let xs = &x[p * plane..(p + 1) * plane];
         for oh in 0..oh_n {
             for ow in 0..ow_n {
-                let mut sum = 0f32;
+                let mut sum = T::zero();
                 for i in taps(win, oh, ow) {
-                    sum += xs[i];
+                    sum = sum + xs[i];
                 }
                 y.push(sum / div);
             }
@@ -208,16 +212,16 @@ pub fn avg_pool_ref(win: &Window, x: &[f32]) -> Option<Vec<f32>> {
 }
 
 /// CPU reference of average pooling's backward.
-pub fn avg_pool_backward_ref(win: &Window, dy: &[f32]) -> Option<Vec<f32>> {
+pub fn avg_pool_backward_ref<T: num_traits::Float>(win: &Window, dy: &[T]) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
-    let div = (win.kh * win.kw) as f32;
-    let mut dx = vec![0f32; win.input_len()];
+    let div = T::from(win.kh * win.kw).unwrap_or_else(T::one);
+    let mut dx = vec![T::zero(); win.input_len()];
     for p in 0..win.n * win.c {
         for ih in 0..win.h {
             for iw in 0..win.w {
-                let mut sum = 0f32;
+                let mut sum = T::zero();
                 for (oh, ow) in readers(win, ih, iw) {
-                    sum += dy[(p * oh_n + oh) * ow_n + ow];
+                    sum = sum + dy[(p * oh_n + oh) * ow_n + ow];
                 }
                 dx[(p * win.h + ih) * win.w + iw] = sum / div;
             }

@@ -14,6 +14,7 @@ use num_traits::Float;
 
 use super::{Backend, BackendInit, Batch, Split, state_in_order};
 use crate::model::layer::MaskContext;
+use crate::model::net::{Mode, Net, StatSum, Trace};
 use crate::model::{Layer, ModelSpec};
 
 /// Every layer's output in order (the last one is the logits). `train` is None in evaluation.
@@ -153,6 +154,8 @@ struct Current {
     t: Vec<f32>,
     samples: Vec<u32>,
     outs: Vec<Array2<f32>>,
+    /// A network's forward record (instead of `outs`).
+    trace: Option<Trace<f32>>,
     dz: Option<Array2<f32>>,
     /// A staged backward's position: the next layer to run is `.0 - 1`, with `.1` the loss
     /// gradient at its output.
@@ -163,6 +166,13 @@ struct Current {
 pub struct CpuBackend {
     spec: ModelSpec,
     layers: Vec<Layer>,
+    /// A convolutional model's graph (the dense models walk `layers`).
+    net: Option<Net>,
+    /// Values the optimizer trains: the flat buffer's first `trainable` (a network's buffers follow).
+    trainable: usize,
+    average_buffers: bool,
+    /// Rows of this rank's step so far (over its micro-batches).
+    step_rows: usize,
     rule: Rule,
     seed: u64,
     sample_base: usize,
@@ -192,9 +202,15 @@ impl CpuBackend {
             Array2::from_shape_vec((ds.n_samples, nf), init.norm.apply_dataset(ds))
         };
         let p = init.spec.layout().total;
+        let net = init.spec.net()?;
+        let trainable = net.as_ref().map_or(p, |n| n.trainable);
         Ok(Self {
             spec: init.spec.clone(),
             layers: init.spec.layers(),
+            net,
+            trainable,
+            average_buffers: init.average_buffers,
+            step_rows: 0,
             rule: init.rule,
             seed: init.seed,
             sample_base: init.sample_base,
@@ -203,7 +219,7 @@ impl CpuBackend {
                 .rule
                 .state_names()
                 .iter()
-                .map(|_| vec![0.0; p])
+                .map(|_| vec![0.0; trainable])
                 .collect(),
             grads: vec![0.0; p],
             micro: vec![0.0; p],
@@ -233,71 +249,18 @@ impl CpuBackend {
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("a step phase ran before gather"))
     }
-}
 
-fn same_len(what: &str, got: usize, want: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(got == want, "{what}: {got} values for {want} parameters");
-    Ok(())
-}
-
-impl Backend for CpuBackend {
-    fn describe(&self) -> String {
-        "CPU reference (ndarray)".into()
-    }
-    fn set_params(&mut self, theta: &[f32]) -> anyhow::Result<()> {
-        same_len("parameters", theta.len(), self.theta.len())?;
-        self.theta.copy_from_slice(theta);
-        Ok(())
-    }
-    fn params(&mut self) -> anyhow::Result<Vec<f32>> {
-        Ok(self.theta.clone())
-    }
-    fn optim_state(&mut self) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
-        Ok(self
-            .rule
-            .state_names()
-            .iter()
-            .zip(&self.state)
-            .map(|(n, v)| (n.to_string(), v.clone()))
-            .collect())
-    }
-    fn set_optim_state(&mut self, state: &[(String, Vec<f32>)]) -> anyhow::Result<()> {
-        let ordered = state_in_order(&self.rule, state, self.theta.len())?;
-        for (dst, src) in self.state.iter_mut().zip(ordered) {
-            dst.copy_from_slice(src);
+    fn forward_with(&mut self, sync: Option<&mut dyn StatSum>) -> anyhow::Result<()> {
+        if let Some(net) = &self.net {
+            let c = self
+                .current
+                .as_mut()
+                .ok_or_else(|| anyhow::anyhow!("forward before gather"))?;
+            let trace = net.forward(&self.theta, c.x.view(), Mode::Train(sync))?;
+            net.update_running(&mut self.theta, &trace);
+            c.trace = Some(trace);
+            return Ok(());
         }
-        Ok(())
-    }
-    fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            order.iter().all(|&i| (i as usize) < self.train_t.len()),
-            "sample order indexes past the training set"
-        );
-        self.order = order.to_vec();
-        Ok(())
-    }
-    fn gather(&mut self, batch: &Batch) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            batch.offset + batch.rows <= self.order.len(),
-            "batch past the epoch's order"
-        );
-        let idx: Vec<usize> = self.order[batch.offset..batch.offset + batch.rows]
-            .iter()
-            .map(|&i| i as usize)
-            .collect();
-        let base = u32::try_from(self.sample_base)?;
-        self.current = Some(Current {
-            batch: *batch,
-            x: self.train_x.select(Axis(0), &idx),
-            t: idx.iter().map(|&i| self.train_t[i]).collect(),
-            samples: idx.iter().map(|&i| i as u32 + base).collect(),
-            outs: Vec::new(),
-            dz: None,
-            back: None,
-        });
-        Ok(())
-    }
-    fn forward(&mut self) -> anyhow::Result<()> {
         let (spec, layers, theta, seed) = (&self.spec, &self.layers, &self.theta, self.seed);
         let c = self
             .current
@@ -311,23 +274,45 @@ impl Backend for CpuBackend {
         c.outs = forward(spec, layers, theta, c.x.view(), Some(&ctx));
         Ok(())
     }
-    fn loss(&mut self) -> anyhow::Result<()> {
-        let kind = self.spec.loss();
-        let c = self.current()?;
-        let logits = c
-            .outs
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("loss before forward"))?;
-        let (dz, tot) = loss_rows(kind, logits.view(), &c.t);
-        c.dz = Some(dz);
-        self.step_losses.push(tot.loss_sum as f32);
-        self.totals.add(&tot);
+
+    /// A network's whole backward, with BatchNorm's sums over ranks by `sync` (SyncBatchNorm).
+    fn net_backward(&mut self, sync: Option<&mut dyn StatSum>) -> anyhow::Result<()> {
+        let Some(net) = &self.net else {
+            anyhow::bail!("no network")
+        };
+        let c = self
+            .current
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("backward before gather"))?;
+        let dz =
+            c.dz.ok_or_else(|| anyhow::anyhow!("backward before loss"))?;
+        let trace = c
+            .trace
+            .ok_or_else(|| anyhow::anyhow!("backward before forward"))?;
+        let tr = self.trainable;
+        let target = if c.batch.accumulate {
+            &mut self.micro
+        } else {
+            &mut self.grads
+        };
+        target[..tr].fill(0.0);
+        net.backward(&self.theta, c.x.view(), &trace, dz, target, sync)?;
+        if c.batch.accumulate {
+            for (g, m) in self.grads[..tr].iter_mut().zip(&self.micro[..tr]) {
+                *g += m;
+            }
+            self.step_rows += c.batch.rows;
+        } else {
+            self.step_rows = c.batch.rows;
+        }
+        // the buffers travel as running × rows, so that the exchange's sum × 1/rows averages them
+        let rows = self.step_rows as f32;
+        for (g, v) in self.grads[tr..].iter_mut().zip(&self.theta[tr..]) {
+            *g = if self.average_buffers { v * rows } else { 0.0 };
+        }
         Ok(())
     }
-    fn backward(&mut self) -> anyhow::Result<()> {
-        self.backward_through(0, true)
-    }
-    fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
+    fn dense_backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
         let (spec, layers, theta, seed) = (&self.spec, &self.layers, &self.theta, self.seed);
         let c = self
             .current
@@ -376,6 +361,115 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
+
+fn same_len(what: &str, got: usize, want: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(got == want, "{what}: {got} values for {want} parameters");
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        "CPU reference (ndarray)".into()
+    }
+    fn set_params(&mut self, theta: &[f32]) -> anyhow::Result<()> {
+        same_len("parameters", theta.len(), self.theta.len())?;
+        self.theta.copy_from_slice(theta);
+        Ok(())
+    }
+    fn params(&mut self) -> anyhow::Result<Vec<f32>> {
+        Ok(self.theta.clone())
+    }
+    fn optim_state(&mut self) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+        Ok(self
+            .rule
+            .state_names()
+            .iter()
+            .zip(&self.state)
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect())
+    }
+    fn set_optim_state(&mut self, state: &[(String, Vec<f32>)]) -> anyhow::Result<()> {
+        let ordered = state_in_order(&self.rule, state, self.trainable)?;
+        for (dst, src) in self.state.iter_mut().zip(ordered) {
+            dst.copy_from_slice(src);
+        }
+        Ok(())
+    }
+    fn set_order(&mut self, order: &[u32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            order.iter().all(|&i| (i as usize) < self.train_t.len()),
+            "sample order indexes past the training set"
+        );
+        self.order = order.to_vec();
+        Ok(())
+    }
+    fn gather(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            batch.offset + batch.rows <= self.order.len(),
+            "batch past the epoch's order"
+        );
+        let idx: Vec<usize> = self.order[batch.offset..batch.offset + batch.rows]
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        let base = u32::try_from(self.sample_base)?;
+        self.current = Some(Current {
+            batch: *batch,
+            x: self.train_x.select(Axis(0), &idx),
+            t: idx.iter().map(|&i| self.train_t[i]).collect(),
+            samples: idx.iter().map(|&i| i as u32 + base).collect(),
+            outs: Vec::new(),
+            trace: None,
+            dz: None,
+            back: None,
+        });
+        Ok(())
+    }
+    fn forward(&mut self) -> anyhow::Result<()> {
+        self.forward_with(None)
+    }
+    fn forward_synced(&mut self, sum: &mut dyn StatSum) -> anyhow::Result<()> {
+        self.forward_with(Some(sum))
+    }
+    fn backward_synced(&mut self, sum: &mut dyn StatSum) -> anyhow::Result<()> {
+        if self.net.is_some() {
+            self.net_backward(Some(sum))
+        } else {
+            self.backward()
+        }
+    }
+    fn loss(&mut self) -> anyhow::Result<()> {
+        let kind = self.spec.loss();
+        let c = self.current()?;
+        let logits = match &c.trace {
+            Some(t) => t.logits(),
+            None => c.outs.last(),
+        }
+        .ok_or_else(|| anyhow::anyhow!("loss before forward"))?;
+        let (dz, tot) = loss_rows(kind, logits.view(), &c.t);
+        c.dz = Some(dz);
+        // an empty micro-batch (a rank's share under SyncBatchNorm) only joins the collectives
+        if c.batch.rows > 0 {
+            self.step_losses.push(tot.loss_sum as f32);
+            self.totals.add(&tot);
+        }
+        Ok(())
+    }
+    fn backward(&mut self) -> anyhow::Result<()> {
+        self.backward_through(0, true)
+    }
+    fn backward_through(&mut self, layer: usize, first: bool) -> anyhow::Result<()> {
+        if self.net.is_some() {
+            // a network's backward runs whole at the first call
+            return if first {
+                self.net_backward(None)
+            } else {
+                Ok(())
+            };
+        }
+        self.dense_backward_through(layer, first)
+    }
     fn read_grads(
         &mut self,
         range: Range<usize>,
@@ -393,7 +487,18 @@ impl Backend for CpuBackend {
     }
     fn update(&mut self, step: &UpdateStep) -> anyhow::Result<()> {
         anyhow::ensure!(step.rule == self.rule, "optimizer changed mid-run");
-        update_ref(step, &mut self.theta, &self.grads, &mut self.state);
+        let tr = self.trainable;
+        update_ref(
+            step,
+            &mut self.theta[..tr],
+            &self.grads[..tr],
+            &mut self.state,
+        );
+        if self.average_buffers {
+            for (v, g) in self.theta[tr..].iter_mut().zip(&self.grads[tr..]) {
+                *v = g * step.grad_scale;
+            }
+        }
         Ok(())
     }
     fn take_step_losses(&mut self) -> anyhow::Result<Vec<f32>> {
@@ -407,20 +512,24 @@ impl Backend for CpuBackend {
         anyhow::ensure!(range.end <= t.len(), "evaluation range past the data");
         let mut tot = Totals::default();
         // chunks bound the memory of the activations
-        for start in range.clone().step_by(4096) {
-            let end = (start + 4096).min(range.end);
-            let outs = forward(
-                &self.spec,
-                &self.layers,
-                &self.theta,
-                x.slice(ndarray::s![start..end, ..]),
-                None,
-            );
-            let (_, b) = loss_rows(
-                self.spec.loss(),
-                outs[outs.len() - 1].view(),
-                &t[start..end],
-            );
+        // a network's activations (and im2col's columns) are far wider than rows of features
+        let chunk = if self.net.is_some() { 256 } else { 4096 };
+        for start in range.clone().step_by(chunk) {
+            let end = (start + chunk).min(range.end);
+            let rows = x.slice(ndarray::s![start..end, ..]);
+            let logits = match &self.net {
+                Some(net) => net
+                    .forward(&self.theta, rows, Mode::Eval)?
+                    .outs
+                    .pop()
+                    .ok_or_else(|| anyhow::anyhow!("a network without layers"))?,
+                None => {
+                    let mut outs = forward(&self.spec, &self.layers, &self.theta, rows, None);
+                    outs.pop()
+                        .ok_or_else(|| anyhow::anyhow!("a model without layers"))?
+                }
+            };
+            let (_, b) = loss_rows(self.spec.loss(), logits.view(), &t[start..end]);
             tot.add(&b);
         }
         Ok(tot)

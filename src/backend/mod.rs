@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::data::{Dataset, Normalizer};
 use crate::model::ModelSpec;
+use crate::model::net::StatSum;
 
 /// Which dataset to evaluate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,11 @@ pub struct BackendInit<'a> {
     /// rank's shard start in split sharding), so that masks agree across world sizes.
     pub sample_base: usize,
     pub precision: Precision,
+    /// Average a network's buffers (BatchNorm's running statistics) over ranks through the
+    /// gradient exchange: each rank sends running × its rows in the buffers' gradient slots and
+    /// the update sets them to the sum × 1/global rows. For several ranks without SyncBatchNorm,
+    /// whose running statistics would otherwise drift apart.
+    pub average_buffers: bool,
 }
 
 /// One micro-batch of a training step.
@@ -107,6 +113,17 @@ pub trait Backend {
     fn loss(&mut self) -> anyhow::Result<()>;
     /// Phase 4: per-sample gradient sums into the gradient buffer (added with `Batch::accumulate`).
     fn backward(&mut self) -> anyhow::Result<()>;
+    /// Phase 2 under SyncBatchNorm: as `forward`, with each BatchNorm's batch statistics summed
+    /// over all ranks by `sum`. Backends without BatchNorm layers ignore `sum`.
+    fn forward_synced(&mut self, sum: &mut dyn StatSum) -> anyhow::Result<()> {
+        let _ = sum;
+        self.forward()
+    }
+    /// Phase 4 under SyncBatchNorm: as `backward`, with BatchNorm's backward sums over all ranks.
+    fn backward_synced(&mut self, sum: &mut dyn StatSum) -> anyhow::Result<()> {
+        let _ = sum;
+        self.backward()
+    }
 
     /// The gradients `range` into `out`; with `totals`, also the training totals since the last
     /// take (then reset), read in the same wait: what a rank contributes to the exchange.
@@ -212,6 +229,9 @@ pub fn open(
             // A software adapter (lavapipe, SwiftShader) runs the WGSL kernels several times slower
             // than the ndarray backend runs the same mathematics, so auto takes a hardware GPU or
             // the CPU backend; `--device gpu` (or `--gpu N`) still reaches a software adapter.
+            if init.spec.kind.is_conv() && gpu.is_none() {
+                return Ok(Box::new(cpu::CpuBackend::new(init)?));
+            }
             let hardware = gpu.is_some()
                 || dptrain_kernels::list_adapters()
                     .iter()

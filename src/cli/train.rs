@@ -160,6 +160,12 @@ pub struct TrainArgs {
     /// steps of timing each rank's compute, parts proportional to its rows per second).
     #[arg(long, value_enum, default_value = "off", help_heading = "Distributed")]
     pub balance: crate::train::config::BalanceMode,
+    /// Under mpirun: SyncBatchNorm. Each BatchNorm's batch mean and variance are summed over all
+    /// ranks at every forward (and its backward sums too), so N ranks with batch b normalise as one
+    /// rank with batch N·b. Without it each rank normalises with its own batch (DDP's default).
+    #[arg(long, help_heading = "Distributed")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sync_bn: bool,
     /// Under mpirun: seconds any collective may wait before the job is aborted, naming the ranks
     /// that have not arrived (0: wait forever, with MPI's blocking collectives).
     #[arg(long, default_value_t = 300.0, value_parser = non_negative_seconds, help_heading = "Distributed")]
@@ -284,6 +290,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         val_fraction: a.val_fraction,
         exchange: a.exchange.config(100),
         balance: a.balance,
+        sync_bn: a.sync_bn,
     }
 }
 

@@ -213,6 +213,7 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, DataError>
         x: Features::U8(img.data),
         y: lab.data.iter().map(|&l| f32::from(l)).collect(),
         pixels: true,
+        image: Some([1, img.dims[1] as usize, img.dims[2] as usize]),
         source: images.display().to_string(),
         labels: None,
     })

@@ -219,6 +219,9 @@ pub struct Dataset {
     pub y: Vec<f32>,
     /// Whether x holds raw pixels (0..=255) that should be scaled to [0,1] rather than standardised.
     pub pixels: bool,
+    /// The shape (channels, height, width) of each sample when the samples are images (IDX,
+    /// CIFAR, synthetic images); None for rows of features.
+    pub image: Option<[usize; 3]>,
     /// Where it came from, for messages (a path or "synthetic:blobs").
     pub source: String,
     /// Class names when the labels were text (a CSV label column such as `setosa`): `names[i]` is
@@ -280,6 +283,7 @@ impl Dataset {
             x,
             y: idx.iter().map(|&i| self.y[i]).collect(),
             pixels: self.pixels,
+            image: self.image,
             source: self.source.clone(),
             labels: self.labels.clone(),
         }
@@ -770,6 +774,7 @@ mod tests {
             x: Features::F32(x),
             y,
             pixels: false,
+            image: None,
             source: "test".into(),
             labels: None,
         }

@@ -19,6 +19,7 @@ fn dataset(n: usize, features: usize, x: Vec<f32>, y: Vec<f32>, name: &str) -> D
         x: Features::F32(x),
         y,
         pixels: false,
+        image: None,
         source: format!("synthetic:{name}"),
         labels: None,
     }
@@ -172,8 +173,24 @@ pub fn from_spec(spec: &str, seed: u64) -> anyhow::Result<Dataset> {
     if n == 0 {
         bail!("--data {spec}: the sample count must be at least 1");
     }
+    if kind == "images" {
+        // synth:images:N[:C:H:W[:K]]: random images for the convolutional models
+        let (c, h, w, k) = (arg(1, 3), arg(2, 32), arg(3, 32), arg(4, 10));
+        if c == 0 || h == 0 || w == 0 || k < 2 || nums.len() > 5 {
+            bail!(
+                "--data {spec}: synth:images:N:C:H:W:K takes channels, height and width of at least 1 and at least 2 classes"
+            );
+        }
+        crate::limits::check_dataset(&format!("--data {spec}"), n as u64, (c * h * w) as u64)?;
+        let mut ds = random(n, c * h * w, k, seed);
+        ds.image = Some([c, h, w]);
+        ds.source = "synthetic:images".into();
+        return Ok(ds);
+    }
     let Some(kind) = SynthKind::named(kind) else {
-        bail!("--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear)");
+        bail!(
+            "--data {spec}: unknown synthetic kind {kind:?} (seed, blobs, random, linear, images)"
+        );
     };
     let (f0, k0) = kind.defaults();
     let features = if kind == SynthKind::Seed {

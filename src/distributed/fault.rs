@@ -191,6 +191,13 @@ impl Backend for Slowed<'_> {
         self.sleep_once();
         self.inner.backward()
     }
+    fn forward_synced(&mut self, sum: &mut dyn crate::model::net::StatSum) -> anyhow::Result<()> {
+        self.inner.forward_synced(sum)
+    }
+    fn backward_synced(&mut self, sum: &mut dyn crate::model::net::StatSum) -> anyhow::Result<()> {
+        self.sleep_once();
+        self.inner.backward_synced(sum)
+    }
     fn read_grads(
         &mut self,
         range: Range<usize>,

@@ -8,6 +8,7 @@
 //! shaped [out, in], `layers.0.bias`), numbering the dense layers only.
 
 pub mod layer;
+pub mod net;
 
 pub use layer::Layer;
 
@@ -28,6 +29,38 @@ pub enum ModelKind {
     Linreg,
     /// Multi-layer perceptron with `--hidden` widths, softmax cross-entropy.
     Mlp,
+    /// LeNet-5 on 1×28×28 images (MNIST): two 5×5 convolutions with max pooling, three linear layers.
+    Lenet5,
+    /// CIFAR-style ResNet-20: 3 stages of 3 basic blocks (16/32/64 channels, BatchNorm).
+    Resnet20,
+    /// ResNet-32: 3 stages of 5 basic blocks.
+    Resnet32,
+    /// ResNet-56: 3 stages of 9 basic blocks.
+    Resnet56,
+}
+
+impl ModelKind {
+    /// A convolutional network (a graph of layers on images) rather than rows through dense layers.
+    pub fn is_conv(self) -> bool {
+        matches!(
+            self,
+            Self::Lenet5 | Self::Resnet20 | Self::Resnet32 | Self::Resnet56
+        )
+    }
+
+    /// The name `--model` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Logreg => "logreg",
+            Self::Softmax => "softmax",
+            Self::Linreg => "linreg",
+            Self::Mlp => "mlp",
+            Self::Lenet5 => "lenet5",
+            Self::Resnet20 => "resnet20",
+            Self::Resnet32 => "resnet32",
+            Self::Resnet56 => "resnet56",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -69,6 +102,9 @@ pub struct ModelSpec {
     /// Dropout probability after each hidden layer (0: none). Absent in files of older builds.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropout: f64,
+    /// Channels, height and width of each sample, for the convolutional models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -89,6 +125,8 @@ pub enum ModelError {
     Dropout(f64),
     #[error("--dropout is only for --model mlp with --hidden layers")]
     DropoutWithoutHidden,
+    #[error("--model {model}: {msg}")]
+    Net { model: &'static str, msg: String },
 }
 
 impl ModelSpec {
@@ -119,7 +157,12 @@ impl ModelSpec {
                 1
             }
             ModelKind::Linreg => 1,
-            ModelKind::Softmax | ModelKind::Mlp => {
+            ModelKind::Softmax
+            | ModelKind::Mlp
+            | ModelKind::Lenet5
+            | ModelKind::Resnet20
+            | ModelKind::Resnet32
+            | ModelKind::Resnet56 => {
                 if classes < 2 {
                     return Err(ModelError::Classes(format!(
                         "classification needs at least 2 classes; the training labels hold {classes}"
@@ -135,7 +178,95 @@ impl ModelSpec {
             outputs,
             activation,
             dropout: 0.0,
+            image: None,
         })
+    }
+
+    /// A convolutional model's input shape: the data's image shape, or for rows of features the
+    /// shape the model is defined for when the widths agree (784 CSV columns are a 1×28×28 image
+    /// for LeNet-5). Checks that the network fits it.
+    pub fn with_image(mut self, image: Option<[usize; 3]>) -> Result<Self, ModelError> {
+        if !self.kind.is_conv() {
+            return Ok(self);
+        }
+        let err = |msg: String| ModelError::Net {
+            model: self.kind.name(),
+            msg,
+        };
+        let shape = match image {
+            Some(s) => s,
+            None if self.kind == ModelKind::Lenet5
+                && self.inputs == net::presets::LENET5_INPUT.len() =>
+            {
+                let s = net::presets::LENET5_INPUT;
+                [s.c, s.h, s.w]
+            }
+            None => {
+                return Err(err(format!(
+                    "takes images (IDX, CIFAR-10 binary or synth:images data), and the data holds rows of {} features",
+                    self.inputs
+                )));
+            }
+        };
+        if shape.iter().product::<usize>() != self.inputs {
+            return Err(err(format!(
+                "images of {}×{}×{} are {} values, and the data rows hold {}",
+                shape[0],
+                shape[1],
+                shape[2],
+                shape.iter().product::<usize>(),
+                self.inputs
+            )));
+        }
+        self.image = Some(shape);
+        self.net()?;
+        Ok(self)
+    }
+
+    /// The network of a convolutional model (None for the dense models).
+    pub fn net(&self) -> Result<Option<net::Net>, ModelError> {
+        if !self.kind.is_conv() {
+            return Ok(None);
+        }
+        let err = |msg: String| ModelError::Net {
+            model: self.kind.name(),
+            msg,
+        };
+        let [c, h, w] = self
+            .image
+            .ok_or_else(|| err("no image shape in the model's description".into()))?;
+        let input = net::Shape::image(c, h, w);
+        let built = match self.kind {
+            ModelKind::Lenet5 => net::presets::lenet5(input, self.outputs),
+            ModelKind::Resnet20 => net::presets::resnet(20, input, self.outputs),
+            ModelKind::Resnet32 => net::presets::resnet(32, input, self.outputs),
+            _ => net::presets::resnet(56, input, self.outputs),
+        };
+        built.map(Some).map_err(err)
+    }
+
+    /// Values in the flat buffer that the optimizer trains: all of them but a network's buffers
+    /// (BatchNorm's running statistics), which come last.
+    pub fn trainable(&self) -> usize {
+        match self.net() {
+            Ok(Some(n)) => n.trainable,
+            _ => self.layout().total,
+        }
+    }
+
+    /// The flat buffer's ranges by layer, from the input: each dense layer's weight and bias, or
+    /// each network node's trainable tensors followed by one range of the buffers. The exchange
+    /// buckets by these.
+    pub fn param_groups(&self) -> Vec<std::ops::Range<usize>> {
+        if let Ok(Some(n)) = self.net() {
+            return n.groups();
+        }
+        (0..self.linears().len())
+            .map(|l| {
+                let (w, b) = self.offsets(l);
+                w..b + self.linear(l).1
+            })
+            .collect()
     }
 
     /// The same model with dropout probability `p` after each hidden layer.
@@ -153,6 +284,10 @@ impl ModelSpec {
     /// The layers in order, from the input to the logits (the loss follows).
     pub fn layers(&self) -> Vec<Layer> {
         let mut v = Vec::new();
+        if self.kind.is_conv() {
+            // a network is walked as a graph (`net()`)
+            return v;
+        }
         let dense = self.linears();
         let last = dense.len() - 1;
         for (index, (fan_in, fan_out)) in dense.into_iter().enumerate() {
@@ -177,7 +312,7 @@ impl ModelSpec {
         match self.kind {
             ModelKind::Logreg => LossKind::SigmoidBce,
             ModelKind::Linreg => LossKind::Mse,
-            ModelKind::Softmax | ModelKind::Mlp => LossKind::SoftmaxXent,
+            _ => LossKind::SoftmaxXent,
         }
     }
 
@@ -200,10 +335,16 @@ impl ModelSpec {
 
     /// Multiply-adds per sample in the forward pass (training costs about 3× this, i.e. 6 FLOPs each).
     pub fn macs_per_sample(&self) -> usize {
+        if let Ok(Some(n)) = self.net() {
+            return n.macs();
+        }
         self.linears().iter().map(|(i, o)| i * o).sum()
     }
 
     pub fn layout(&self) -> Layout {
+        if let Ok(Some(n)) = self.net() {
+            return n.layout;
+        }
         let mut tensors = Vec::new();
         let mut off = 0;
         for (l, (fi, fo)) in self.linears().into_iter().enumerate() {
@@ -229,6 +370,9 @@ impl ModelSpec {
     /// Seeded initialisation: He (normal, std √(2/fan_in)) before ReLU, Xavier (uniform,
     /// ±√(6/(fan_in+fan_out))) elsewhere and for the output layer; biases zero.
     pub fn init(&self, seed: u64) -> Vec<f32> {
+        if let Ok(Some(n)) = self.net() {
+            return n.init(seed);
+        }
         let layout = self.layout();
         let mut theta = vec![0f32; layout.total];
         let mut rng = Rng::derive(seed, 0x1A17);

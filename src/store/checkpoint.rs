@@ -295,13 +295,14 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint, CheckpointError> {
     }
     let state: State =
         serde_json::from_str(state_text).map_err(|e| format(format!("bad dptrain.state: {e}")))?;
-    let n = state.spec.layout().total;
-    if let Some((name, v)) = std::iter::once(("params", &params))
-        .chain(optim.iter().map(|(k, v)| (k.as_str(), v)))
-        .find(|(_, v)| v.len() != n)
+    // the optimizer's state covers the trained values only (a network's buffers follow them)
+    let (n, trained) = (state.spec.layout().total, state.spec.trainable());
+    if let Some((name, v, want)) = std::iter::once(("params", &params, n))
+        .chain(optim.iter().map(|(k, v)| (k.as_str(), v, trained)))
+        .find(|(_, v, want)| v.len() != *want)
     {
         return Err(damaged(format!(
-            "{name} holds {} values, the model has {n}",
+            "{name} holds {} values, the model has {want}",
             v.len()
         )));
     }

@@ -25,21 +25,32 @@ pub fn outputs(model: &Usable, ds: &Dataset) -> anyhow::Result<Array2<f32>> {
         model.spec.inputs
     );
     let layers = model.spec.layers();
+    let net = model.spec.net()?;
     let nf = ds.n_features;
     let mut out = Array2::<f32>::zeros((ds.n_samples, model.spec.outputs));
     let mut row = vec![0f32; nf];
-    for start in (0..ds.n_samples).step_by(CHUNK) {
-        let end = (start + CHUNK).min(ds.n_samples);
+    // a network's activations are far wider than rows of features
+    let chunk = if net.is_some() { 256 } else { CHUNK };
+    for start in (0..ds.n_samples).step_by(chunk) {
+        let end = (start + chunk).min(ds.n_samples);
         let mut x = Array2::<f32>::zeros((end - start, nf));
         for (k, i) in (start..end).enumerate() {
             ds.row(i, &mut row);
             model.norm.apply_row(&mut row);
             x.row_mut(k).assign(&ndarray::ArrayView1::from(&row));
         }
-        let outs =
-            crate::backend::cpu::forward(&model.spec, &layers, &model.params, x.view(), None);
-        let z = &outs[outs.len() - 1];
-        out.slice_mut(ndarray::s![start..end, ..]).assign(z);
+        let z = match &net {
+            Some(net) => net
+                .forward(&model.params, x.view(), crate::model::net::Mode::Eval)?
+                .outs
+                .pop(),
+            None => {
+                crate::backend::cpu::forward(&model.spec, &layers, &model.params, x.view(), None)
+                    .pop()
+            }
+        }
+        .ok_or_else(|| anyhow::anyhow!("a model without layers"))?;
+        out.slice_mut(ndarray::s![start..end, ..]).assign(&z);
     }
     Ok(out)
 }
@@ -214,7 +225,7 @@ impl Confusion {
 /// with z = Σ wⱼ xⱼ + b on unnormalised x (the normaliser x' = (x − shift)·scale folded in).
 pub fn raw_linear(model: &Usable) -> Option<Vec<(Vec<f64>, f64)>> {
     let spec = &model.spec;
-    if !spec.hidden.is_empty() {
+    if !spec.hidden.is_empty() || spec.kind.is_conv() {
         return None;
     }
     let (fi, fo) = spec.linear(0);
@@ -234,24 +245,9 @@ pub fn raw_linear(model: &Usable) -> Option<Vec<(Vec<f64>, f64)>> {
     )
 }
 
-/// What `model show` prints.
-pub fn show(model: &Usable, path: &str) -> String {
-    let spec = &model.spec;
-    let mut s = format!("{path}: ");
-    s += &match model.checkpoint_step {
-        Some(step) => format!("checkpoint at step {step}\n"),
-        None => "model file\n".to_string(),
-    };
-    s += &format!(
-        "model       {} ({})\n",
-        format!("{:?}", spec.kind).to_lowercase(),
-        match spec.kind {
-            ModelKind::Logreg => "sigmoid + binary cross-entropy",
-            ModelKind::Softmax => "softmax + cross-entropy",
-            ModelKind::Linreg => "linear + mean squared error",
-            ModelKind::Mlp => "multi-layer perceptron + cross-entropy",
-        }
-    );
+/// `model show`'s lines for a dense model: widths, activation, dropout, and the tensors.
+fn dense_shape(spec: &crate::model::ModelSpec) -> String {
+    let mut s = String::new();
     s += &format!(
         "widths      {}\n",
         spec.widths()
@@ -272,6 +268,43 @@ pub fn show(model: &Usable, path: &str) -> String {
     s += &format!("parameters  {}\n", spec.layout().total);
     for t in &spec.layout().tensors {
         s += &format!("  {:<18} {:?}\n", t.name, t.shape);
+    }
+    s
+}
+
+/// What `model show` prints.
+pub fn show(model: &Usable, path: &str) -> String {
+    let spec = &model.spec;
+    let mut s = format!("{path}: ");
+    s += &match model.checkpoint_step {
+        Some(step) => format!("checkpoint at step {step}\n"),
+        None => "model file\n".to_string(),
+    };
+    s += &format!(
+        "model       {} ({})\n",
+        format!("{:?}", spec.kind).to_lowercase(),
+        match spec.kind {
+            ModelKind::Logreg => "sigmoid + binary cross-entropy",
+            ModelKind::Softmax => "softmax + cross-entropy",
+            ModelKind::Linreg => "linear + mean squared error",
+            ModelKind::Mlp => "multi-layer perceptron + cross-entropy",
+            ModelKind::Lenet5 | ModelKind::Resnet20 | ModelKind::Resnet32 | ModelKind::Resnet56 => {
+                "convolutional network + cross-entropy"
+            }
+        }
+    );
+    if let Ok(Some(net)) = spec.net() {
+        // torchinfo's table: each layer's output shape and parameters, then the tensors
+        s += "layers\n";
+        for line in net.summary().lines() {
+            s += &format!("  {line}\n");
+        }
+        s += &format!("tensors     {}\n", net.layout.tensors.len());
+        for t in &net.layout.tensors {
+            s += &format!("  {:<24} {:?}\n", t.name, t.shape);
+        }
+    } else {
+        s += &dense_shape(spec);
     }
     s += &format!(
         "normaliser  {}\n",
@@ -362,6 +395,7 @@ mod tests {
             x: crate::data::Features::F32(vec![3.0, -1.0]),
             y: vec![0.0],
             pixels: false,
+            image: None,
             source: "row".into(),
             labels: None,
         };

@@ -54,6 +54,10 @@ pub struct TrainConfig {
     /// (absent from the settings records when off, so that older checkpoints still match).
     #[serde(skip_serializing_if = "BalanceMode::is_off")]
     pub balance: BalanceMode,
+    /// `--sync-bn`: BatchNorm's batch statistics summed over all ranks at every forward
+    /// (absent from the settings records when off).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sync_bn: bool,
 }
 
 /// How each global batch is shared out between ranks (`--shard global`, `--sync grads`).
@@ -115,6 +119,7 @@ impl TrainConfig {
             val_fraction: 0.0,
             exchange: ExchangeConfig::default(),
             balance: BalanceMode::Off,
+            sync_bn: false,
         }
     }
 
@@ -137,6 +142,15 @@ impl TrainConfig {
         self.optim.validate()?;
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
         ensure!(self.accumulate >= 1, "--accumulate must be at least 1");
+        ensure!(
+            !self.sync_bn
+                || matches!(
+                    self.model,
+                    ModelKind::Resnet20 | ModelKind::Resnet32 | ModelKind::Resnet56
+                ),
+            "--sync-bn: --model {} has no BatchNorm layers",
+            self.model.name()
+        );
         ensure!(
             self.epochs != Some(0) && self.steps != Some(0),
             "--epochs and --steps must be at least 1"

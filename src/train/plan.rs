@@ -103,6 +103,26 @@ impl StepPlan {
             .collect()
     }
 
+    /// As [`StepPlan::micro_batches`], padded with empty micro-batches to the count of the rank
+    /// with the most (SyncBatchNorm: every rank joins every micro-batch's collectives).
+    pub fn micro_batches_padded(&self, s: u64, step: u64) -> Vec<Batch> {
+        let mut v = self.micro_batches(s, step);
+        let most = (0..self.ranks)
+            .map(|r| self.rows_of(s, r).1.div_ceil(self.micro.max(1)))
+            .max()
+            .unwrap_or(0);
+        let offset = self.mine(s).0.min(self.local_samples);
+        while v.len() < most {
+            v.push(Batch {
+                offset,
+                rows: 0,
+                step,
+                accumulate: !v.is_empty(),
+            });
+        }
+        v
+    }
+
     /// Samples in step s over all ranks.
     pub fn global_rows(&self, s: u64) -> usize {
         match self.shard {

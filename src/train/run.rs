@@ -262,12 +262,7 @@ pub fn train_with(
 
 /// Each dense layer's parameter range in the flat buffer (weights then bias), by layer.
 pub fn layer_ranges(spec: &crate::model::ModelSpec) -> Vec<std::ops::Range<usize>> {
-    (0..spec.linears().len())
-        .map(|l| {
-            let (w, b) = spec.offsets(l);
-            w..b + spec.linear(l).1
-        })
-        .collect()
+    spec.param_groups()
 }
 
 /// Move the backend's running loss record and totals into the epoch's totals (over all ranks), and

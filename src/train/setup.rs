@@ -54,6 +54,7 @@ impl Setup {
             seed: cfg.seed,
             sample_base: plan.sample_base(),
             precision: cfg.precision,
+            average_buffers: plan.ranks() > 1 && !cfg.sync_bn,
         }
     }
 }
@@ -118,9 +119,15 @@ pub fn setup_rank(
         cfg.hidden.clone(),
         cfg.activation,
     )?
-    .with_dropout(cfg.dropout)?;
+    .with_dropout(cfg.dropout)?
+    .with_image(train.image)
+    .map_err(|e| anyhow::anyhow!("{}: {e}", train.source))?;
+    let widths = match spec.net()? {
+        Some(net) => vec![net.widest(), spec.outputs],
+        None => spec.widths(),
+    };
     crate::limits::check_model(
-        &spec.widths(),
+        &widths,
         cfg.batch_size,
         cfg.optim.rule().state_names().len(),
     )?;
@@ -206,6 +213,7 @@ fn concat(a: &Dataset, b: &Dataset) -> Dataset {
         x,
         y: [a.y.as_slice(), &b.y].concat(),
         pixels: a.pixels && b.pixels,
+        image: if a.image == b.image { a.image } else { None },
         source: format!("{} + {}", a.source, b.source),
         labels: a.labels.clone(),
     }

@@ -36,6 +36,19 @@ pub struct Stepper {
     /// `--staleness 1`: wait for the sums in flight at each epoch's end (the trainer; `bench`
     /// repeats a one-step epoch and turns it off).
     pub drain_at_epoch_end: bool,
+    /// `--sync-bn`: BatchNorm's statistics are summed over ranks inside forward and backward, so
+    /// every rank runs as many micro-batches as the busiest one (empty ones where it has no rows).
+    sync_bn: bool,
+}
+
+/// SyncBatchNorm's sums over the ranks: an allreduce on the run's communicator, in program
+/// order with the gradient buckets (the communication thread keeps that order).
+struct CommSum<'a>(&'a dyn Communicator);
+
+impl crate::model::net::StatSum for CommSum<'_> {
+    fn sum(&mut self, v: &mut [f64]) -> anyhow::Result<()> {
+        self.0.allreduce_sum_f64(v)
+    }
 }
 
 impl Stepper {
@@ -59,6 +72,7 @@ impl Stepper {
             last_lr: 0.0,
             slow: SlowClock::for_rank(plan.rank()),
             drain_at_epoch_end: true,
+            sync_bn: cfg.sync_bn && plan.ranks() > 1,
         }
     }
 
@@ -101,13 +115,25 @@ impl Stepper {
         let started = Instant::now();
         let idle = ex.times.idle();
         let (mine, all) = (self.plan.mine(s).1, self.plan.global_rows(s));
-        let batches = self.plan.micro_batches(s, step);
+        let sync_bn = self.sync_bn;
+        let batches = if sync_bn {
+            self.plan.micro_batches_padded(s, step)
+        } else {
+            self.plan.micro_batches(s, step)
+        };
+        let mut sum = CommSum(comm);
         for (i, b) in batches.iter().enumerate() {
             t.time(StepPhase::Gather, || backend.gather(b))?;
-            t.time(StepPhase::Forward, || backend.forward())?;
+            t.time(StepPhase::Forward, || match sync_bn {
+                true => backend.forward_synced(&mut sum),
+                false => backend.forward(),
+            })?;
             t.time(StepPhase::Loss, || backend.loss())?;
-            if i + 1 < batches.len() {
-                t.time(StepPhase::Backward, || backend.backward())?;
+            if i + 1 < batches.len() || sync_bn {
+                t.time(StepPhase::Backward, || match sync_bn {
+                    true => backend.backward_synced(&mut sum),
+                    false => backend.backward(),
+                })?;
             }
         }
         // the last backward, bucket by bucket when the gradients travel: each bucket's exchange
@@ -116,7 +142,7 @@ impl Stepper {
         if ex.bucketed() {
             let layers: Vec<usize> = ex.buckets().iter().map(|b| b.layer).collect();
             for (i, layer) in layers.into_iter().enumerate() {
-                if mine > 0 {
+                if mine > 0 && !sync_bn {
                     let _g = crate::observe::trace::span("backward", "phase").arg("bucket", i);
                     t.time_quietly(StepPhase::Backward, || {
                         backend.backward_through(layer, i == 0)
@@ -125,7 +151,7 @@ impl Stepper {
                 // timed as exchange; its readback and send have spans of their own
                 t.time_quietly(StepPhase::Exchange, || ex.bucket_ready(backend, comm, i))?;
             }
-        } else if mine > 0 {
+        } else if mine > 0 && !sync_bn {
             t.time(StepPhase::Backward, || backend.backward())?;
         }
         if ex.delayed() {

@@ -140,11 +140,13 @@ pub struct GpuBackend {
 
 impl GpuBackend {
     pub fn new(init: &BackendInit<'_>, choice: &AdapterChoice) -> anyhow::Result<Self> {
+        refuse_networks(init)?;
         let ctx = GpuContext::new(choice)?;
         Self::with_context(ctx, init)
     }
 
     pub fn with_context(ctx: GpuContext, init: &BackendInit<'_>) -> anyhow::Result<Self> {
+        refuse_networks(init)?;
         let spec = init.spec.clone();
         let layers = spec.layers();
         let n_params = spec.layout().total;
@@ -491,4 +493,15 @@ impl Backend for GpuBackend {
         let words: Vec<u32> = self.flush_and_read(|s| &s.eval_totals, TOTALS_WORDS)?;
         Ok(Totals::from_words(&words))
     }
+}
+
+/// The GPU plan records dense layers only: a convolutional model is refused before any adapter
+/// is opened.
+fn refuse_networks(init: &BackendInit<'_>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !init.spec.kind.is_conv(),
+        "--model {}: the convolutional models train on the CPU backend for now (--device cpu); their kernels (im2col, pooling, BatchNorm) are verified on the GPU but not yet recorded by the GPU plan",
+        init.spec.kind.name()
+    );
+    Ok(())
 }

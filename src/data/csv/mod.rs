@@ -276,6 +276,7 @@ fn parse_columns<R: Read>(
         x: Features::F32(x),
         y,
         pixels: false,
+        image: None,
         source: name.to_string(),
         labels: names,
     };
@@ -601,6 +602,7 @@ mod tests {
             x: Features::F32(x),
             y,
             pixels: false,
+            image: None,
             source: "mem".into(),
             labels: None,
         };

@@ -1,0 +1,256 @@
+//! The convolutional models: LeNet-5 and the CIFAR ResNets through the command line, their files
+//! against PyTorch's names and shapes, SyncBatchNorm under real mpirun, exact resume with
+//! BatchNorm's running statistics, and the errors of image shapes that do not fit.
+
+mod util;
+
+use std::collections::BTreeMap;
+
+use util::{dptrain, mpirun, params, rel, tmpdir};
+
+/// The anchor's `state_dict` names and shapes (tests/data/pytorch_cnn_state_dict.txt, written by
+/// scripts/pytorch-cnn-names.py from ../shared/anchors/pytorch_cnn.py with PyTorch 2.15).
+fn pytorch_names(model: &str) -> BTreeMap<String, Vec<usize>> {
+    let text = include_str!("data/pytorch_cnn_state_dict.txt");
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            (f.next() == Some(model)).then(|| {
+                let name = f.next().expect("a name").to_string();
+                let shape = match f.next().expect("a shape") {
+                    "-" => Vec::new(),
+                    s => s.split(',').map(|d| d.parse().expect("a size")).collect(),
+                };
+                (name, shape)
+            })
+        })
+        .collect()
+}
+
+fn file_names(path: &std::path::Path) -> BTreeMap<String, Vec<usize>> {
+    let m = dptrain::store::modelfile::load(path).expect("model file");
+    m.tensors
+        .iter()
+        .map(|(k, (shape, _))| (k.clone(), shape.clone()))
+        .collect()
+}
+
+/// A saved LeNet-5 and ResNet-20 hold exactly the tensors of the PyTorch modules, by name and shape
+/// (BatchNorm's running statistics and batch count included), so `load_state_dict(strict=True)`
+/// takes them.
+#[test]
+fn saved_lenet5_and_resnet20_files_have_pytorchs_names_and_shapes() {
+    let d = tmpdir("cnn-names");
+    for (model, data) in [
+        ("lenet5", "synth:images:200:1:28:28"),
+        ("resnet20", "synth:images:200:3:32:32:10"),
+    ] {
+        let f = d.join(format!("{model}.safetensors"));
+        let fs = f.display().to_string();
+        dptrain(&[
+            "train",
+            "--data",
+            data,
+            "--model",
+            model,
+            "--steps",
+            "1",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--save",
+            &fs,
+        ])
+        .ok();
+        let want = pytorch_names(model);
+        assert!(!want.is_empty());
+        assert_eq!(file_names(&f), want, "{model}");
+        let shown = dptrain(&["model", "show", &fs]).ok().stdout();
+        assert!(
+            shown.contains("conv2d") && shown.contains("trainable parameters"),
+            "{shown}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn resnet_args<'a>(data: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--data",
+        data,
+        "--model",
+        "resnet20",
+        "--steps",
+        "3",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// ResNet-20 on random 3×8×8 images: 2 ranks with batch 6 and `--sync-bn` give what 1 rank gives
+/// with batch 12 (parameters and BatchNorm's running statistics, ≤ 1e-5); without `--sync-bn` each
+/// rank normalises with its own 6 images, which is measurably different (DDP's default). (At
+/// 3×32×32 the first convolution and BatchNorm drift to 4e-4 from the second step on: not yet
+/// explained, see the note.)
+#[test]
+fn two_ranks_with_sync_bn_match_one_rank_with_the_whole_batch() {
+    let _turn = util::turn();
+    let d = tmpdir("cnn-syncbn");
+    let data = "synth:images:48:3:8:8:10";
+    let out = |name: &str| d.join(name).display().to_string();
+    let (one, sync, local) = (out("one.st"), out("sync.st"), out("local.st"));
+    dptrain(&resnet_args(data, &["--batch-size", "12", "--save", &one])).ok();
+    mpirun(
+        2,
+        &resnet_args(data, &["--batch-size", "6", "--sync-bn", "--save", &sync]),
+        &[],
+    )
+    .ok();
+    mpirun(
+        2,
+        &resnet_args(data, &["--batch-size", "6", "--save", &local]),
+        &[],
+    )
+    .ok();
+    let (p1, ps, pl) = (
+        params(one.as_ref()),
+        params(sync.as_ref()),
+        params(local.as_ref()),
+    );
+    let e = rel(&ps, &p1);
+    assert!(e <= 1e-5, "--sync-bn against one rank: {e:e}");
+    let e = rel(&pl, &p1);
+    assert!(
+        e > 1e-4,
+        "without --sync-bn the statistics are per rank: {e:e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Train 2 epochs straight, or 1 and then resume for the second: the same bits, BatchNorm's running
+/// statistics included.
+#[test]
+fn a_resumed_resnet_ends_bit_identical_with_its_running_statistics() {
+    let d = tmpdir("cnn-resume");
+    let data = "synth:images:40:3:12:12:4";
+    let out = |name: &str| d.join(name).display().to_string();
+    let (straight, resumed, ck) = (out("s.st"), out("r.st"), out("ck"));
+    let base = |epochs: &'static str| {
+        vec![
+            "train",
+            "--data",
+            data,
+            "--model",
+            "resnet20",
+            "--epochs",
+            epochs,
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--seed",
+            "2",
+        ]
+    };
+    let with = |mut v: Vec<&'static str>, extra: &[&str]| {
+        let mut v: Vec<String> = v.drain(..).map(String::from).collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |v: Vec<String>| {
+        let r: Vec<&str> = v.iter().map(String::as_str).collect();
+        dptrain(&r).ok()
+    };
+    run(with(base("2"), &["--save", &straight]));
+    run(with(base("1"), &["--checkpoint-dir", &ck]));
+    run(with(
+        base("2"),
+        &[
+            "--checkpoint-dir",
+            &ck,
+            "--resume",
+            "auto",
+            "--save",
+            &resumed,
+        ],
+    ));
+    let (a, b) = (params(straight.as_ref()), params(resumed.as_ref()));
+    assert_eq!(a, b, "the resumed run differs");
+    // the running statistics moved away from their initial 0 and 1
+    let names = dptrain::store::modelfile::load(straight.as_ref()).unwrap();
+    let (_, rv) = &names.tensors["1.running_var"];
+    assert!(rv.iter().all(|&v| v != 1.0), "{rv:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn image_shapes_that_do_not_fit_are_one_line_errors() {
+    let digits = util::shared("digits.csv");
+    dptrain(&[
+        "train", "--data", &digits, "--model", "lenet5", "--device", "cpu",
+    ])
+    .fails_with("--model lenet5: takes images");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:20:3:32:32",
+        "--model",
+        "lenet5",
+        "--device",
+        "cpu",
+    ])
+    .fails_with("lenet5 takes 1×28×28 images, and the data holds 3×32×32");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:20:3:2:2",
+        "--model",
+        "lenet5",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    ])
+    .fails_with("lenet5 takes 1×28×28 images, and the data holds 3×2×2");
+    dptrain(&["train", "--data", &digits, "--model", "resnet20"])
+        .fails_with("--model resnet20: takes images");
+    dptrain(&[
+        "train",
+        "--data",
+        &digits,
+        "--model",
+        "mlp",
+        "--hidden",
+        "8",
+        "--sync-bn",
+    ])
+    .fails_with("--sync-bn: --model mlp has no BatchNorm layers");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:100:1:28:28",
+        "--model",
+        "lenet5",
+        "--device",
+        "gpu",
+    ])
+    .fails_with("train on the CPU backend for now");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:20:0:28:28",
+        "--model",
+        "lenet5",
+    ])
+    .fails_with("synth:images:N:C:H:W:K");
+}
