@@ -58,7 +58,7 @@ pub fn lenet5(input: Shape, classes: usize) -> Result<Net, String> {
 
 /// A CIFAR-style ResNet of `depth` = 6n + 2 layers (20, 32, 56, …).
 pub fn resnet(depth: usize, input: Shape, classes: usize) -> Result<Net, String> {
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         return Err(format!(
             "a CIFAR ResNet has 6n + 2 layers (20, 32, 56), not {depth}"
         ));

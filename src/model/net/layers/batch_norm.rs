@@ -90,7 +90,7 @@ pub fn forward_train<T: Float>(
         stats[STATS * ch] = of(*mu);
     }
     let mut sq = to_f64(&bn::sums_ref(Sums::SquaredDeviation, &sh, &xs, &[], &stats));
-    if let Some(s) = sync.as_deref_mut() {
+    if let Some(s) = sync {
         s.sum(&mut sq)?;
     }
     let mut var = Vec::with_capacity(c);
