@@ -288,3 +288,135 @@ fn lenet5_learns_mnist_in_two_epochs_on_the_cpu() {
     let acc = last["test_accuracy"].as_f64().expect("test accuracy");
     assert!(acc >= 0.978, "{last}");
 }
+
+const SMALL_NET: &str = r#"
+input = [1, 28, 28]
+[[layer]]
+type = "conv2d"
+out = 4
+kernel = 5
+stride = 2
+[[layer]]
+type = "batch_norm2d"
+[[layer]]
+type = "relu"
+[[layer]]
+type = "residual"
+body = [{ type = "conv2d", out = 4, kernel = 3, padding = 1, bias = false }]
+[[layer]]
+type = "global_avg_pool"
+[[layer]]
+type = "flatten"
+[[layer]]
+type = "linear"
+"#;
+
+/// `--arch net.toml` trains the network it defines, saves it with its definition (so `eval` and
+/// `model show` need nothing else), and a bad file is one line naming the file, the layer and the
+/// key.
+#[test]
+fn an_arch_file_trains_and_its_errors_name_the_layer_and_key() {
+    let d = tmpdir("cnn-arch");
+    let net = d.join("net.toml");
+    std::fs::write(&net, SMALL_NET).unwrap();
+    let (ns, model) = (
+        net.display().to_string(),
+        d.join("m.st").display().to_string(),
+    );
+    let mnist = util::shared("mnist");
+    dptrain(&[
+        "train",
+        "--data",
+        &mnist,
+        "--arch",
+        &ns,
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--save",
+        &model,
+    ])
+    .ok();
+    let shown = dptrain(&["model", "show", &model]).ok().stdout();
+    assert!(
+        shown.contains("3.body.0") && shown.contains("batch_norm2d"),
+        "{shown}"
+    );
+    dptrain(&["eval", "--model-file", &model, "--data", &mnist]).ok();
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, SMALL_NET.replace("stride = 2", "strides = 2")).unwrap();
+    let bs = bad.display().to_string();
+    dptrain(&[
+        "train", "--data", &mnist, "--arch", &bs, "--steps", "1", "--device", "cpu",
+    ])
+    .fails_with(&format!("{bs}: layer 0 (conv2d): unknown field `strides`"));
+    std::fs::write(&bad, SMALL_NET.replace("[1, 28, 28]", "[3, 32, 32]")).unwrap();
+    dptrain(&[
+        "train", "--data", &mnist, "--arch", &bs, "--steps", "1", "--device", "cpu",
+    ])
+    .fails_with("the definition's input is 3×32×32, and the data holds 1×28×28");
+    dptrain(&[
+        "train", "--data", &mnist, "--model", "custom", "--steps", "1",
+    ])
+    .fails_with("--model custom is the network of --arch FILE");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A CIFAR-10 binary folder written in the exact format (data_batch_1.bin, data_batch_2.bin,
+/// test_batch.bin, batches.meta.txt) trains ResNet-20 with its test set and class names.
+#[test]
+fn a_cifar10_binary_folder_trains_resnet20() {
+    let d = tmpdir("cnn-cifar");
+    let mut seed = 7u32;
+    for (file, n) in [
+        ("data_batch_1.bin", 40),
+        ("data_batch_2.bin", 30),
+        ("test_batch.bin", 20),
+    ] {
+        let mut b = Vec::new();
+        for i in 0..n {
+            b.push((i % 10) as u8);
+            for _ in 0..3072 {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                b.push((seed >> 24) as u8);
+            }
+        }
+        std::fs::write(d.join(file), b).unwrap();
+    }
+    let names = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n";
+    std::fs::write(d.join("batches.meta.txt"), names).unwrap();
+    let ds = d.display().to_string();
+    let model = d.join("r.st").display().to_string();
+    let out = dptrain(&[
+        "train",
+        "--data",
+        &ds,
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--save",
+        &model,
+    ])
+    .ok()
+    .stdout();
+    assert!(
+        out.contains("70 samples") && out.contains("test_acc"),
+        "{out}"
+    );
+    let shown = dptrain(&["model", "show", &model]).ok().stdout();
+    assert!(shown.contains("truck"), "{shown}");
+    std::fs::write(d.join("data_batch_2.bin"), vec![0u8; 3000]).unwrap();
+    dptrain(&[
+        "train", "--data", &ds, "--model", "resnet20", "--device", "cpu",
+    ])
+    .fails_with("data_batch_2.bin: not CIFAR-10 binary data");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -61,6 +61,16 @@ pub struct TrainArgs {
     /// (hidden layers from --hidden, cross-entropy).
     #[arg(long, value_enum, default_value = "softmax", help_heading = "Model")]
     pub model: ModelKind,
+    /// A network from a definition file (TOML: a list of [[layer]] tables; see the README's
+    /// "Convolutional networks"): the model is then `custom`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "model",
+        help_heading = "Model"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<PathBuf>,
     /// Hidden layer widths for --model mlp, e.g. 1024,1024.
     #[arg(long, value_delimiter = ',', help_heading = "Model")]
     pub hidden: Vec<usize>,
@@ -256,7 +266,12 @@ fn non_negative_seconds(s: &str) -> Result<f64, String> {
 
 fn train_config(a: &TrainArgs) -> TrainConfig {
     TrainConfig {
-        model: a.model,
+        model: if a.arch.is_some() {
+            ModelKind::Custom
+        } else {
+            a.model
+        },
+        arch: a.arch.clone(),
         hidden: a.hidden.clone(),
         activation: a.activation,
         dropout: a.dropout,

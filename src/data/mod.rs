@@ -4,6 +4,7 @@
 //! Every loader returns a typed `DataError` whose `Display` is one line naming the file (and line/column
 //! where there is one), because the binary prints it as `error: <msg>` and stops; nothing here panics on input.
 
+pub mod cifar;
 pub mod csv;
 pub mod fingerprint;
 pub mod idx;
@@ -127,6 +128,8 @@ pub enum DataError {
     ImplausibleHeader { path: String, shape: String },
     #[error("{msg}")]
     Limit { msg: String },
+    #[error("{path}: not CIFAR-10 binary data: {msg}")]
+    Cifar { path: String, msg: String },
     #[error("{images}: holds {n_images} images but {labels} holds {n_labels} labels")]
     CountMismatch {
         images: String,
@@ -567,11 +570,19 @@ pub fn load(path: &Path, opts: &CsvOptions) -> Result<Loaded, DataError> {
         path: path.display().to_string(),
         source,
     })?;
-    if meta.is_dir() {
+    if meta.is_dir() && cifar::is_cifar_dir(path) {
+        let (train, test) = cifar::load_dir(path)?;
+        Ok(Loaded { train, test })
+    } else if meta.is_dir() {
         let (train, test) = load_mnist_dir(path)?;
         Ok(Loaded {
             train,
             test: Some(test),
+        })
+    } else if path.extension().is_some_and(|e| e == "bin") {
+        Ok(Loaded {
+            train: cifar::load_files(&[path.to_path_buf()], None)?,
+            test: None,
         })
     } else {
         Ok(Loaded {

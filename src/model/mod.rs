@@ -37,6 +37,8 @@ pub enum ModelKind {
     Resnet32,
     /// ResNet-56: 3 stages of 9 basic blocks.
     Resnet56,
+    /// The network of a definition file (`--arch net.toml`).
+    Custom,
 }
 
 impl ModelKind {
@@ -44,7 +46,7 @@ impl ModelKind {
     pub fn is_conv(self) -> bool {
         matches!(
             self,
-            Self::Lenet5 | Self::Resnet20 | Self::Resnet32 | Self::Resnet56
+            Self::Lenet5 | Self::Resnet20 | Self::Resnet32 | Self::Resnet56 | Self::Custom
         )
     }
 
@@ -59,6 +61,7 @@ impl ModelKind {
             Self::Resnet20 => "resnet20",
             Self::Resnet32 => "resnet32",
             Self::Resnet56 => "resnet56",
+            Self::Custom => "custom",
         }
     }
 }
@@ -105,6 +108,9 @@ pub struct ModelSpec {
     /// Channels, height and width of each sample, for the convolutional models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<[usize; 3]>,
+    /// The definition of a `custom` model (`--arch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<net::arch::Arch>,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -162,7 +168,8 @@ impl ModelSpec {
             | ModelKind::Lenet5
             | ModelKind::Resnet20
             | ModelKind::Resnet32
-            | ModelKind::Resnet56 => {
+            | ModelKind::Resnet56
+            | ModelKind::Custom => {
                 if classes < 2 {
                     return Err(ModelError::Classes(format!(
                         "classification needs at least 2 classes; the training labels hold {classes}"
@@ -179,12 +186,19 @@ impl ModelSpec {
             activation,
             dropout: 0.0,
             image: None,
+            arch: None,
         })
     }
 
     /// A convolutional model's input shape: the data's image shape, or for rows of features the
     /// shape the model is defined for when the widths agree (784 CSV columns are a 1×28×28 image
     /// for LeNet-5). Checks that the network fits it.
+    /// A `custom` model's definition (before [`ModelSpec::with_image`], which builds it).
+    pub fn with_arch(mut self, arch: Option<net::arch::Arch>) -> Self {
+        self.arch = arch;
+        self
+    }
+
     pub fn with_image(mut self, image: Option<[usize; 3]>) -> Result<Self, ModelError> {
         if !self.kind.is_conv() {
             return Ok(self);
@@ -201,6 +215,16 @@ impl ModelSpec {
                 let s = net::presets::LENET5_INPUT;
                 [s.c, s.h, s.w]
             }
+            None if self
+                .arch
+                .as_ref()
+                .and_then(|a| a.input)
+                .is_some_and(|s| s.iter().product::<usize>() == self.inputs) =>
+            {
+                self.arch.as_ref().and_then(|a| a.input).unwrap_or_default()
+            }
+            // rows of features through a definition that starts with linear layers
+            None if self.kind == ModelKind::Custom => [self.inputs, 1, 1],
             None => {
                 return Err(err(format!(
                     "takes images (IDX, CIFAR-10 binary or synth:images data), and the data holds rows of {} features",
@@ -240,6 +264,10 @@ impl ModelSpec {
             ModelKind::Lenet5 => net::presets::lenet5(input, self.outputs),
             ModelKind::Resnet20 => net::presets::resnet(20, input, self.outputs),
             ModelKind::Resnet32 => net::presets::resnet(32, input, self.outputs),
+            ModelKind::Custom => match &self.arch {
+                Some(a) => a.build(input, self.outputs),
+                None => Err("no --arch definition".into()),
+            },
             _ => net::presets::resnet(56, input, self.outputs),
         };
         built.map(Some).map_err(err)

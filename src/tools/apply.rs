@@ -288,9 +288,11 @@ pub fn show(model: &Usable, path: &str) -> String {
             ModelKind::Softmax => "softmax + cross-entropy",
             ModelKind::Linreg => "linear + mean squared error",
             ModelKind::Mlp => "multi-layer perceptron + cross-entropy",
-            ModelKind::Lenet5 | ModelKind::Resnet20 | ModelKind::Resnet32 | ModelKind::Resnet56 => {
-                "convolutional network + cross-entropy"
-            }
+            ModelKind::Lenet5
+            | ModelKind::Resnet20
+            | ModelKind::Resnet32
+            | ModelKind::Resnet56
+            | ModelKind::Custom => "network of layers + cross-entropy",
         }
     );
     if let Ok(Some(net)) = spec.net() {

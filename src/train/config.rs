@@ -18,6 +18,9 @@ use crate::optim::{OptimConfig, ScheduleKind};
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainConfig {
     pub model: ModelKind,
+    /// `--arch FILE`: the definition of a `custom` model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<PathBuf>,
     pub hidden: Vec<usize>,
     pub activation: Activation,
     /// Dropout probability after each hidden layer.
@@ -95,6 +98,7 @@ impl TrainConfig {
     pub fn new(model: ModelKind) -> Self {
         Self {
             model,
+            arch: None,
             hidden: Vec::new(),
             activation: Activation::Relu,
             dropout: 0.0,
@@ -142,6 +146,10 @@ impl TrainConfig {
         self.optim.validate()?;
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
         ensure!(self.accumulate >= 1, "--accumulate must be at least 1");
+        ensure!(
+            (self.model == ModelKind::Custom) == self.arch.is_some(),
+            "--model custom is the network of --arch FILE; give --arch (and no --model)"
+        );
         ensure!(
             !self.sync_bn
                 || matches!(

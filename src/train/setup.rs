@@ -120,6 +120,10 @@ pub fn setup_rank(
         cfg.activation,
     )?
     .with_dropout(cfg.dropout)?
+    .with_arch(match &cfg.arch {
+        Some(path) => Some(read_arch(path)?),
+        None => None,
+    })
     .with_image(train.image)
     .map_err(|e| anyhow::anyhow!("{}: {e}", train.source))?;
     let widths = match spec.net()? {
@@ -290,4 +294,12 @@ pub fn settings_defaults() -> serde_json::Value {
         "staleness": 0,
         "async_average": false,
     })
+}
+
+/// A `--arch` definition file, its errors one line naming the file.
+fn read_arch(path: &std::path::Path) -> anyhow::Result<crate::model::net::arch::Arch> {
+    let p = path.display();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{p}: cannot read: {e}"))?;
+    crate::model::net::arch::Arch::parse(&text).map_err(|e| anyhow::anyhow!("{p}: {e}"))
 }

@@ -12,6 +12,7 @@
 //!
 //! Layers: `layers/` holds each one's mathematics; [`Op`] is where a layer type is registered.
 
+pub mod arch;
 pub mod layers;
 pub mod presets;
 
@@ -234,6 +235,11 @@ impl Builder {
             decl,
         ));
         Ok(self.last())
+    }
+
+    /// The op of the first node added (for building one layer elsewhere).
+    pub fn first_op(&self) -> Option<Op> {
+        self.nodes.first().map(|(n, _)| n.op)
     }
 
     /// Add a node reading the last one.

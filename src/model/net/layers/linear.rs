@@ -9,7 +9,8 @@ use super::{Declared, Init};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Linear {
-    /// Output features; the last linear layer's is the number of classes when left 0 in a preset.
+    /// Output features; a definition file's last linear layer may leave it out (0): the classes.
+    #[serde(default)]
     pub out: usize,
     #[serde(default = "yes")]
     pub bias: bool,
