@@ -232,6 +232,7 @@ fn step(c: &mut Criterion) {
         sample_base: 0,
         precision: cfg.precision,
         average_buffers: false,
+        augment: Default::default(),
     };
     let Ok(mut gpu) = GpuBackend::new(&init, &AdapterChoice::default()) else {
         return;

@@ -420,3 +420,119 @@ fn a_cifar10_binary_folder_trains_resnet20() {
     .fails_with("data_batch_2.bin: not CIFAR-10 binary data");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `--augment crop:2,flip` draws from (seed, step, sample): 2 ranks with batch 5 match 1 rank with
+/// batch 10 (LeNet-5 has no BatchNorm, so the dense models' bound holds), and a resumed run ends
+/// bit-identical to an uninterrupted one.
+#[test]
+fn augmentation_is_the_same_on_any_number_of_ranks_and_after_a_resume() {
+    let _turn = util::turn();
+    let d = tmpdir("cnn-augment");
+    let out = |name: &str| d.join(name).display().to_string();
+    let (one, two, straight, resumed, ck) = (
+        out("one.st"),
+        out("two.st"),
+        out("s.st"),
+        out("r.st"),
+        out("ck"),
+    );
+    let args = |batch: &'static str, extra: Vec<String>| {
+        let mut v: Vec<String> = [
+            "train",
+            "--data",
+            "synth:images:60:1:28:28:3",
+            "--model",
+            "lenet5",
+            "--augment",
+            "crop:2,flip",
+            "--batch-size",
+            batch,
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+            "--seed",
+            "6",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra);
+        v
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    dptrain(&refs(&args("10", s(&["--steps", "4", "--save", &one])))).ok();
+    mpirun(
+        2,
+        &refs(&args("5", s(&["--steps", "4", "--save", &two]))),
+        &[],
+    )
+    .ok();
+    let e = rel(&params(two.as_ref()), &params(one.as_ref()));
+    assert!(e <= 1e-5, "2 ranks against 1 with augmentation: {e:e}");
+    dptrain(&refs(&args(
+        "10",
+        s(&["--epochs", "2", "--save", &straight]),
+    )))
+    .ok();
+    dptrain(&refs(&args(
+        "10",
+        s(&["--epochs", "1", "--checkpoint-dir", &ck]),
+    )))
+    .ok();
+    dptrain(&refs(&args(
+        "10",
+        s(&[
+            "--epochs",
+            "2",
+            "--checkpoint-dir",
+            &ck,
+            "--resume",
+            "auto",
+            "--save",
+            &resumed,
+        ]),
+    )))
+    .ok();
+    assert_eq!(params(straight.as_ref()), params(resumed.as_ref()));
+    // and the augmentation changes what is learnt
+    let plain = out("plain.st");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:60:1:28:28:3",
+        "--model",
+        "lenet5",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--seed",
+        "6",
+        "--steps",
+        "4",
+        "--save",
+        &plain,
+    ])
+    .ok();
+    assert_ne!(params(plain.as_ref()), params(one.as_ref()));
+    dptrain(&["train", "--data", "synth:blobs", "--augment", "flip"])
+        .fails_with("--augment transforms images");
+    dptrain(&[
+        "train",
+        "--data",
+        "synth:images:60:1:28:28:3",
+        "--model",
+        "lenet5",
+        "--augment",
+        "spin",
+    ])
+    .fails_with("unknown augmentation");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}

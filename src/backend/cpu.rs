@@ -171,6 +171,7 @@ pub struct CpuBackend {
     /// Values the optimizer trains: the flat buffer's first `trainable` (a network's buffers follow).
     trainable: usize,
     average_buffers: bool,
+    augment: crate::data::augment::Augment,
     /// Rows of this rank's step so far (over its micro-batches).
     step_rows: usize,
     rule: Rule,
@@ -210,6 +211,7 @@ impl CpuBackend {
             net,
             trainable,
             average_buffers: init.average_buffers,
+            augment: init.augment,
             step_rows: 0,
             rule: init.rule,
             seed: init.seed,
@@ -414,9 +416,19 @@ impl Backend for CpuBackend {
             .map(|&i| i as usize)
             .collect();
         let base = u32::try_from(self.sample_base)?;
+        let mut x = self.train_x.select(Axis(0), &idx);
+        if let (false, Some(image)) = (self.augment.is_none(), self.spec.image) {
+            for (mut row, &i) in x.outer_iter_mut().zip(&idx) {
+                let r = row
+                    .as_slice_mut()
+                    .ok_or_else(|| anyhow::anyhow!("a batch row"))?;
+                self.augment
+                    .apply(image, r, self.seed, batch.step, i as u32 + base);
+            }
+        }
         self.current = Some(Current {
             batch: *batch,
-            x: self.train_x.select(Axis(0), &idx),
+            x,
             t: idx.iter().map(|&i| self.train_t[i]).collect(),
             samples: idx.iter().map(|&i| i as u32 + base).collect(),
             outs: Vec::new(),

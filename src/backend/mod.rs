@@ -78,6 +78,8 @@ pub struct BackendInit<'a> {
     /// the update sets them to the sum × 1/global rows. For several ranks without SyncBatchNorm,
     /// whose running statistics would otherwise drift apart.
     pub average_buffers: bool,
+    /// Random crops and flips of each training image (networks on the CPU backend).
+    pub augment: crate::data::augment::Augment,
 }
 
 /// One micro-batch of a training step.

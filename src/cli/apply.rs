@@ -109,6 +109,7 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         sample_base: 0,
         precision: Precision::F32,
         average_buffers: false,
+        augment: Default::default(),
     };
     let mut backend = backend::open(a.device, a.gpu, 0, &init)?;
     backend.set_params(&model.params)?;

@@ -71,6 +71,12 @@ pub struct TrainArgs {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arch: Option<PathBuf>,
+    /// Augment the training images of a convolutional model: crop:P (a random crop of the image
+    /// padded by P pixels), flip (a horizontal flip with probability ½), or crop:4,flip. Drawn from
+    /// (seed, step, sample): the same on any number of ranks and after a resume.
+    #[arg(long, value_name = "SPEC", value_parser = parse_augment, help_heading = "Data")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<crate::data::augment::Augment>,
     /// Hidden layer widths for --model mlp, e.g. 1024,1024.
     #[arg(long, value_delimiter = ',', help_heading = "Model")]
     pub hidden: Vec<usize>,
@@ -264,6 +270,10 @@ fn non_negative_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_augment(s: &str) -> Result<crate::data::augment::Augment, String> {
+    crate::data::augment::Augment::parse(s)
+}
+
 fn train_config(a: &TrainArgs) -> TrainConfig {
     TrainConfig {
         model: if a.arch.is_some() {
@@ -306,6 +316,7 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
         exchange: a.exchange.config(100),
         balance: a.balance,
         sync_bn: a.sync_bn,
+        augment: a.augment.unwrap_or_default(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! Every loader returns a typed `DataError` whose `Display` is one line naming the file (and line/column
 //! where there is one), because the binary prints it as `error: <msg>` and stops; nothing here panics on input.
 
+pub mod augment;
 pub mod cifar;
 pub mod csv;
 pub mod fingerprint;

@@ -61,6 +61,9 @@ pub struct TrainConfig {
     /// (absent from the settings records when off).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sync_bn: bool,
+    /// `--augment`: random crops and flips of the training images.
+    #[serde(skip_serializing_if = "crate::data::augment::Augment::is_none")]
+    pub augment: crate::data::augment::Augment,
 }
 
 /// How each global batch is shared out between ranks (`--shard global`, `--sync grads`).
@@ -124,6 +127,7 @@ impl TrainConfig {
             exchange: ExchangeConfig::default(),
             balance: BalanceMode::Off,
             sync_bn: false,
+            augment: Default::default(),
         }
     }
 
@@ -146,6 +150,10 @@ impl TrainConfig {
         self.optim.validate()?;
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
         ensure!(self.accumulate >= 1, "--accumulate must be at least 1");
+        ensure!(
+            self.augment.is_none() || self.model.is_conv(),
+            "--augment transforms images: it is for the convolutional models (lenet5, resnet20, --arch)"
+        );
         ensure!(
             (self.model == ModelKind::Custom) == self.arch.is_some(),
             "--model custom is the network of --arch FILE; give --arch (and no --model)"

@@ -55,6 +55,7 @@ impl Setup {
             sample_base: plan.sample_base(),
             precision: cfg.precision,
             average_buffers: plan.ranks() > 1 && !cfg.sync_bn,
+            augment: cfg.augment,
         }
     }
 }
