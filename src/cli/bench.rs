@@ -242,6 +242,7 @@ fn run_step_bench(a: &StepBenchArgs, comm: &dyn Communicator) -> anyhow::Result<
                 features: a.features,
                 hidden: a.hidden.clone(),
                 classes: a.classes,
+                image: None,
             },
             crate::tools::bench::CUSTOM_BATCH,
         ),

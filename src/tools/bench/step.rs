@@ -18,6 +18,9 @@ pub struct Workload {
     pub features: usize,
     pub hidden: Vec<usize>,
     pub classes: usize,
+    /// The image shape of a convolutional workload (its `features` are C·H·W).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
 }
 
 /// A named reference workload: its shape, and the per-rank batch at which `bench` runs it by
@@ -29,10 +32,11 @@ struct Reference {
     hidden: &'static [usize],
     classes: usize,
     batch: usize,
+    image: Option<[usize; 3]>,
 }
 
 /// The reference workloads: the one place their shapes and batches live.
-const REFERENCE: [Reference; 3] = [
+const REFERENCE: [Reference; 5] = [
     Reference {
         name: "seed-logreg",
         model: crate::model::ModelKind::Logreg,
@@ -40,6 +44,7 @@ const REFERENCE: [Reference; 3] = [
         hidden: &[],
         classes: 2,
         batch: 100,
+        image: None,
     },
     Reference {
         name: "mnist-mlp",
@@ -48,6 +53,7 @@ const REFERENCE: [Reference; 3] = [
         hidden: &[1024, 1024],
         classes: 10,
         batch: 1024,
+        image: None,
     },
     Reference {
         name: "wide-mlp",
@@ -56,6 +62,25 @@ const REFERENCE: [Reference; 3] = [
         hidden: &[4096, 4096],
         classes: 1000,
         batch: 8192,
+        image: None,
+    },
+    Reference {
+        name: "lenet5",
+        model: crate::model::ModelKind::Lenet5,
+        features: 784,
+        hidden: &[],
+        classes: 10,
+        batch: 128,
+        image: Some([1, 28, 28]),
+    },
+    Reference {
+        name: "resnet20",
+        model: crate::model::ModelKind::Resnet20,
+        features: 3072,
+        hidden: &[],
+        classes: 10,
+        batch: 256,
+        image: Some([3, 32, 32]),
     },
 ];
 
@@ -66,7 +91,9 @@ impl Workload {
     /// The named reference workloads.
     pub fn named(name: &str) -> anyhow::Result<Self> {
         let Some(r) = REFERENCE.iter().find(|r| r.name == name) else {
-            anyhow::bail!("unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp)");
+            anyhow::bail!(
+                "unknown workload {name:?} (seed-logreg, mnist-mlp, wide-mlp, lenet5, resnet20)"
+            );
         };
         Ok(Self {
             name: name.into(),
@@ -74,6 +101,7 @@ impl Workload {
             features: r.features,
             hidden: r.hidden.to_vec(),
             classes: r.classes,
+            image: r.image,
         })
     }
 
@@ -138,6 +166,7 @@ impl WorkloadRun {
         let ranks = comm.size();
         let n = cfg.batch * ranks;
         let mut ds = crate::data::synth::random(n, w.features, w.classes, 7);
+        ds.image = w.image;
         if w.model == crate::model::ModelKind::Logreg {
             ds.y.iter_mut().for_each(|y| *y = f32::from(*y > 0.5));
         }

@@ -255,7 +255,11 @@ pub fn scaling_command(a: &ScalingBenchArgs, comm: &dyn Communicator) -> anyhow:
     let ranks = scaling::rank_counts(a.max_ranks);
     let modes = scaling::table_modes(a.powersgd_rank, a.sync_every);
     let names: Vec<String> = if a.workload.is_empty() {
-        Workload::reference_names().map(str::to_string).collect()
+        // the model counts dense layers' bytes; the networks are not in it yet
+        Workload::reference_names()
+            .filter(|n| Workload::named(n).is_ok_and(|w| w.image.is_none()))
+            .map(str::to_string)
+            .collect()
     } else {
         a.workload.clone()
     };
@@ -320,6 +324,10 @@ pub fn scaling_command(a: &ScalingBenchArgs, comm: &dyn Communicator) -> anyhow:
     };
     for name in &names {
         let w = Workload::named(name)?;
+        anyhow::ensure!(
+            w.image.is_none(),
+            "bench scaling models the dense workloads (seed-logreg, mnist-mlp, wide-mlp); {name} is a convolutional network"
+        );
         let spec = crate::model::ModelSpec::new(
             w.model,
             w.features,
