@@ -165,25 +165,22 @@ pub fn max_pool_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<(Vec<
 }
 
 /// CPU reference of max pooling's backward: each input sums the dy of the windows that chose it.
+/// The kernel gathers per input over its windows in (oh, ow) order; scattering the outputs in
+/// that same order adds the same values in the same order, so the two agree bit for bit.
 pub fn max_pool_backward_ref<T: num_traits::Float>(
     win: &Window,
     dy: &[T],
     arg: &[u32],
 ) -> Option<Vec<T>> {
     let (oh_n, ow_n) = win.out()?;
+    let (plane, outs) = (win.h * win.w, oh_n * ow_n);
     let mut dx = vec![T::zero(); win.input_len()];
     for p in 0..win.n * win.c {
-        for ih in 0..win.h {
-            for iw in 0..win.w {
-                let me = (ih * win.w + iw) as u32;
-                let mut sum = T::zero();
-                for (oh, ow) in readers(win, ih, iw) {
-                    let o = (p * oh_n + oh) * ow_n + ow;
-                    if arg[o] == me {
-                        sum = sum + dy[o];
-                    }
-                }
-                dx[(p * win.h + ih) * win.w + iw] = sum;
+        let d = &mut dx[p * plane..(p + 1) * plane];
+        for o in p * outs..(p + 1) * outs {
+            if arg[o] != NO_ARG {
+                let i = arg[o] as usize;
+                d[i] = d[i] + dy[o];
             }
         }
     }

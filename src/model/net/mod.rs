@@ -370,7 +370,7 @@ impl Net {
     }
 
     /// Every node's output for a batch `x` (rows of the input shape).
-    pub fn forward<T: Float + LinalgScalar>(
+    pub fn forward<T: Float + LinalgScalar + Send + Sync>(
         &self,
         theta: &[T],
         x: ArrayView2<T>,
@@ -415,7 +415,7 @@ impl Net {
 
     /// Backward from `dz`, the loss gradient at the logits: every trainable tensor's gradient into
     /// `grads` (the flat layout; buffers untouched).
-    pub fn backward<T: Float + LinalgScalar>(
+    pub fn backward<T: Float + LinalgScalar + Send + Sync>(
         &self,
         theta: &[T],
         x: ArrayView2<T>,
