@@ -148,12 +148,18 @@ pub fn max_pool_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<(Vec<
     for p in 0..win.n * win.c {
         let xs = &x[p * plane..(p + 1) * plane];
         for oh in 0..oh_n {
+            // the window's rows and columns inside the input, in scan order (the taps)
+            let r0 = (oh * win.stride).saturating_sub(win.pad);
+            let r1 = (oh * win.stride + win.kh).saturating_sub(win.pad).min(win.h);
             for ow in 0..ow_n {
+                let c0 = (ow * win.stride).saturating_sub(win.pad);
+                let c1 = (ow * win.stride + win.kw).saturating_sub(win.pad).min(win.w);
                 let mut best = (T::zero(), NO_ARG);
-                for i in taps(win, oh, ow) {
-                    let v = xs[i];
-                    if best.1 == NO_ARG || v > best.0 || v.is_nan() {
-                        best = (v, i as u32);
+                for ih in r0..r1 {
+                    for (iw, &v) in xs[ih * win.w + c0..ih * win.w + c1].iter().enumerate() {
+                        if best.1 == NO_ARG || v > best.0 || v.is_nan() {
+                            best = (v, (ih * win.w + c0 + iw) as u32);
+                        }
                     }
                 }
                 y.push(best.0);
