@@ -150,10 +150,14 @@ pub fn max_pool_ref<T: num_traits::Float>(win: &Window, x: &[T]) -> Option<(Vec<
         for oh in 0..oh_n {
             // the window's rows and columns inside the input, in scan order (the taps)
             let r0 = (oh * win.stride).saturating_sub(win.pad);
-            let r1 = (oh * win.stride + win.kh).saturating_sub(win.pad).min(win.h);
+            let r1 = (oh * win.stride + win.kh)
+                .saturating_sub(win.pad)
+                .min(win.h);
             for ow in 0..ow_n {
                 let c0 = (ow * win.stride).saturating_sub(win.pad);
-                let c1 = (ow * win.stride + win.kw).saturating_sub(win.pad).min(win.w);
+                let c1 = (ow * win.stride + win.kw)
+                    .saturating_sub(win.pad)
+                    .min(win.w);
                 let mut best = (T::zero(), NO_ARG);
                 for ih in r0..r1 {
                     for (iw, &v) in xs[ih * win.w + c0..ih * win.w + c1].iter().enumerate() {

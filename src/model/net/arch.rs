@@ -73,7 +73,7 @@ fn one_line(e: impl std::fmt::Display) -> String {
     let first = lines.next().unwrap_or("").trim().to_string();
     // toml puts the reason after the excerpt; keep the last meaningful line when the first is
     // only a position
-    match lines.last() {
+    match lines.next_back() {
         Some(l) if first.starts_with("TOML parse error") => l.trim().to_string(),
         _ => first,
     }

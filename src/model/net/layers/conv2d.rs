@@ -297,9 +297,9 @@ pub(crate) fn col2im_t<T: Float>(win: &Window, dcols: &[T], dx: &mut [T]) {
                     }
                     let src = &row[oh * ow_n..(oh + 1) * ow_n];
                     let line = &mut plane[ih * w..(ih + 1) * w];
-                    for ow in lo..hi {
+                    for (ow, &v) in src.iter().enumerate().take(hi).skip(lo) {
                         let iw = ow * s + kw - pad;
-                        line[iw] = line[iw] + src[ow];
+                        line[iw] = line[iw] + v;
                     }
                 }
             }
