@@ -215,7 +215,9 @@ impl BatchNorm {
 }
 
 /// CPU reference of `channel_sums.wgsl`, in the kernel's order: 256 strided partial sums per
-/// channel, then a fixed tree. `stats` holds the mean at `STATS·c` where `what` reads it.
+/// channel, then a fixed tree. `stats` holds the mean at `STATS·c` where `what` reads it. Each
+/// channel's elements (n-major, then h·w) are first copied out contiguously, so that the tree reads
+/// them without index arithmetic; the order of the additions is the kernel's.
 pub fn sums_ref<T: num_traits::Float>(
     what: Sums,
     shape: &Shape,
@@ -225,35 +227,50 @@ pub fn sums_ref<T: num_traits::Float>(
 ) -> Vec<T> {
     let m = shape.m();
     let mut out = vec![T::zero(); what.width() * shape.c];
+    let channel = |v: &[T], c: usize| -> Vec<T> {
+        let mut buf = Vec::with_capacity(m);
+        for n in 0..shape.n {
+            let start = (n * shape.c + c) * shape.s;
+            buf.extend_from_slice(&v[start..start + shape.s]);
+        }
+        buf
+    };
+    let sum = |f: &dyn Fn(usize) -> T| tree_reduce(m, f, T::zero(), |p, q| p + q);
     for c in 0..shape.c {
         let mean = if what == Sums::X {
             T::zero()
         } else {
             stats[STATS * c]
         };
-        // the channel's i-th element (n-major, then h·w)
-        let at = |i: usize| ((i / shape.s) * shape.c + c) * shape.s + i % shape.s;
-        let sum = |v: &dyn Fn(usize) -> T| tree_reduce(m, v, T::zero(), |p, q| p + q);
-        let a = match what {
-            Sums::X => sum(&|i| x[at(i)]),
-            Sums::SquaredDeviation => sum(&|i| {
-                let d = x[at(i)] - mean;
-                d * d
-            }),
-            Sums::Backward => sum(&|i| dy[at(i)]),
-        };
         match what {
-            Sums::Backward => {
-                out[2 * c] = a;
-                out[2 * c + 1] = sum(&|i| dy[at(i)] * (x[at(i)] - mean));
+            Sums::X => {
+                let xc = channel(x, c);
+                out[c] = sum(&|i| xc[i]);
             }
-            _ => out[c] = a,
+            Sums::SquaredDeviation => {
+                let mut xc = channel(x, c);
+                for v in &mut xc {
+                    let d = *v - mean;
+                    *v = d * d;
+                }
+                out[c] = sum(&|i| xc[i]);
+            }
+            Sums::Backward => {
+                let xc = channel(x, c);
+                let mut dc = channel(dy, c);
+                out[2 * c] = sum(&|i| dc[i]);
+                for (d, &xv) in dc.iter_mut().zip(&xc) {
+                    *d = *d * (xv - mean);
+                }
+                out[2 * c + 1] = sum(&|i| dc[i]);
+            }
         }
     }
     out
 }
 
-/// CPU reference of `batch_norm.wgsl`: forward (`dy` None) or backward, as the kernel computes it.
+/// CPU reference of `batch_norm.wgsl`: forward (`dy` None) or backward, as the kernel computes it
+/// (the same expression for every element, walked plane by plane).
 pub fn apply_ref<T: num_traits::Float>(
     shape: &Shape,
     m: usize,
@@ -263,21 +280,32 @@ pub fn apply_ref<T: num_traits::Float>(
     affine: &[T],
 ) -> Vec<T> {
     let mf = T::from(m).unwrap_or_else(T::one);
-    (0..shape.len())
-        .map(|e| {
-            let c = (e / shape.s) % shape.c;
-            let (mean, invstd) = (stats[STATS * c], stats[STATS * c + 1]);
-            let gamma = affine[c];
-            let xmu = x[e] - mean;
-            match dy {
-                Some(dy) => {
-                    let (sdy, sdyx) = (stats[STATS * c + 2], stats[STATS * c + 3]);
-                    gamma * invstd * (dy[e] - sdy / mf - xmu * invstd * invstd * sdyx / mf)
+    let mut out = vec![T::zero(); shape.len()];
+    for (p, o) in out.chunks_mut(shape.s.max(1)).enumerate() {
+        let c = p % shape.c;
+        let (mean, invstd) = (stats[STATS * c], stats[STATS * c + 1]);
+        let gamma = affine[c];
+        let e0 = p * shape.s;
+        match dy {
+            Some(dy) => {
+                let (sdy, sdyx) = (stats[STATS * c + 2], stats[STATS * c + 3]);
+                for (k, v) in o.iter_mut().enumerate() {
+                    let xmu = x[e0 + k] - mean;
+                    *v = gamma
+                        * invstd
+                        * (dy[e0 + k] - sdy / mf - xmu * invstd * invstd * sdyx / mf);
                 }
-                None => xmu * invstd * gamma + affine[shape.c + c],
             }
-        })
-        .collect()
+            None => {
+                let beta = affine[shape.c + c];
+                for (k, v) in o.iter_mut().enumerate() {
+                    let xmu = x[e0 + k] - mean;
+                    *v = xmu * invstd * gamma + beta;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The mean and 1/√(var + eps) of each channel from Σ x and Σ (x − mean)² over `m` elements (the
