@@ -6,7 +6,7 @@
 //! into the layer's mathematics (checked against finite differences).
 
 use crate::context::groups_1d;
-use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, tree_reduce, u32_of};
+use crate::{Dispatch, GpuContext, Kernel, KernelError, Slot, need, tree_sum, u32_of};
 
 /// Values per channel in the statistics buffer: mean, 1/std, Σ dy, Σ dy·(x − mean).
 pub const STATS: usize = 4;
@@ -235,7 +235,6 @@ pub fn sums_ref<T: num_traits::Float>(
         }
         buf
     };
-    let sum = |f: &dyn Fn(usize) -> T| tree_reduce(m, f, T::zero(), |p, q| p + q);
     for c in 0..shape.c {
         let mean = if what == Sums::X {
             T::zero()
@@ -245,7 +244,7 @@ pub fn sums_ref<T: num_traits::Float>(
         match what {
             Sums::X => {
                 let xc = channel(x, c);
-                out[c] = sum(&|i| xc[i]);
+                out[c] = tree_sum(&xc);
             }
             Sums::SquaredDeviation => {
                 let mut xc = channel(x, c);
@@ -253,16 +252,16 @@ pub fn sums_ref<T: num_traits::Float>(
                     let d = *v - mean;
                     *v = d * d;
                 }
-                out[c] = sum(&|i| xc[i]);
+                out[c] = tree_sum(&xc);
             }
             Sums::Backward => {
                 let xc = channel(x, c);
                 let mut dc = channel(dy, c);
-                out[2 * c] = sum(&|i| dc[i]);
+                out[2 * c] = tree_sum(&dc);
                 for (d, &xv) in dc.iter_mut().zip(&xc) {
                     *d = *d * (xv - mean);
                 }
-                out[2 * c + 1] = sum(&|i| dc[i]);
+                out[2 * c + 1] = tree_sum(&dc);
             }
         }
     }

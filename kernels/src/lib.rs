@@ -496,6 +496,25 @@ pub(crate) fn tree_reduce<T: Copy>(
     part[0]
 }
 
+/// [`tree_reduce`] of a slice under addition from zero: the same partials in the same order
+/// (partial t adds v[t], v[t + 256], … in turn), read block by block so the reads are sequential.
+pub(crate) fn tree_sum<T: num_traits::Float>(v: &[T]) -> T {
+    let mut part = [T::zero(); TREE_THREADS];
+    for block in v.chunks(TREE_THREADS) {
+        for (p, &x) in part.iter_mut().zip(block) {
+            *p = *p + x;
+        }
+    }
+    let mut half = TREE_THREADS / 2;
+    while half > 0 {
+        for t in 0..half {
+            part[t] = part[t] + part[t + half];
+        }
+        half /= 2;
+    }
+    part[0]
+}
+
 /// Fail with a shape error unless `v` fits in u32 (WGSL indexes with u32).
 pub(crate) fn u32_of(kernel: &'static str, what: &str, v: u64) -> Result<u32, KernelError> {
     u32::try_from(v).map_err(|_| KernelError::Shape {
@@ -585,6 +604,23 @@ mod layout_tests {
                     .count(),
                 "{stem}: the Rust struct names a field the WGSL one lacks"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    /// The block-wise sum adds in the strided tree's order: the same bits, at lengths below,
+    /// at and well past the 256 partials.
+    #[test]
+    fn tree_sum_is_tree_reduce_bit_for_bit() {
+        for n in [0, 1, 255, 256, 257, 1000, 4099] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1013) as f32 * 1.37e-3 - 0.5)
+                .collect();
+            let a = super::tree_sum(&v);
+            let b = super::tree_reduce(n, |i| v[i], 0.0, |p, q| p + q);
+            assert_eq!(a.to_bits(), b.to_bits(), "n = {n}");
         }
     }
 }
