@@ -73,6 +73,38 @@ pub fn check_dataset(source: &str, samples: u64, features: u64) -> anyhow::Resul
     Ok(())
 }
 
+/// A network of `params` values (parameters and buffers) whose layers' outputs hold `activations`
+/// values per sample, trained in batches of `rows` with `state` optimizer tensors: as
+/// [`check_model`] for the dense models.
+pub fn check_network(
+    params: usize,
+    activations: usize,
+    rows: usize,
+    state: usize,
+) -> anyhow::Result<()> {
+    let params = params as u64;
+    ensure!(
+        params <= MAX_PARAMS,
+        "the model has {params} parameters, more than the {MAX_PARAMS} a GPU buffer can index"
+    );
+    // parameters, gradients, micro-batch gradients and optimizer state, plus every layer's output
+    // and its gradient for a batch, in f32
+    let bytes = 4u64.saturating_mul(
+        params.saturating_mul(3 + state as u64).saturating_add(
+            2u64.saturating_mul(activations as u64)
+                .saturating_mul(rows as u64),
+        ),
+    );
+    let have = available_memory();
+    ensure!(
+        bytes <= have,
+        "the model ({params} parameters) at batch {rows} needs about {} GiB, more than this machine's {} GiB available",
+        bytes >> 30,
+        have >> 30
+    );
+    Ok(())
+}
+
 /// A model of these widths, trained in batches of `rows` with `state` optimizer tensors, fits the
 /// indexing of every kernel and this machine's memory (the CPU backend holds all of it on the host;
 /// the GPU backend's copies on the host are the parameters, read back for checkpoints).

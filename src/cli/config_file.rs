@@ -169,6 +169,10 @@ const OUTPUT_KEYS: [&str; 5] = [
 /// as comments).
 pub fn settings_toml(a: &impl serde::Serialize) -> anyhow::Result<String> {
     let mut table = toml::Table::try_from(a)?;
+    // an --arch file is the model: `model` beside it would conflict when the file is rerun
+    if table.contains_key("arch") {
+        table.remove("model");
+    }
     let outputs: Vec<(String, toml::Value)> = OUTPUT_KEYS
         .iter()
         .filter_map(|k| table.remove(*k).map(|v| (k.to_string(), v)))

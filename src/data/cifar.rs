@@ -83,7 +83,7 @@ pub fn load_files(files: &[PathBuf], names: Option<Vec<String>>) -> Result<Datas
 }
 
 /// The class names of `batches.meta.txt`, when it is there and names exactly 10 classes.
-fn class_names(dir: &Path) -> Option<Vec<String>> {
+pub fn class_names(dir: &Path) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(dir.join("batches.meta.txt")).ok()?;
     let names: Vec<String> = text
         .lines()

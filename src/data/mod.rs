@@ -581,8 +581,10 @@ pub fn load(path: &Path, opts: &CsvOptions) -> Result<Loaded, DataError> {
             test: Some(test),
         })
     } else if path.extension().is_some_and(|e| e == "bin") {
+        // a lone batch file takes the class names of its folder, as the folder's own files do
+        let names = path.parent().and_then(cifar::class_names);
         Ok(Loaded {
-            train: cifar::load_files(&[path.to_path_buf()], None)?,
+            train: cifar::load_files(&[path.to_path_buf()], names)?,
             test: None,
         })
     } else {

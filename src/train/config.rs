@@ -151,6 +151,10 @@ impl TrainConfig {
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1");
         ensure!(self.accumulate >= 1, "--accumulate must be at least 1");
         ensure!(
+            !(self.sync_bn && self.balance == BalanceMode::Auto),
+            "--sync-bn with --balance auto: the ranks wait for each other inside every BatchNorm, so their speeds cannot be told apart; use one or the other"
+        );
+        ensure!(
             self.augment.is_none() || self.model.is_conv(),
             "--augment transforms images: it is for the convolutional models (lenet5, resnet20, --arch)"
         );
@@ -162,7 +166,10 @@ impl TrainConfig {
             !self.sync_bn
                 || matches!(
                     self.model,
-                    ModelKind::Resnet20 | ModelKind::Resnet32 | ModelKind::Resnet56
+                    ModelKind::Resnet20
+                        | ModelKind::Resnet32
+                        | ModelKind::Resnet56
+                        | ModelKind::Custom
                 ),
             "--sync-bn: --model {} has no BatchNorm layers",
             self.model.name()

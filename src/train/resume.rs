@@ -171,6 +171,8 @@ impl Checkpoints<'_> {
         }
         let state: checkpoint::State = serde_json::from_slice(&all[0])?;
         let n = state.spec.layout().total;
+        // the optimizer's state covers the trained values only (a network's buffers follow them)
+        let trained = state.spec.trainable();
         // the names and lengths of the exchange's state, then each tensor; a rank keeps the
         // shared ones and its own ("rank{r}.")
         let index = found
@@ -246,7 +248,7 @@ impl Checkpoints<'_> {
                 vec![0.0; n],
                 self.state_names
                     .iter()
-                    .map(|k| (k.to_string(), vec![0.0; n]))
+                    .map(|k| (k.to_string(), vec![0.0; trained]))
                     .collect(),
             ),
         };

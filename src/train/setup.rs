@@ -54,7 +54,14 @@ impl Setup {
             seed: cfg.seed,
             sample_base: plan.sample_base(),
             precision: cfg.precision,
-            average_buffers: plan.ranks() > 1 && !cfg.sync_bn,
+            // through a plain f32 sum only: a 16-bit wire would round the statistics (and
+            // overflow the batch count), PowerSGD and error feedback would mix them, and a stale
+            // exchange would hand back last step's; there each rank keeps its own (rank 0's are saved)
+            average_buffers: plan.ranks() > 1
+                && !cfg.sync_bn
+                && cfg.exchange.sync == crate::distributed::exchange::SyncMode::Grads
+                && !cfg.exchange.compressed()
+                && cfg.exchange.staleness == 0,
             augment: cfg.augment,
         }
     }
@@ -128,7 +135,30 @@ pub fn setup_rank(
     .with_image(train.image)
     .map_err(|e| anyhow::anyhow!("{}: {e}", train.source))?;
     let widths = match spec.net()? {
-        Some(net) => vec![net.widest(), spec.outputs],
+        Some(net) => {
+            if cfg.sync_bn {
+                ensure!(
+                    net.nodes
+                        .iter()
+                        .any(|n| n.op == crate::model::net::Op::BatchNorm2d),
+                    "--sync-bn: the --arch network has no batch_norm2d layers"
+                );
+            }
+            if !cfg.augment.is_none() {
+                ensure!(
+                    !net.input.is_rows(),
+                    "--augment transforms images, and {} holds rows of features",
+                    train.source
+                );
+            }
+            crate::limits::check_network(
+                net.layout.total,
+                net.activations(),
+                cfg.batch_size,
+                cfg.optim.rule().state_names().len(),
+            )?;
+            vec![net.widest(), spec.outputs]
+        }
         None => spec.widths(),
     };
     crate::limits::check_model(

@@ -162,6 +162,9 @@ impl Arch {
                 ));
             }
         }
+        if self.layers.is_empty() {
+            return Err("the definition has no layers".into());
+        }
         let mut b = Builder::new(input);
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {

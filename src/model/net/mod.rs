@@ -68,6 +68,13 @@ impl fmt::Display for Shape {
     }
 }
 
+/// Largest kernel, stride or padding of a layer.
+const MAX_WINDOW: usize = 1 << 12;
+/// Largest number of output channels or features of a layer.
+const MAX_CHANNELS: usize = crate::limits::MAX_WIDTH;
+/// Largest number of values in one sample's output of a layer.
+const MAX_VALUES: usize = 1 << 28;
+
 /// Adds a vector over all ranks (an allreduce): SyncBatchNorm's statistics.
 pub trait StatSum {
     fn sum(&mut self, v: &mut [f64]) -> anyhow::Result<()>;
@@ -99,6 +106,32 @@ impl Op {
             Self::Relu => "relu",
             Self::Flatten => "flatten",
             Self::Add => "add",
+        }
+    }
+
+    /// Settings small enough that the shape arithmetic cannot overflow.
+    fn check_sizes(&self) -> Result<(), String> {
+        let window = |k: usize, s: usize, p: usize| {
+            if k > MAX_WINDOW || s > MAX_WINDOW || p > MAX_WINDOW {
+                Err(format!(
+                    "kernel, stride and padding must be at most {MAX_WINDOW}"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Conv2d(c) if c.out > MAX_CHANNELS => {
+                Err(format!("out must be at most {MAX_CHANNELS}"))
+            }
+            Self::Conv2d(c) => window(c.kernel, c.stride, c.padding),
+            Self::Pool(PoolOp::Max(p) | PoolOp::Avg(p)) => {
+                window(p.kernel, p.stride.unwrap_or(p.kernel), p.padding)
+            }
+            Self::Linear(l) if l.out > MAX_CHANNELS => {
+                Err(format!("out must be at most {MAX_CHANNELS}"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -219,7 +252,18 @@ impl Builder {
         }
         let shapes: Vec<Shape> = inputs.iter().map(|&s| self.shape(s)).collect();
         let out = op
-            .out_shape(&shapes)
+            .check_sizes()
+            .and_then(|_| op.out_shape(&shapes))
+            .and_then(|out| {
+                let values = out.c.checked_mul(out.h).and_then(|v| v.checked_mul(out.w));
+                match values {
+                    Some(v) if v <= MAX_VALUES => Ok(out),
+                    _ => Err(format!(
+                        "an output of {}×{}×{} values per sample is more than the {MAX_VALUES} dptrain takes",
+                        out.c, out.h, out.w
+                    )),
+                }
+            })
             .map_err(|e| format!("layer {name} ({}): {e}", op.kind()))?;
         let decl = op.tensors(shapes[0]);
         self.nodes.push((
@@ -527,6 +571,14 @@ impl Net {
             v.push(self.trainable..self.layout.total);
         }
         v
+    }
+
+    /// Values of every node's output for one sample, for the memory limits.
+    pub fn activations(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| n.out.len())
+            .fold(self.input.len(), usize::saturating_add)
     }
 
     /// The widest activation, for the memory limits.

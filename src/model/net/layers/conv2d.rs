@@ -264,7 +264,9 @@ pub(crate) fn columns_t<T: Float>(win: &Window, x: &[T], out: &mut [T]) {
                     dst[..lo].fill(T::zero());
                     dst[hi..].fill(T::zero());
                     if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[lo + kw - pad..hi + kw - pad]);
+                        if lo < hi {
+                            dst[lo..hi].copy_from_slice(&src[lo + kw - pad..hi + kw - pad]);
+                        }
                     } else {
                         for (ow, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
                             *d = src[ow * s + kw - pad];
@@ -321,6 +323,10 @@ mod tests {
             (2, 13, 11, 5, 2, 2),
             (1, 6, 9, 2, 3, 0),
             (4, 5, 5, 5, 1, 2),
+            // kernel wider than the padded input's reach: whole rows of taps in the padding
+            (1, 1, 1, 5, 1, 2),
+            (2, 2, 2, 7, 1, 3),
+            (1, 2, 3, 5, 2, 2),
         ] {
             let win = Window {
                 n: 1,
