@@ -8,20 +8,7 @@
 
 override BACKWARD: bool = false;
 
-struct Params {
-    n: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    oh: u32,
-    ow: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
+// Params: the window's geometry, from window_common.wgsl (prepended).
 
 // forward: src = x, dst = y; backward: src = dy, dst = dx
 @group(0) @binding(0) var<storage, read> src: array<f32>;

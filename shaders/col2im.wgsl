@@ -6,20 +6,7 @@
 //                    (0 ≤ oh < OH, 0 ≤ ow < OW) of dcols[(n·OH + oh)·OW + ow, (c·KH + kh)·KW + kw].
 // One invocation per input element.
 
-struct Params {
-    n: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    oh: u32,
-    ow: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
+// Params: the window's geometry, from window_common.wgsl (prepended).
 
 @group(0) @binding(0) var<storage, read> dcols: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dx: array<f32>;

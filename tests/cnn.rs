@@ -175,18 +175,11 @@ fn sync_bn_with_a_short_last_batch_and_a_two_rank_resume() {
             "--batch-size",
             batch,
         ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
     };
-    let with = |mut v: Vec<String>, extra: &[&str]| {
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    dptrain(&refs(&with(base("12", "1"), &["--save", &one]))).ok();
+    dptrain(&joined(&base("12", "1"), &["--save", &one])).ok();
     mpirun(
         2,
-        &refs(&with(base("6", "1"), &["--sync-bn", "--save", &two])),
+        &joined(&base("6", "1"), &["--sync-bn", "--save", &two]),
         &[],
     )
     .ok();
@@ -195,17 +188,12 @@ fn sync_bn_with_a_short_last_batch_and_a_two_rank_resume() {
         e <= 1e-5,
         "--sync-bn over a short last batch against one rank: {e:e}"
     );
-    mpirun(2, &refs(&with(base("6", "2"), &["--save", &straight])), &[]).ok();
+    mpirun(2, &joined(&base("6", "2"), &["--save", &straight]), &[]).ok();
+    mpirun(2, &joined(&base("6", "1"), &["--checkpoint-dir", &ck]), &[]).ok();
     mpirun(
         2,
-        &refs(&with(base("6", "1"), &["--checkpoint-dir", &ck])),
-        &[],
-    )
-    .ok();
-    mpirun(
-        2,
-        &refs(&with(
-            base("6", "2"),
+        &joined(
+            &base("6", "2"),
             &[
                 "--checkpoint-dir",
                 &ck,
@@ -214,7 +202,7 @@ fn sync_bn_with_a_short_last_batch_and_a_two_rank_resume() {
                 "--save",
                 &resumed,
             ],
-        )),
+        ),
         &[],
     )
     .ok();
@@ -231,7 +219,7 @@ fn a_resumed_resnet_ends_bit_identical_with_its_running_statistics() {
     let out = |name: &str| d.join(name).display().to_string();
     let (straight, resumed, ck) = (out("s.st"), out("r.st"), out("ck"));
     let base = |epochs: &'static str| {
-        vec![
+        [
             "train",
             "--data",
             data,
@@ -247,19 +235,10 @@ fn a_resumed_resnet_ends_bit_identical_with_its_running_statistics() {
             "2",
         ]
     };
-    let with = |mut v: Vec<&'static str>, extra: &[&str]| {
-        let mut v: Vec<String> = v.drain(..).map(String::from).collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |v: Vec<String>| {
-        let r: Vec<&str> = v.iter().map(String::as_str).collect();
-        dptrain(&r).ok()
-    };
-    run(with(base("2"), &["--save", &straight]));
-    run(with(base("1"), &["--checkpoint-dir", &ck]));
-    run(with(
-        base("2"),
+    dptrain(&joined(&base("2"), &["--save", &straight])).ok();
+    dptrain(&joined(&base("1"), &["--checkpoint-dir", &ck])).ok();
+    dptrain(&joined(
+        &base("2"),
         &[
             "--checkpoint-dir",
             &ck,
@@ -268,7 +247,8 @@ fn a_resumed_resnet_ends_bit_identical_with_its_running_statistics() {
             "--save",
             &resumed,
         ],
-    ));
+    ))
+    .ok();
     let (a, b) = (params(straight.as_ref()), params(resumed.as_ref()));
     assert_eq!(a, b, "the resumed run differs");
     // the running statistics moved away from their initial 0 and 1
@@ -522,8 +502,8 @@ fn augmentation_is_the_same_on_any_number_of_ranks_and_after_a_resume() {
         out("r.st"),
         out("ck"),
     );
-    let args = |batch: &'static str, extra: Vec<String>| {
-        let mut v: Vec<String> = [
+    let args = |batch: &'static str| {
+        [
             "train",
             "--data",
             "synth:images:60:1:28:28:3",
@@ -540,35 +520,29 @@ fn augmentation_is_the_same_on_any_number_of_ranks_and_after_a_resume() {
             "--seed",
             "6",
         ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra);
-        v
     };
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    dptrain(&refs(&args("10", s(&["--steps", "4", "--save", &one])))).ok();
+    dptrain(&joined(&args("10"), &["--steps", "4", "--save", &one])).ok();
     mpirun(
         2,
-        &refs(&args("5", s(&["--steps", "4", "--save", &two]))),
+        &joined(&args("5"), &["--steps", "4", "--save", &two]),
         &[],
     )
     .ok();
     let e = rel(&params(two.as_ref()), &params(one.as_ref()));
     assert!(e <= 1e-5, "2 ranks against 1 with augmentation: {e:e}");
-    dptrain(&refs(&args(
-        "10",
-        s(&["--epochs", "2", "--save", &straight]),
-    )))
+    dptrain(&joined(
+        &args("10"),
+        &["--epochs", "2", "--save", &straight],
+    ))
     .ok();
-    dptrain(&refs(&args(
-        "10",
-        s(&["--epochs", "1", "--checkpoint-dir", &ck]),
-    )))
+    dptrain(&joined(
+        &args("10"),
+        &["--epochs", "1", "--checkpoint-dir", &ck],
+    ))
     .ok();
-    dptrain(&refs(&args(
-        "10",
-        s(&[
+    dptrain(&joined(
+        &args("10"),
+        &[
             "--epochs",
             "2",
             "--checkpoint-dir",
@@ -577,8 +551,8 @@ fn augmentation_is_the_same_on_any_number_of_ranks_and_after_a_resume() {
             "auto",
             "--save",
             &resumed,
-        ]),
-    )))
+        ],
+    ))
     .ok();
     assert_eq!(params(straight.as_ref()), params(resumed.as_ref()));
     // and the augmentation changes what is learnt
@@ -619,6 +593,7 @@ fn augmentation_is_the_same_on_any_number_of_ranks_and_after_a_resume() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
+/// A command line: `base` then `extra`.
+fn joined<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    base.iter().chain(extra).copied().collect()
 }

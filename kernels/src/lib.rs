@@ -45,12 +45,22 @@ pub const SNIPPETS: &[(&str, &str)] = &[
         "matmul_common",
         include_str!("../../shaders/matmul_common.wgsl"),
     ),
+    (
+        "window_common",
+        include_str!("../../shaders/window_common.wgsl"),
+    ),
 ];
 
 /// Every kernel by file stem, with its whole source (shared snippets first), for building and tools.
 pub const SHADERS: &[(&str, &str)] = &[
     ("adam", include_str!("../../shaders/adam.wgsl")),
-    ("avg_pool", include_str!("../../shaders/avg_pool.wgsl")),
+    (
+        "avg_pool",
+        concat!(
+            include_str!("../../shaders/window_common.wgsl"),
+            include_str!("../../shaders/avg_pool.wgsl")
+        ),
+    ),
     ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
     (
         "causal_softmax",
@@ -60,7 +70,13 @@ pub const SHADERS: &[(&str, &str)] = &[
         "channel_sums",
         include_str!("../../shaders/channel_sums.wgsl"),
     ),
-    ("col2im", include_str!("../../shaders/col2im.wgsl")),
+    (
+        "col2im",
+        concat!(
+            include_str!("../../shaders/window_common.wgsl"),
+            include_str!("../../shaders/col2im.wgsl")
+        ),
+    ),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     (
@@ -70,7 +86,13 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("gather", include_str!("../../shaders/gather.wgsl")),
     ("gelu", include_str!("../../shaders/gelu.wgsl")),
     ("grad_norm", include_str!("../../shaders/grad_norm.wgsl")),
-    ("im2col", include_str!("../../shaders/im2col.wgsl")),
+    (
+        "im2col",
+        concat!(
+            include_str!("../../shaders/window_common.wgsl"),
+            include_str!("../../shaders/im2col.wgsl")
+        ),
+    ),
     ("layer_norm", include_str!("../../shaders/layer_norm.wgsl")),
     (
         "matmul",
@@ -118,7 +140,13 @@ pub const SHADERS: &[(&str, &str)] = &[
         ),
     ),
     ("max_diff", include_str!("../../shaders/max_diff.wgsl")),
-    ("max_pool", include_str!("../../shaders/max_pool.wgsl")),
+    (
+        "max_pool",
+        concat!(
+            include_str!("../../shaders/window_common.wgsl"),
+            include_str!("../../shaders/max_pool.wgsl")
+        ),
+    ),
     ("mse", include_str!("../../shaders/mse.wgsl")),
     (
         "pack_f16",

@@ -55,11 +55,7 @@ impl Pool {
         let groups = groups_1d(u32_of(k, "outputs", outs)?, 256);
         Ok(match kind {
             PoolKind::Max => {
-                let arg = arg.ok_or_else(|| KernelError::Shape {
-                    kernel: k,
-                    msg: "max pooling needs an index buffer".into(),
-                })?;
-                need(k, "arg", arg, outs)?;
+                let arg = index_buffer(k, arg, outs)?;
                 self.max_fwd.dispatch(ctx, &[x, y, arg, &u], groups)
             }
             PoolKind::Avg => self.avg_fwd.dispatch(ctx, &[x, y, &u], groups),
@@ -83,11 +79,7 @@ impl Pool {
         let groups = groups_1d(u32_of(k, "inputs", win.input_len() as u64)?, 256);
         Ok(match kind {
             PoolKind::Max => {
-                let arg = arg.ok_or_else(|| KernelError::Shape {
-                    kernel: k,
-                    msg: "max pooling needs an index buffer".into(),
-                })?;
-                need(k, "arg", arg, outs)?;
+                let arg = index_buffer(k, arg, outs)?;
                 self.max_bwd.dispatch(ctx, &[dy, dx, arg, &u], groups)
             }
             PoolKind::Avg => self.avg_bwd.dispatch(ctx, &[dy, dx, &u], groups),
@@ -136,6 +128,20 @@ fn readers(win: &Window, ih: usize, iw: usize) -> impl Iterator<Item = (usize, u
     let (oh0, ow0) = (lo(th, win.kh), lo(tw, win.kw));
     let (oh1, ow1) = (oh_n.min(th / win.stride + 1), ow_n.min(tw / win.stride + 1));
     (oh0..oh1).flat_map(move |oh| (ow0..ow1).map(move |ow| (oh, ow)))
+}
+
+/// Max pooling's index buffer: present, and holding one index per output.
+fn index_buffer<'a>(
+    k: &'static str,
+    arg: Option<&'a wgpu::Buffer>,
+    outs: u64,
+) -> Result<&'a wgpu::Buffer, KernelError> {
+    let arg = arg.ok_or_else(|| KernelError::Shape {
+        kernel: k,
+        msg: "max pooling needs an index buffer".into(),
+    })?;
+    need(k, "arg", arg, outs)?;
+    Ok(arg)
 }
 
 /// CPU reference of max pooling's forward: (y, arg), PyTorch's choice of tap (the first largest in

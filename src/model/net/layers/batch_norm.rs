@@ -138,8 +138,8 @@ pub fn backward<T: Float>(
     let n = x.nrows();
     let sh = shape(n, input);
     let c = input.c;
-    let xs = slice(&x);
-    let local = bn::sums_ref(Sums::Backward, &sh, &xs, &slice(&dy), &saved.stats);
+    let (xs, dys) = (slice(&x), slice(&dy));
+    let local = bn::sums_ref(Sums::Backward, &sh, &xs, &dys, &saved.stats);
     for ch in 0..c {
         grads[0][ch] = local[2 * ch + 1] * saved.stats[STATS * ch + 1];
         grads[1][ch] = local[2 * ch];
@@ -161,14 +161,7 @@ pub fn backward<T: Float>(
             }
         }
     }
-    let dx = bn::apply_ref(
-        &sh,
-        saved.m,
-        &xs,
-        Some(&slice(&dy)),
-        &stats,
-        &affine(params),
-    );
+    let dx = bn::apply_ref(&sh, saved.m, &xs, Some(&dys), &stats, &affine(params));
     Ok(Array2::from_shape_vec((n, input.len()), dx).expect("the apply keeps the shape"))
 }
 

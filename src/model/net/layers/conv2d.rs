@@ -238,6 +238,18 @@ fn parallel<I: Send, F: Fn(I) + Sync>(items: Vec<I>, f: F) {
     });
 }
 
+/// The output columns lo..hi (of `ow_n`) whose tap iw = ow·stride + kw − pad falls inside the
+/// input's row; lo = hi when none does.
+fn inside(win: &Window, kw: usize, ow_n: usize) -> (usize, usize) {
+    let lo = win.pad.saturating_sub(kw).div_ceil(win.stride).min(ow_n);
+    let hi = (win.w + win.pad)
+        .saturating_sub(kw)
+        .div_ceil(win.stride)
+        .min(ow_n)
+        .max(lo);
+    (lo, hi)
+}
+
 /// One sample's columns, transposed: [C·K·K, OH·OW], row (c, kh, kw), column (oh, ow): the
 /// values `im2col_ref` puts in the sample's rows (a test checks it), laid out so that a stride-1
 /// row of the input is one copy.
@@ -250,9 +262,7 @@ pub(crate) fn columns_t<T: Float>(win: &Window, x: &[T], out: &mut [T]) {
         for kh in 0..win.kh {
             for kw in 0..win.kw {
                 let row = &mut out[((c * win.kh + kh) * win.kw + kw) * p..][..p];
-                // the output columns whose tap iw = ow·s + kw − pad falls inside the row
-                let lo = pad.saturating_sub(kw).div_ceil(s).min(ow_n);
-                let hi = ((w + pad).saturating_sub(kw)).div_ceil(s).min(ow_n).max(lo);
+                let (lo, hi) = inside(win, kw, ow_n);
                 for oh in 0..oh_n {
                     let dst = &mut row[oh * ow_n..(oh + 1) * ow_n];
                     let ih = (oh * s + kh).wrapping_sub(pad);
@@ -290,8 +300,7 @@ pub(crate) fn col2im_t<T: Float>(win: &Window, dcols: &[T], dx: &mut [T]) {
         for kh in 0..win.kh {
             for kw in 0..win.kw {
                 let row = &dcols[((c * win.kh + kh) * win.kw + kw) * p..][..p];
-                let lo = pad.saturating_sub(kw).div_ceil(s).min(ow_n);
-                let hi = ((w + pad).saturating_sub(kw)).div_ceil(s).min(ow_n).max(lo);
+                let (lo, hi) = inside(win, kw, ow_n);
                 for oh in 0..oh_n {
                     let ih = (oh * s + kh).wrapping_sub(pad);
                     if ih >= h {
