@@ -210,7 +210,8 @@ fn asynchronous_modes_resume_exactly() {
 /// synchronous counterparts. The trainer's own wait counters, not wall time. (A rank slower on
 /// average than the others makes every mode wait for it in the end: asynchrony absorbs the
 /// variance of step times, up to one step with --staleness 1 and one round with
-/// --async-average, not a lower mean speed; that is --balance auto's work.)
+/// --async-average, not a lower mean speed; that is --balance auto's work.) 300 steps: at 150 the
+/// ratio came out at 0.62 in two of three runs on 2 cores, its measurement noise at the bar.
 #[test]
 fn asynchronous_modes_wait_less_for_a_jittery_rank() {
     let _turn = turn();
@@ -225,7 +226,7 @@ fn asynchronous_modes_wait_less_for_a_jittery_rank() {
             "--hidden",
             "1024",
             "--steps",
-            "150",
+            "300",
             "--batch-size",
             "128",
             "--test-fraction",
